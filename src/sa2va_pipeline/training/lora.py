@@ -1,0 +1,146 @@
+"""LoRA on the LLM body of a native Sa2VA model, through peft.
+
+The adapter is injected in place into ``model.vlm`` (the transformers InternVL model) with task_type None
+and a target regex that only matches Linear layers inside the LLM body, so the vision tower, projector and
+lm_head never get LoRA. Module names stay as they were (no PeftModel wrapper), which keeps the rest of
+the code base unaware of peft. The adapter saves in peft's own format (``adapter_config.json`` +
+``adapter_model.safetensors``, keys relative to ``model.vlm``), which ``peft.set_peft_model_state_dict``
+and ``PeftModel.from_pretrained`` on the InternVL model both read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+    from torch import nn
+
+    from sa2va_pipeline.training.config import LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def llm_linear_names(vlm: nn.Module, llm_prefix: str) -> list[str]:
+    """Short names (q_proj, ...) of every nn.Linear inside the LLM body of ``vlm``."""
+    from torch import nn
+
+    llm = vlm.get_submodule(llm_prefix.rstrip("."))
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in llm.named_modules() if isinstance(mod, nn.Linear)})
+
+
+def build_lora_config(
+    vlm: nn.Module,
+    settings: LoraSettings,
+    llm_prefix: str = "model.language_model.",
+    new_token_ids: list[int] | None = None,
+) -> LoraConfig:
+    """A peft LoraConfig whose targets are limited to the LLM body (regex on names relative to ``vlm``).
+
+    ``new_token_ids`` turns on peft's trainable-token deltas for exactly those rows of both
+    ``embed_tokens`` and ``lm_head`` (Sa2VA checkpoints are untied, so both must be named).
+    """
+    from peft import LoraConfig
+
+    if settings.target_modules == "all-linear":
+        short = llm_linear_names(vlm, llm_prefix)
+    else:
+        short = list(settings.target_modules)
+    if not short:
+        raise ValueError("training.lora.target_modules matches no Linear layer of the LLM.")
+    regex = re.escape(llm_prefix) + r"(.*\.)?(" + "|".join(re.escape(s) for s in short) + ")"
+    kwargs: dict[str, Any] = {}
+    if new_token_ids:
+        kwargs["trainable_token_indices"] = {"embed_tokens": list(new_token_ids), "lm_head": list(new_token_ids)}
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=regex,
+        bias="none",
+        task_type=None,
+        **kwargs,
+    )
+
+
+def inject_lora(vlm: nn.Module, config: LoraConfig) -> None:
+    """Inject LoRA layers (and trainable-token deltas, if configured) into ``vlm`` in place."""
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, vlm, adapter_name="default")
+    n_lora = sum(1 for name, _ in vlm.named_parameters() if ".lora_A." in name)
+    if n_lora == 0:
+        raise ValueError(f"LoRA target regex {config.target_modules!r} matched no layer of the LLM.")
+
+
+def adapter_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors in peft's saved-key format (no ``.default``), relative to ``vlm``."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(vlm, adapter_name="default").items()}
+
+
+def save_adapter(vlm: nn.Module, directory: Path) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (peft format) into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = vlm.peft_config["default"]
+    config_dict = config.to_dict()
+    # JSON cannot hold sets; peft stores target_modules as str here, but be safe with lists/sets.
+    for key, value in list(config_dict.items()):
+        if isinstance(value, set):
+            config_dict[key] = sorted(value)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config_dict, indent=2, default=str))
+    tensors = {k: v.cpu() for k, v in adapter_state_dict(vlm).items()}
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_adapter(vlm: nn.Module, directory: Path) -> None:
+    """Inject the adapter saved in ``directory`` into ``vlm`` and load its weights (strict on adapter keys)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = LoraConfig.from_pretrained(str(directory))
+    config.inference_mode = False
+    inject_lora(vlm, config)
+    weights = load_file(str(directory / ADAPTER_WEIGHTS))
+    result = set_peft_model_state_dict(vlm, weights, adapter_name="default")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise ValueError(f"Adapter in {directory} has keys the model does not: {unexpected[:5]}")
+
+
+def merge_lora(vlm: nn.Module) -> None:
+    """Fold every LoRA layer / trainable-token delta into its base weight and remove the peft wrappers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrapped = [
+        name
+        for name, mod in vlm.named_modules()
+        if isinstance(mod, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and hasattr(mod, "base_layer")
+        or isinstance(mod, AuxiliaryTrainingWrapper)
+    ]
+    # outermost first: a wrapper's inner modules disappear with it
+    done: list[str] = []
+    for name in wrapped:
+        if any(name.startswith(d + ".") for d in done):
+            continue
+        module = vlm.get_submodule(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = vlm.get_submodule(parent_name) if parent_name else vlm
+        if hasattr(module, "unload_and_optionally_merge_module"):
+            replacement = module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        else:
+            module.merge(safe_merge=True)
+            replacement = module.get_base_layer()
+        setattr(parent, child, replacement)
+        done.append(name)
+    if hasattr(vlm, "peft_config"):
+        del vlm.peft_config
