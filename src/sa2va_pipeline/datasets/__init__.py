@@ -1,0 +1,1 @@
+"""Custom Kedro datasets of this project (one module per dataset)."""
