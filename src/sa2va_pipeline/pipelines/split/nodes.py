@@ -1,0 +1,31 @@
+"""Nodes of the ``split`` pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pandas as pd
+
+from sa2va_pipeline.data.split import split_manifest, split_sizes
+
+log = logging.getLogger(__name__)
+
+
+def split_samples(
+    manifest: pd.DataFrame, params: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+    """Assign every accepted sample to train/val/test by group (or from the user's split file).
+
+    Returns the split manifest (versioned entry and MLflow copy) and the split sizes as metrics.
+    """
+    table = split_manifest(
+        manifest,
+        fractions=params["fractions"],
+        seed=int(params["seed"]),
+        group_regex=params.get("group_regex"),
+        split_file=params.get("split_file"),
+    )
+    sizes = split_sizes(table)
+    log.info("split: %s", ", ".join(f"{k}={v}" for k, v in sizes.items()))
+    return table, table, {k: {"value": float(v), "step": 0} for k, v in sizes.items()}
