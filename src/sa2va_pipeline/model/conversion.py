@@ -1,0 +1,160 @@
+"""Official Sa2VA checkpoint keys <-> the native composition (transformers InternVL + Sam2Model + fcs).
+
+One table serves both directions: ``{n}`` is a layer number, ``{w}`` a parameter name (weight/bias), ``{rest}``
+the remainder of a key. The first matching row wins. Three tensor operations are not renames:
+InternViT's fused ``attn.qkv`` is split in thirds into q/k/v; SAM2's ``point_embeddings.{0..3}`` are stacked
+into ``point_embed``; SAM2's prompt-encoder gaussian matrix also fills ``shared_image_embedding``. SAM2's
+memory modules (unused for single images) are kept aside unchanged and written back at export.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+G = "grounding_encoder.sam2_model."
+VIT, LLM_NATIVE = "vlm.model.vision_tower.", "vlm.model."
+S = "sam2."
+
+# (official, native)
+RENAMES: list[tuple[str, str]] = [
+    # InternViT -> InternVLVisionModel
+    ("vision_model.embeddings.class_embedding", VIT + "embeddings.cls_token"),
+    ("vision_model.embeddings.position_embedding", VIT + "embeddings.position_embeddings"),
+    ("vision_model.embeddings.patch_embedding.{w}", VIT + "embeddings.patch_embeddings.projection.{w}"),
+    ("vision_model.encoder.layers.{n}.norm1.{w}", VIT + "encoder.layer.{n}.layernorm_before.{w}"),
+    ("vision_model.encoder.layers.{n}.norm2.{w}", VIT + "encoder.layer.{n}.layernorm_after.{w}"),
+    ("vision_model.encoder.layers.{n}.ls1", VIT + "encoder.layer.{n}.lambda_1"),
+    ("vision_model.encoder.layers.{n}.ls2", VIT + "encoder.layer.{n}.lambda_2"),
+    ("vision_model.encoder.layers.{n}.attn.proj.{w}", VIT + "encoder.layer.{n}.attention.projection_layer.{w}"),
+    ("vision_model.encoder.layers.{n}.attn.q_norm.{w}", VIT + "encoder.layer.{n}.attention.q_norm.{w}"),
+    ("vision_model.encoder.layers.{n}.attn.k_norm.{w}", VIT + "encoder.layer.{n}.attention.k_norm.{w}"),
+    ("vision_model.encoder.layers.{n}.mlp.{rest}", VIT + "encoder.layer.{n}.mlp.{rest}"),
+    # projector mlp1 = (LayerNorm, Linear, GELU, Linear)
+    ("mlp1.0.{w}", LLM_NATIVE + "multi_modal_projector.layer_norm.{w}"),
+    ("mlp1.1.{w}", LLM_NATIVE + "multi_modal_projector.linear_1.{w}"),
+    ("mlp1.3.{w}", LLM_NATIVE + "multi_modal_projector.linear_2.{w}"),
+    # Qwen2 LLM
+    ("language_model.model.{rest}", LLM_NATIVE + "language_model.{rest}"),
+    ("language_model.lm_head.{w}", "vlm.lm_head.{w}"),
+    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
+    # SAM2 image encoder (Hiera trunk + FPN neck)
+    (G + "image_encoder.trunk.patch_embed.proj.{w}", S + "vision_encoder.backbone.patch_embed.projection.{w}"),
+    (G + "image_encoder.trunk.blocks.{n}.norm1.{w}", S + "vision_encoder.backbone.blocks.{n}.layer_norm1.{w}"),
+    (G + "image_encoder.trunk.blocks.{n}.norm2.{w}", S + "vision_encoder.backbone.blocks.{n}.layer_norm2.{w}"),
+    (G + "image_encoder.trunk.blocks.{n}.mlp.layers.0.{w}", S + "vision_encoder.backbone.blocks.{n}.mlp.proj_in.{w}"),
+    (G + "image_encoder.trunk.blocks.{n}.mlp.layers.1.{w}", S + "vision_encoder.backbone.blocks.{n}.mlp.proj_out.{w}"),
+    (G + "image_encoder.trunk.{rest}", S + "vision_encoder.backbone.{rest}"),  # pos_embed(_window), attn, proj
+    (G + "image_encoder.neck.convs.{n}.conv.{w}", S + "vision_encoder.neck.convs.{n}.{w}"),
+    # SAM2 prompt encoder
+    (G + "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+     S + "prompt_encoder.shared_embedding.positional_embedding"),
+    (G + "sam_prompt_encoder.mask_downscaling.0.{w}", S + "prompt_encoder.mask_embed.conv1.{w}"),
+    (G + "sam_prompt_encoder.mask_downscaling.1.{w}", S + "prompt_encoder.mask_embed.layer_norm1.{w}"),
+    (G + "sam_prompt_encoder.mask_downscaling.3.{w}", S + "prompt_encoder.mask_embed.conv2.{w}"),
+    (G + "sam_prompt_encoder.mask_downscaling.4.{w}", S + "prompt_encoder.mask_embed.layer_norm2.{w}"),
+    (G + "sam_prompt_encoder.mask_downscaling.6.{w}", S + "prompt_encoder.mask_embed.conv3.{w}"),
+    (G + "sam_prompt_encoder.{rest}", S + "prompt_encoder.{rest}"),  # not_a_point_embed, no_mask_embed
+    # SAM2 mask decoder
+    (G + "sam_mask_decoder.transformer.layers.{n}.{a}.out_proj.{w}",
+     S + "mask_decoder.transformer.layers.{n}.{a}.o_proj.{w}"),
+    (G + "sam_mask_decoder.transformer.layers.{n}.norm{k}.{w}", S + "mask_decoder.transformer.layers.{n}.layer_norm{k}.{w}"),
+    (G + "sam_mask_decoder.transformer.layers.{n}.mlp.layers.0.{w}", S + "mask_decoder.transformer.layers.{n}.mlp.proj_in.{w}"),
+    (G + "sam_mask_decoder.transformer.layers.{n}.mlp.layers.1.{w}", S + "mask_decoder.transformer.layers.{n}.mlp.proj_out.{w}"),
+    (G + "sam_mask_decoder.transformer.final_attn_token_to_image.out_proj.{w}",
+     S + "mask_decoder.transformer.final_attn_token_to_image.o_proj.{w}"),
+    (G + "sam_mask_decoder.transformer.norm_final_attn.{w}", S + "mask_decoder.transformer.layer_norm_final_attn.{w}"),
+    (G + "sam_mask_decoder.output_upscaling.0.{w}", S + "mask_decoder.upscale_conv1.{w}"),
+    (G + "sam_mask_decoder.output_upscaling.1.{w}", S + "mask_decoder.upscale_layer_norm.{w}"),
+    (G + "sam_mask_decoder.output_upscaling.3.{w}", S + "mask_decoder.upscale_conv2.{w}"),
+    # 3-layer MLP heads: layers.0/1/2 -> proj_in/layers.0/proj_out
+    (G + "sam_mask_decoder.{head}.layers.0.{w}", S + "mask_decoder.{head}.proj_in.{w}"),
+    (G + "sam_mask_decoder.{head}.layers.1.{w}", S + "mask_decoder.{head}.layers.0.{w}"),
+    (G + "sam_mask_decoder.{head}.layers.2.{w}", S + "mask_decoder.{head}.proj_out.{w}"),
+    (G + "sam_mask_decoder.{rest}", S + "mask_decoder.{rest}"),  # tokens, conv_s0/s1, attention q/k/v_proj
+    (G + "no_mem_embed", S + "no_memory_embedding"),
+]
+
+# Explicit tensor operations (official key pattern -> native keys)
+VIT_QKV = ("vision_model.encoder.layers.{n}.attn.qkv.{w}", VIT + "encoder.layer.{n}.attention.{qkv}_proj.{w}")
+POINT_EMBEDDINGS = (G + "sam_prompt_encoder.point_embeddings.{i}.weight", S + "prompt_encoder.point_embed.weight")
+GAUSSIAN_COPY = (S + "prompt_encoder.shared_embedding.positional_embedding", S + "shared_image_embedding.positional_embedding")
+# SAM2 video/memory parts: unused for single images, kept aside and written back untouched.
+KEPT_ASIDE = re.compile(
+    re.escape(G) + r"(memory_attention|memory_encoder|mask_downsample|maskmem_tpos_enc|no_mem_pos_enc|no_obj_ptr"
+    r"|obj_ptr_proj|obj_ptr_tpos_proj|no_obj_embed_spatial)(\.|$)"
+)
+
+_GROUPS = {"n": r"\d+", "k": r"\d+", "i": r"\d+", "w": r"[^.]+", "a": r"[^.]+", "head": r"[^.]+(?:\.\d+)?",
+           "rest": r".+", "qkv": r"[qkv]"}
+
+
+def _regex(template: str) -> re.Pattern:
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        out += re.escape(template[pos:m.start()]) + f"(?P<{m.group(1)}>{_GROUPS[m.group(1)]})"
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]))
+
+
+_FORWARD = [(_regex(o), n) for o, n in RENAMES]
+_BACKWARD = [(_regex(n), o) for o, n in RENAMES]
+
+
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+    for pattern, target in table:
+        m = pattern.fullmatch(key)
+        if m:
+            return target.format(**m.groupdict())
+    return None
+
+
+def official_to_native(state: dict[str, torch.Tensor]) -> tuple[dict, dict, list[str]]:
+    """Convert an official state dict. Returns (native state, kept-aside tensors, keys nothing accounts for)."""
+    native, kept, unknown = {}, {}, []
+    points: dict[int, torch.Tensor] = {}
+    qkv_re, point_re = _regex(VIT_QKV[0]), _regex(POINT_EMBEDDINGS[0])
+    for key, value in state.items():
+        if KEPT_ASIDE.match(key):
+            kept[key] = value
+        elif m := qkv_re.fullmatch(key):
+            for part, tensor in zip("qkv", value.chunk(3, dim=0)):
+                native[VIT_QKV[1].format(qkv=part, **m.groupdict())] = tensor
+        elif m := point_re.fullmatch(key):
+            points[int(m["i"])] = value
+        elif (new := _rename(key, _FORWARD)) is not None:
+            native[new] = value
+        else:
+            unknown.append(key)
+    if points:
+        if sorted(points) != list(range(len(points))):
+            unknown += [POINT_EMBEDDINGS[0].format(i=i) for i in sorted(points)]
+        else:
+            native[POINT_EMBEDDINGS[1]] = torch.cat([points[i] for i in range(len(points))], dim=0)
+    if GAUSSIAN_COPY[0] in native:
+        native[GAUSSIAN_COPY[1]] = native[GAUSSIAN_COPY[0]]
+    return native, kept, unknown
+
+
+def native_to_official(native: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a native state dict (LoRA already merged) back to the official layout, adding kept-aside tensors."""
+    official: dict[str, torch.Tensor] = {}
+    qkv_re = _regex(VIT_QKV[1])
+    pending_qkv: dict[tuple, dict[str, torch.Tensor]] = {}
+    for key, value in native.items():
+        if key == GAUSSIAN_COPY[1]:
+            continue  # the same matrix as the prompt encoder's
+        if m := qkv_re.fullmatch(key):
+            pending_qkv.setdefault((m["n"], m["w"]), {})[m["qkv"]] = value
+        elif key == POINT_EMBEDDINGS[1]:
+            for i, row in enumerate(value.split(1, dim=0)):
+                official[POINT_EMBEDDINGS[0].format(i=i)] = row
+        elif (new := _rename(key, _BACKWARD)) is not None:
+            official[new] = value
+        else:
+            raise KeyError(f"No official name for native key {key!r}")
+    for (n, w), parts in pending_qkv.items():
+        official[VIT_QKV[0].format(n=n, w=w)] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    official.update(kept)
+    return official

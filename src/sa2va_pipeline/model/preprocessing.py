@@ -1,0 +1,137 @@
+"""Image and mask preprocessing of Sa2VA, written with PIL/numpy/torch (no torchvision).
+
+Matches the official inference code:
+- InternVL tiles: ``dynamic_preprocess`` (448 tiles, at most 12, a thumbnail when more than one tile), PIL
+  bicubic resizes, then /255 and ImageNet mean/std.
+- SAM2 input: PIL ``resize((S, S))`` (bicubic), /255, ImageNet mean/std. The official inference code runs
+  this normalisation with constants cast to bf16 (``sam2_constants="bf16"``); training uses the exact
+  values (``"exact"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """Accept a PIL image or an HxW / HxWx3 uint8 array and return an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise TypeError(f"Image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"Expected an HxW or HxWx3 image array, got shape {array.shape}")
+    return Image.fromarray(array[..., :3], mode="RGB")
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float, target_ratios: list[tuple[int, int]], width: int, height: int, image_size: int
+) -> tuple[int, int]:
+    """The official InternVL grid choice: closest aspect ratio; ties go to the larger grid if the image is big."""
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best_ratio = ratio
+    return best_ratio
+
+
+def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> tuple[int, int]:
+    """Grid (columns, rows) that ``dynamic_preprocess`` picks for an image of this size."""
+    target_ratios = sorted(
+        {
+            (i, j)
+            for n in range(min_num, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_num <= i * j <= max_num
+        },
+        key=lambda x: x[0] * x[1],
+    )
+    return find_closest_aspect_ratio(width / height, target_ratios, width, height, image_size)
+
+
+def dynamic_preprocess(
+    image: Image.Image, min_num: int = 1, max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True
+) -> list[Image.Image]:
+    """Split an image into image_size tiles on the official dynamic grid (+ a thumbnail when > 1 tile)."""
+    cols, rows = tile_grid(image.width, image.height, min_num, max_num, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    tiles = []
+    for i in range(cols * rows):
+        x, y = (i % cols) * image_size, (i // cols) * image_size
+        tiles.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.BICUBIC))
+    return tiles
+
+
+def _normalize(array: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    tensor = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
+    return (tensor - mean[:, None, None]) / std[:, None, None]
+
+
+def vit_pixel_values(
+    image: Image.Image | np.ndarray, image_size: int = 448, max_num: int = 12, use_thumbnail: bool = True
+) -> torch.Tensor:
+    """InternVL input of one image: float32 [n_tiles, 3, image_size, image_size]."""
+    pil = to_pil_rgb(image)
+    tiles = dynamic_preprocess(pil, 1, max_num, image_size, use_thumbnail)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    # The official transform resizes each tile to (image_size, image_size) again: a no-op on these tiles.
+    return torch.stack([_normalize(np.asarray(t), mean, std) for t in tiles])
+
+
+def sam2_pixel_values(
+    image: Image.Image | np.ndarray, size: int = 1024, constants: Literal["exact", "bf16"] = "exact"
+) -> torch.Tensor:
+    """SAM2 input of one image: float32 [3, size, size]; aspect ratio is not kept (as the official code)."""
+    pil = to_pil_rgb(image).resize((size, size), Image.BICUBIC)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    if constants == "bf16":
+        mean, std = mean.to(torch.bfloat16).float(), std.to(torch.bfloat16).float()
+    elif constants != "exact":
+        raise ValueError(f"constants must be 'exact' or 'bf16', got {constants!r}")
+    return _normalize(np.asarray(pil), mean, std)
+
+
+def mask_to_tensor(mask: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
+    """A binary mask (any of bool/uint8 0-1/0-255 arrays or a PIL image) as a float32 [H, W] tensor of 0/1."""
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    tensor = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
+    if tensor.ndim == 3:
+        tensor = tensor[..., 0] if tensor.shape[-1] in (1, 3, 4) else tensor[0]
+    if tensor.ndim != 2:
+        raise ValueError(f"Expected a 2-D mask, got shape {tuple(tensor.shape)}")
+    return (tensor > 0).float() if tensor.dtype == torch.bool or tensor.max() <= 1 else (tensor > 127).float()
+
+
+def resize_masks_area(masks: torch.Tensor, size: int, threshold: float = 0.5) -> torch.Tensor:
+    """Shrink binary masks [N, H, W] to [N, size, size] by area averaging and a >= threshold cut.
+
+    Area resizing keeps thin (1-px) structures better than nearest-neighbour shrinking (DESIGN section 7).
+    Enlarging falls back to nearest.
+    """
+    masks = masks.float()[:, None]
+    if masks.shape[-2] >= size and masks.shape[-1] >= size:
+        resized = F.interpolate(masks, size=(size, size), mode="area")
+    else:
+        resized = F.interpolate(masks, size=(size, size), mode="nearest")
+    return (resized[:, 0] >= threshold).float()

@@ -1,0 +1,399 @@
+"""Native Sa2VA: transformers InternVL (vision tower + projector + Qwen2) + transformers SAM2 + ``text_hidden_fcs``.
+
+Attributes other code relies on: ``.vlm`` (``InternVLForConditionalGeneration``), ``.sam2`` (``Sam2Model``),
+``.text_hidden_fcs`` (Linear, ReLU, Linear, Dropout(0)), ``.tokenizer`` (a fast tokenizer), ``.config`` (the
+official ``config.json`` as a dict).
+
+Frozen-encoder policy: the vision tower and the SAM2 image encoder run without autograd unless one of their
+parameters requires grad, so freezing them (``requires_grad_(False)``) is all it takes to skip their graphs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as L
+from .configs import build_internvl_config, build_sam2_config, grounding_config, preset_config
+from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb, vit_pixel_values
+from .prompts import (
+    IMG_CONTEXT_TOKEN,
+    SEG_TOKEN,
+    clean_phrase,
+    first_turn_input,
+    get_template,
+    sample_answer,
+    sample_question,
+)
+
+DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
+DEFAULT_ANSWER = "Sure, [SEG]."
+
+
+def _grad_scope(module: nn.Module):
+    """Autograd only if the module has a trainable parameter (and grad mode is on)."""
+    trainable = any(p.requires_grad for p in module.parameters())
+    return torch.set_grad_enabled(torch.is_grad_enabled() and trainable)
+
+
+class Sa2VA(nn.Module):
+    """Sa2VA (InternVL family with a Qwen2 LLM) as a composition of native transformers modules."""
+
+    def __init__(self, config: dict[str, Any], tokenizer: Any, attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        from transformers import InternVLForConditionalGeneration, Sam2Model
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.template = get_template(config["template"])
+        self.img_context_id = self._token_id(IMG_CONTEXT_TOKEN)
+        self.seg_id = self._token_id(SEG_TOKEN)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._token_id("<|endoftext|>")
+
+        vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
+        self.vlm = InternVLForConditionalGeneration(vlm_config)
+        grounding = grounding_config(config)
+        self.sam2_image_size = int(grounding["image_size"])
+        sam2_config = build_sam2_config(self.sam2_image_size, grounding["hiera"])
+        sam2_config._attn_implementation = attn_implementation
+        self.sam2 = Sam2Model(sam2_config)
+        hidden = vlm_config.text_config.hidden_size
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.sam2.hidden_dim), nn.Dropout(0.0)
+        )
+        self.image_size = int(config.get("force_image_size") or config["vision_config"]["image_size"])
+        self.max_dynamic_patch = int(config.get("max_dynamic_patch", 12))
+        self.use_thumbnail = bool(config.get("use_thumbnail", True))
+        self.tokens_per_tile = vlm_config.image_seq_length
+        self.downsample_ratio = float(config.get("downsample_ratio", 0.5))
+        # SAM2 video/memory tensors of a loaded checkpoint: unused here, written back at export.
+        self.kept_aside: dict[str, torch.Tensor] = {}
+        self.source_dir: Path | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(
+        cls, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+        **overrides: Any,
+    ) -> Sa2VA:
+        """Build a preset with deterministic random weights and a tokenizer built in code.
+
+        Presets: ``tiny`` (CPU default; SAM2 at 512), ``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b`` (real
+        shapes, random weights). Overrides: ``sam2_image_size``, ``template``, ``vocab_size``.
+        """
+        from .tokenizer import build_tokenizer
+
+        tiny = name.lower() == "tiny"
+        tokenizer = build_tokenizer(realistic_ids=not tiny)
+        if tiny and "vocab_size" not in overrides:
+            overrides["vocab_size"] = len(tokenizer)
+        config = preset_config(name, **overrides)
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = cls(config, tokenizer)
+        return model.to(dtype=dtype).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Sa2VA:
+        """Load an official Sa2VA checkpoint directory (InternVL family with a Qwen2 LLM), strictly."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write the official layout (LoRA merged into a copy), config.json and the tokenizer files."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    # ------------------------------------------------------------------ helpers
+    def _token_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {token!r} token; is this a Sa2VA tokenizer?")
+        return int(token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_hidden_fcs[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_hidden_fcs[0].weight.dtype
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The LLM body (possibly wrapped by peft)."""
+        return self.vlm.model.language_model
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the mask decoder's low-resolution logits (256 for SAM2 at 1024)."""
+        return self.sam2_image_size // 4
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ encoders
+    def encode_vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """InternViT output of tiles [T, 3, 448, 448] before pixel shuffle and projector: [T, 1024, C]."""
+        tower = self.vlm.model.vision_tower
+        with _grad_scope(tower):
+            out = tower(pixel_values=pixel_values.to(self.device, self.vlm.dtype))
+            return out.last_hidden_state[:, 1:]
+
+    def encode_sam2(self, sam2_pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """SAM2 FPN features [B, 256, S/4..S/16] before the mask decoder's conv_s0/conv_s1."""
+        encoder = self.sam2.vision_encoder
+        with _grad_scope(encoder):
+            out = encoder(sam2_pixel_values.to(self.device, self.sam2.dtype))
+            return list(out.fpn_hidden_states)
+
+    def encode_images(self, pixel_values: torch.Tensor, sam2_pixel_values: torch.Tensor) -> dict[str, Any]:
+        """Run both frozen encoders: ``{"vit_features": [T,1024,C], "sam2_features": [3 maps]}`` (cacheable)."""
+        return {"vit_features": self.encode_vit(pixel_values), "sam2_features": self.encode_sam2(sam2_pixel_values)}
+
+    def project_vit(self, vit_features: torch.Tensor) -> torch.Tensor:
+        """Pixel shuffle + projector (mlp1): [T, 1024, C] -> [T, 256, hidden]."""
+        t, n, c = vit_features.shape
+        side = int(n**0.5)
+        x = vit_features.reshape(t, side, side, c)
+        x = self.vlm.model.pixel_shuffle(x, scale_factor=self.downsample_ratio)
+        x = x.reshape(t, -1, x.shape[-1])
+        return self.vlm.model.multi_modal_projector(x)
+
+    # ------------------------------------------------------------------ LLM + mask decoder
+    def _llm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) with image tokens replaced by projected features."""
+        embeds = self.vlm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.img_context_id
+        n_tokens, n_feats = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+        if n_tokens != n_feats:
+            raise ValueError(f"{n_tokens} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
+        embeds = embeds.masked_scatter(is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def decode_masks(
+        self, sam2_features: Sequence[torch.Tensor], object_image_index: torch.Tensor, seg_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits [N, S/4, S/4] and IoU predictions [N, 3] for N [SEG] embeddings (256-d).
+
+        As the official Sa2VA: conv_s0/conv_s1 on the high-resolution maps, ``no_memory_embedding`` added to
+        the lowest-resolution map, sparse prompt = 2 not-a-point tokens + the [SEG] embedding, dense = the
+        no-mask embedding, multimask output, the mask with the highest predicted IoU.
+        """
+        sam2 = self.sam2
+        decoder = sam2.mask_decoder
+        feat_s0 = decoder.conv_s0(sam2_features[0].to(sam2.dtype))
+        feat_s1 = decoder.conv_s1(sam2_features[1].to(sam2.dtype))
+        image_embeds = sam2_features[2].to(sam2.dtype) + sam2.no_memory_embedding.reshape(1, -1, 1, 1)
+        idx = object_image_index.to(feat_s0.device)
+        n = int(idx.shape[0])
+        points = torch.zeros(n, 1, 1, 2, device=feat_s0.device, dtype=feat_s0.dtype)
+        labels = -torch.ones(n, 1, 1, device=feat_s0.device, dtype=torch.int32)
+        sparse, dense = sam2.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+        sparse = torch.cat([sparse, seg_embeds.to(sparse.dtype)[:, None, None, :]], dim=2)
+        positional = sam2.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
+        masks, iou, _, _ = decoder(
+            image_embeddings=image_embeds[idx],
+            image_positional_embeddings=positional,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            high_resolution_features=[feat_s0[idx], feat_s1[idx]],
+        )
+        masks, iou = masks[:, 0], iou[:, 0]  # one prompt per object: [N, 3, h, w], [N, 3]
+        best = iou.argmax(dim=-1)
+        return masks[torch.arange(n, device=masks.device), best], iou
+
+    def _seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states at [SEG] input positions (row-major order) -> text_hidden_fcs -> [N, 256]."""
+        return self.text_hidden_fcs(hidden[input_ids == self.seg_id])
+
+    # ------------------------------------------------------------------ training
+    def collate(
+        self,
+        samples: Sequence[Any],
+        rng: random.Random | None = None,
+        seed: int | None = None,
+        answer: str | None = None,
+    ) -> dict[str, Any]:
+        """Build a training batch from (image, mask(s), phrase(s)) samples.
+
+        A sample is a tuple ``(image, masks, phrases)`` or a dict with those keys; ``masks`` is one HxW mask or
+        a list of them, ``phrases`` one string or a list (one per mask). Each object becomes one turn with one
+        [SEG]; questions come from SEG_QUESTIONS and answers from ANSWER_LIST (or ``answer`` if given), drawn
+        with ``rng`` (or ``random.Random(seed)``; seed 0 by default) so batches are deterministic. Labels are
+        -100 except answer tokens (incl. [SEG] and the template suffix); padding is to the longest sequence.
+        """
+        rng = rng if rng is not None else random.Random(0 if seed is None else seed)
+        rows, tiles, sam2_inputs, gt_masks, object_image = [], [], [], [], []
+        n_tiles_per_sample = []
+        for i, sample in enumerate(samples):
+            image, masks, phrases = (
+                (sample["image"], sample["masks"], sample["phrases"]) if isinstance(sample, dict) else sample
+            )
+            masks = [masks] if not isinstance(masks, (list, tuple)) else list(masks)
+            phrases = [phrases] * len(masks) if isinstance(phrases, str) else list(phrases)
+            if len(phrases) != len(masks) or not masks:
+                raise ValueError(f"Sample {i}: {len(masks)} masks but {len(phrases)} phrases")
+            pil = to_pil_rgb(image)
+            pv = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+            tiles.append(pv)
+            n_tiles_per_sample.append(pv.shape[0])
+            sam2_inputs.append(sam2_pixel_values(pil, self.sam2_image_size, "exact"))
+            mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
+            if mask_stack.shape[-2:] != (pil.height, pil.width):
+                raise ValueError(f"Sample {i}: mask shape {tuple(mask_stack.shape[-2:])} != image {pil.height}x{pil.width}")
+            gt_masks.append(resize_masks_area(mask_stack, self.mask_size))
+            object_image += [i] * len(masks)
+            ids: list[int] = []
+            labels: list[int] = []
+            for turn, phrase in enumerate(phrases):
+                question = sample_question(phrase, rng)
+                text = first_turn_input(question, pv.shape[0], self.tokens_per_tile) if turn == 0 else question
+                reply = answer if answer is not None else sample_answer(rng)
+                prompt = self._encode(self.template.instruction.format(input=text))
+                out = self._encode(reply + self.template.suffix)
+                sep = self._encode(self.template.sep)
+                ids += prompt + out + sep
+                labels += [L.IGNORE_INDEX] * len(prompt) + out + [L.IGNORE_INDEX] * len(sep)
+            rows.append((ids, labels))
+        length = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels_t = torch.full((len(rows), length), L.IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, (ids, labels) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            labels_t[r, : len(ids)] = torch.tensor(labels)
+            attention[r, : len(ids)] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels_t,
+            "attention_mask": attention,
+            "pixel_values": torch.cat(tiles),
+            "n_tiles": torch.tensor(n_tiles_per_sample),
+            "sam2_pixel_values": torch.stack(sam2_inputs),
+            "gt_masks": torch.cat(gt_masks),
+            "object_image_index": torch.tensor(object_image),
+        }
+
+    def training_forward(
+        self,
+        batch: dict[str, Any],
+        mask_loss: str = "points",
+        llm_weight: float = 1.0,
+        bce_weight: float = 2.0,
+        dice_weight: float = 0.5,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``, ``total``.
+
+        ``batch`` may carry precomputed ``vit_features`` / ``sam2_features`` (from :meth:`encode_images`)
+        instead of ``pixel_values`` / ``sam2_pixel_values``.
+        """
+        device = self.device
+        vit = batch.get("vit_features")
+        vit = self.encode_vit(batch["pixel_values"]) if vit is None else vit.to(device)
+        fpn = batch.get("sam2_features")
+        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
+        input_ids = batch["input_ids"].to(device)
+        labels = batch["labels"].to(device)
+        hidden = self._llm_hidden(input_ids, batch["attention_mask"].to(device), self.project_vit(vit))
+        llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
+        seg = self._seg_states(hidden, input_ids)
+        gt = batch["gt_masks"].to(device)
+        if seg.shape[0] != gt.shape[0]:
+            raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")
+        logits, _ = self.decode_masks(fpn, batch["object_image_index"], seg)
+        if gt.shape[-2:] != logits.shape[-2:]:
+            gt = resize_masks_area(gt, logits.shape[-1])
+        bce, dice = L.mask_losses(
+            logits, gt, mask_loss, num_points, oversample_ratio, importance_sample_ratio, generator
+        )
+        total = llm_weight * llm + bce_weight * bce + dice_weight * dice
+        return {"llm": llm, "mask_bce": bce, "mask_dice": dice, "total": total}
+
+    # ------------------------------------------------------------------ inference
+    def _prompt_ids(self, question: str, answer: str, n_tiles: int) -> list[int]:
+        text = first_turn_input(question, n_tiles, self.tokens_per_tile)
+        return self._encode(self.template.instruction.format(input=text)) + self._encode(answer)
+
+    def predict_proba(
+        self,
+        images: Any,
+        phrases: str | Sequence[str],
+        question_template: str = DEFAULT_QUESTION,
+        answer: str = DEFAULT_ANSWER,
+        batch_size: int = 8,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Sigmoid mask probabilities at each image's original size, teacher-forced (no ``generate()``).
+
+        ``images``: a PIL image / uint8 array or a list of them; ``phrases``: one phrase for all or one per
+        image (lower-cased, trailing '.' stripped, as in training). The prompt is ``"<image>\\n" + question``
+        in the checkpoint's template, followed by the fixed ``answer``; the last-layer hidden state at the
+        [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
+        bilinear interpolation (align_corners False), then sigmoid; SAM2 normalisation uses the bf16-cast
+        constants of the official inference code.
+
+        Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
+        Runs in chunks of ``batch_size`` images, each one batched forward pass.
+        """
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        phrases = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
+        if len(phrases) != len(images):
+            raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
+        if answer.count(SEG_TOKEN) != 1:
+            raise ValueError(f"The answer must contain exactly one {SEG_TOKEN}: {answer!r}")
+        results: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
+                results += self._predict_chunk(chunk, phrases[start : start + batch_size], question_template, answer)
+        if len({tuple(r.shape) for r in results}) == 1:
+            return torch.stack(results)
+        return results
+
+    def _predict_chunk(self, images: list, phrases: list[str], question_template: str, answer: str) -> list[torch.Tensor]:
+        device = self.device
+        tiles = [vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail) for im in images]
+        rows = [
+            self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, t.shape[0])
+            for p, t in zip(phrases, tiles)
+        ]
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, ids in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.tensor(ids)
+            attention[r, : len(ids)] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        sam2_inputs = torch.stack([sam2_pixel_values(im, self.sam2_image_size, "bf16") for im in images])
+        vit = self.encode_vit(torch.cat(tiles))
+        hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+        seg = self._seg_states(hidden, input_ids)
+        logits, _ = self.decode_masks(self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg)
+        logits = F.interpolate(logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear",
+                               align_corners=False)
+        sizes = [(im.height, im.width) for im in images]
+        if len(set(sizes)) == 1:
+            probs = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
+            return [p.cpu() for p in probs]
+        return [
+            F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False).sigmoid()[0, 0].cpu()
+            for i, s in enumerate(sizes)
+        ]
+

@@ -1,0 +1,144 @@
+"""Tiny preset: predict_proba, collate and training_forward behave as the recipe says."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sa2va_pipeline.model.losses import IGNORE_INDEX, lm_loss_at_labels
+
+
+def test_predict_proba_shape_range_and_determinism(tiny, make_image):
+    images = [make_image(0), make_image(1)]
+    p1 = tiny.predict_proba(images, "blood vessel")
+    p2 = tiny.predict_proba(images, "blood vessel")
+    assert p1.shape == (2, 512, 512) and p1.dtype == torch.float32
+    assert float(p1.min()) >= 0.0 and float(p1.max()) <= 1.0
+    assert torch.equal(p1, p2)
+
+
+def test_predict_proba_batch_matches_single(tiny, make_image):
+    images = [make_image(0), make_image(1, 480, 640), make_image(2)]
+    batched = tiny.predict_proba(images, ["blood vessel", "vessel", "artery"], batch_size=3)
+    assert isinstance(batched, list) and [tuple(p.shape) for p in batched] == [(512, 512), (480, 640), (512, 512)]
+    for image, phrase, expected in zip(images, ["blood vessel", "vessel", "artery"], batched):
+        single = tiny.predict_proba(image, phrase)
+        assert single.shape[0] == 1
+        assert torch.allclose(single[0], expected, atol=1e-5)
+
+
+def test_collate_labels_are_exactly_the_answers(tiny, make_image, make_mask):
+    samples = [
+        (make_image(0), make_mask(0), "Blood vessel."),
+        (make_image(1), [make_mask(1), make_mask(2)], ["vessel", "catheter"]),
+    ]
+    batch = tiny.collate(samples, rng=random.Random(3), answer="Sure, [SEG].")
+    tok = tiny.tokenizer
+    answer_ids = tok.encode("Sure, [SEG].<|im_end|>", add_special_tokens=False)
+    for row, n_turns in zip(range(2), (1, 2)):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        trained = labels[labels != IGNORE_INDEX].tolist()
+        assert trained == answer_ids * n_turns
+        assert torch.equal(ids[labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+        length = int(batch["attention_mask"][row].sum())
+        # every turn ends with an untrained "\n"
+        assert tok.decode(ids[length - 1 : length]) == "\n" and labels[length - 1] == IGNORE_INDEX
+        assert int((ids == tiny.seg_id).sum()) == n_turns
+        assert "blood vessel." not in tok.decode(ids[:length])  # phrases are cleaned
+    # padding only to the longest row
+    assert batch["attention_mask"].sum(1).max() == batch["input_ids"].shape[1]
+    assert batch["gt_masks"].shape == (3, tiny.mask_size, tiny.mask_size)
+    assert batch["object_image_index"].tolist() == [0, 1, 1]
+    assert int((batch["input_ids"] == tiny.img_context_id).sum()) == 2 * 256
+
+
+def test_collate_is_deterministic_with_seed(tiny, make_image, make_mask):
+    samples = [(make_image(0), make_mask(0), "vessel")] * 3
+    a = tiny.collate(samples, seed=7)
+    b = tiny.collate(samples, seed=7)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_lm_loss_at_labels_equals_full_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 9, 16)
+    labels = torch.full((3, 9), IGNORE_INDEX)
+    labels[0, 4:7] = torch.tensor([3, 4, 5])
+    labels[2, 1:9] = torch.arange(8)
+    full = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(lm_loss_at_labels(hidden, labels, head), full, atol=1e-6)
+
+
+def test_training_forward_lm_loss_matches_full_logits(tiny, make_image, make_mask):
+    batch = tiny.collate([(make_image(0), make_mask(0), "vessel")], seed=1)
+    with torch.no_grad():
+        out = tiny.training_forward(batch)
+        vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
+        hidden = tiny._llm_hidden(batch["input_ids"], batch["attention_mask"], vit)
+        logits = tiny.vlm.lm_head(hidden)
+        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    assert torch.allclose(out["llm"], full, atol=1e-5)
+    assert set(out) == {"llm", "mask_bce", "mask_dice", "total"}
+    assert torch.allclose(out["total"], out["llm"] + 2.0 * out["mask_bce"] + 0.5 * out["mask_dice"])
+
+
+def _set_recipe_trainable(model) -> None:
+    model.requires_grad_(False)
+    for module in (model.vlm.model.multi_modal_projector, model.sam2.mask_decoder, model.text_hidden_fcs,
+                   model.vlm.model.language_model, model.vlm.lm_head):
+        module.requires_grad_(True)
+
+
+@pytest.fixture()
+def fresh_tiny():
+    from sa2va_pipeline.model import Sa2VA
+
+    return Sa2VA.from_preset("tiny")
+
+
+@pytest.mark.parametrize("mode", ["points", "dense"])
+def test_gradients_reach_exactly_the_recipe_parts(fresh_tiny, mode, make_image, make_mask):
+    model = fresh_tiny
+    _set_recipe_trainable(model)
+    batch = model.collate([(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0)
+    out = model.training_forward(batch, mask_loss=mode)
+    out["total"].backward()
+    for name in ("vlm.model.multi_modal_projector.linear_1.weight", "sam2.mask_decoder.conv_s0.weight",
+                 "sam2.mask_decoder.conv_s1.weight", "sam2.mask_decoder.output_hypernetworks_mlps.1.proj_in.weight",
+                 "text_hidden_fcs.0.weight", "text_hidden_fcs.2.weight", "vlm.lm_head.weight",
+                 "vlm.model.language_model.embed_tokens.weight",
+                 "vlm.model.language_model.layers.0.self_attn.q_proj.weight",
+                 "vlm.model.language_model.layers.1.mlp.down_proj.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    for name, param in model.named_parameters():
+        if name.startswith(("sam2.vision_encoder", "sam2.prompt_encoder", "vlm.model.vision_tower")):
+            assert param.grad is None, name
+
+
+def test_frozen_encoders_build_no_graph_and_trainable_sam2_encoder_gets_grads(fresh_tiny, make_image, make_mask):
+    model = fresh_tiny
+    _set_recipe_trainable(model)
+    features = model.encode_images(torch.zeros(1, 3, 448, 448), torch.zeros(1, 3, 512, 512))
+    assert not features["vit_features"].requires_grad
+    assert not any(f.requires_grad for f in features["sam2_features"])
+    model.sam2.vision_encoder.requires_grad_(True)
+    batch = model.collate([(make_image(0), make_mask(0), "vessel")], seed=0)
+    model.training_forward(batch)["total"].backward()
+    grad = model.get_parameter("sam2.vision_encoder.backbone.patch_embed.projection.weight").grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_precomputed_features_give_the_same_losses(tiny, make_image, make_mask):
+    batch = tiny.collate([(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0)
+    with torch.no_grad():
+        direct = tiny.training_forward(batch, generator=torch.Generator().manual_seed(0))
+        cached = dict(batch, **tiny.encode_images(batch["pixel_values"], batch["sam2_pixel_values"]))
+        del cached["pixel_values"], cached["sam2_pixel_values"]
+        again = tiny.training_forward(cached, generator=torch.Generator().manual_seed(0))
+    for key in direct:
+        assert torch.allclose(direct[key], again[key], atol=1e-6), key

@@ -1,0 +1,57 @@
+"""Preprocessing matches the official algorithm: tile grids, thumbnail, SAM2 input, mask shrinking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sa2va_pipeline.model.preprocessing import (
+    dynamic_preprocess,
+    resize_masks_area,
+    sam2_pixel_values,
+    tile_grid,
+    vit_pixel_values,
+)
+
+
+@pytest.mark.parametrize(
+    ("size", "grid", "n_tiles"),
+    [((512, 512), (1, 1), 1), ((640, 480), (4, 3), 13), ((448, 448), (1, 1), 1), ((1000, 200), (5, 1), 6),
+     ((896, 448), (2, 1), 3)],
+)
+def test_tile_grid_and_count(size, grid, n_tiles):
+    w, h = size
+    assert tile_grid(w, h) == grid
+    tiles = dynamic_preprocess(Image.new("RGB", (w, h)), max_num=12, image_size=448, use_thumbnail=True)
+    assert len(tiles) == n_tiles
+    assert all(t.size == (448, 448) for t in tiles)
+
+
+def test_vit_pixel_values_normalised():
+    image = np.full((512, 512, 3), 255, dtype=np.uint8)
+    pv = vit_pixel_values(image)
+    assert pv.shape == (1, 3, 448, 448)
+    expected = (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose(pv[0, :, 10, 10], expected, atol=1e-6)
+
+
+def test_sam2_constants_bf16_vs_exact():
+    image = np.zeros((64, 80, 3), dtype=np.uint8)
+    exact = sam2_pixel_values(image, size=128, constants="exact")
+    bf16 = sam2_pixel_values(image, size=128, constants="bf16")
+    assert exact.shape == (3, 128, 128)
+    assert torch.allclose(exact[:, 0, 0], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
+    assert torch.allclose(bf16[:, 0, 0], -torch.tensor([0.484375, 0.455078125, 0.40625])
+                          / torch.tensor([0.228515625, 0.2236328125, 0.224609375]))
+
+
+def test_area_resize_keeps_one_pixel_vessels():
+    mask = torch.zeros(1, 512, 512)
+    mask[0, :, 101:103] = 1  # a 2-px vessel: half of each 2x2 block after shrinking to 256
+    mask[0, :, 300] = 1  # a 1-px vessel spans half a block column only at 256 if aligned
+    out = resize_masks_area(mask, 256)
+    assert out.shape == (1, 256, 256)
+    assert out[0, :, 50:52].sum() > 0  # nearest could drop it, area >= 0.5 keeps it
+    assert out[0, :, 150].all()
