@@ -1,0 +1,109 @@
+"""The data pipelines on a DataCatalog of MemoryDatasets (+ the folder dataset in a temp dir)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from sa2va_pipeline.data.samples import load_samples
+from sa2va_pipeline.datasets.file_folder_dataset import FileFolder, FileFolderDataset
+from sa2va_pipeline.pipelines import annotation, ingestion, sample_data, split
+
+PARAMS = {
+    "sample_data": {"output_dir": None, "new_images_dir": None, "seed": 5, "n_videos": 4, "frames_per_video": 2,
+                    "size": 128, "n_new_images": 2},
+    "ingestion": {"mask_suffix": "_mask", "mask_threshold": 128, "image_extensions": [".jpg", ".png"]},
+    "annotation": {"phrase": "blood vessel", "dice_floor": 0.995, "annotations_path": None},
+    "split": {"group_regex": r"^(?P<group>.+)_frame_\d+", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
+              "seed": 1, "split_file": None},
+}
+
+
+def _catalog(tmp_path, raw_dir):
+    params = {k: dict(v) for k, v in PARAMS.items()}
+    params["sample_data"].update(output_dir=str(tmp_path / "sample"), new_images_dir=str(tmp_path / "new"))
+    datasets = {"ingested_samples": FileFolderDataset(str(tmp_path / "ingested"), version=None)}
+    catalog = DataCatalog(datasets=datasets)
+    catalog["params:raw_dir"] = str(raw_dir)
+    catalog["params:split.group_regex"] = params["split"]["group_regex"]
+    for key, value in params.items():
+        catalog[f"params:{key}"] = value
+    for name in ("sample_ready", "ingestion_report", "ingestion_report_mlflow", "ingestion_records",
+                 "ingestion_metrics", "ingestion_manifest", "annotations", "annotation_report",
+                 "annotation_report_mlflow", "annotation_metrics", "split_manifest", "split_manifest_mlflow",
+                 "split_metrics"):
+        catalog[name] = MemoryDataset()
+    return catalog
+
+
+def test_data_chain_runs_end_to_end(tmp_path):
+    pipe = sample_data.create_pipeline() + ingestion.create_pipeline() + annotation.create_pipeline() + split.create_pipeline()
+    catalog = _catalog(tmp_path, tmp_path / "sample")
+    SequentialRunner().run(pipe, catalog)
+    # (intermediate MemoryDatasets such as sample_ready and ingestion_manifest are released by the runner)
+    report = catalog.load("ingestion_report")
+    assert len(report) == 16 and (report["status"] == "ok").all()
+    metrics = catalog.load("ingestion_metrics")
+    assert metrics["files_in"]["value"] == 16 and metrics["rejected"]["value"] == 0
+    folder = catalog.load("ingested_samples")
+    assert isinstance(folder, FileFolder) and len(folder.files) == 16
+    table = catalog.load("split_manifest")
+    assert list(table.columns[:8]) == ["id", "image", "mask", "width", "height", "vessel_fraction", "group", "status"]
+    assert len(catalog.load("annotations")) == 8
+    assert catalog.load("annotation_metrics")["dice_min"]["value"] == 1.0
+    assert (table.groupby("group")["split"].nunique() == 1).all() and set(table["split"]) == {"train", "val", "test"}
+    samples = load_samples(table, "train", "blood vessel")
+    assert samples and samples[0]["image"].shape == (128, 128, 3) and samples[0]["masks"].shape == (1, 128, 128)
+    assert set(pd.unique(samples[0]["masks"].ravel())) <= {0, 1} and samples[0]["phrases"] == ["blood vessel"]
+
+
+def test_foreign_sample_folder_is_left_alone(tmp_path):
+    theirs = tmp_path / "sample" / "images"
+    theirs.mkdir(parents=True)
+    (theirs / "mine.jpg").write_bytes(b"x")
+    catalog = _catalog(tmp_path, tmp_path / "sample")
+    SequentialRunner().run(sample_data.create_pipeline(), catalog)
+    assert catalog.load("sample_ready")["status"] == "skipped_foreign_data"
+    assert [p.name for p in theirs.iterdir()] == ["mine.jpg"]
+
+
+def test_missing_raw_dir_names_the_path(tmp_path):
+    catalog = _catalog(tmp_path, tmp_path / "does_not_exist")
+    catalog["sample_ready"] = MemoryDataset({"status": "ready"})
+    with pytest.raises(FileNotFoundError, match="does_not_exist"):
+        SequentialRunner().run(ingestion.create_pipeline(), catalog)
+
+
+def test_user_annotations_file_is_used(tmp_path):
+    import json
+
+    catalog = _catalog(tmp_path, tmp_path / "sample")
+    SequentialRunner().run(sample_data.create_pipeline() + ingestion.create_pipeline(), catalog)
+    manifest = catalog.load("ingestion_manifest")  # terminal output of this run, so still there
+    first = manifest.iloc[0]
+    user = tmp_path / "user.json"
+    user.write_text(json.dumps([{"image": f"{first['id']}.jpg", "text": "vessel", "mask": [[1, 1, 20, 1, 20, 20]]}]))
+    params = dict(PARAMS["annotation"], annotations_path=str(user))
+    catalog["params:annotation"] = params
+    catalog["ingestion_manifest"] = MemoryDataset(manifest)
+    SequentialRunner().run(annotation.create_pipeline(), catalog)
+    report = catalog.load("annotation_report").set_index("id")
+    assert report.loc[first["id"], "source"] == "user" and bool(report.loc[first["id"], "below_floor"])
+    assert catalog.load("annotations")[0]["text"] == ["vessel"]
+
+
+def test_file_folder_dataset_versions_never_overwrite(tmp_path):
+    from kedro.io import Version
+
+    first = FileFolderDataset(str(tmp_path / "f"), version=Version(None, "v1"))
+    first.save({"a/x.txt": b"1", "b.txt": lambda: b"2"})
+    second = FileFolderDataset(str(tmp_path / "f"), version=Version(None, "v2"))
+    second.save({"a/x.txt": b"changed"})
+    assert (tmp_path / "f" / "v1" / "f" / "a" / "x.txt").read_bytes() == b"1"
+    latest = FileFolderDataset(str(tmp_path / "f"), version=Version(None, None)).load()
+    assert latest.root.parent.name == "v2" and latest.files == ["a/x.txt"]
+    with pytest.raises(Exception, match="must not exist"):
+        FileFolderDataset(str(tmp_path / "f"), version=Version(None, "v1")).save({"c.txt": b"3"})
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["v1", "v2"]  # no partial folders left
