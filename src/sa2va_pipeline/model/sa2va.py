@@ -63,6 +63,10 @@ class Sa2VA(nn.Module):
         sam2_config = build_sam2_config(self.sam2_image_size, grounding["hiera"])
         sam2_config._attn_implementation = attn_implementation
         self.sam2 = Sam2Model(sam2_config)
+        with torch.no_grad():  # one gaussian matrix in SAM2: the image-wide positional grid uses the prompt encoder's
+            self.sam2.shared_image_embedding.positional_embedding.copy_(
+                self.sam2.prompt_encoder.shared_embedding.positional_embedding
+            )
         hidden = vlm_config.text_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.sam2.hidden_dim), nn.Dropout(0.0)

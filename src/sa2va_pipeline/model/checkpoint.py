@@ -1,0 +1,254 @@
+"""Reading and writing official Sa2VA checkpoint directories (safetensors only, no remote code, strict).
+
+A directory holds ``config.json`` (model_type ``sa2va_chat``), tokenizer files and ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``. Loading converts keys with :mod:`.conversion` and refuses
+anything it cannot account for, naming the keys. Saving merges LoRA into copies of the wrapped layers (the
+live model is untouched), converts back, re-adds the SAM2 memory tensors kept aside at load, shards large
+outputs, and copies the source checkpoint's remote-code ``*.py`` files so official loaders still work.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .conversion import native_to_official, official_to_native
+
+if TYPE_CHECKING:
+    from .sa2va import Sa2VA
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+_NAMES_SHOWN = 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message says what and where."""
+
+
+def _names(keys: list[str]) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - _NAMES_SHOWN} more" if len(keys) > _NAMES_SHOWN else ""
+    return ", ".join(keys[:_NAMES_SHOWN]) + more
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory; pickled weights are refused."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        bad = [s for s in shards if not s.endswith(".safetensors")]
+        if bad:
+            raise CheckpointError(f"{index} lists non-safetensors shards {bad}: pickled weights are never loaded.")
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}")
+        return [path / s for s in shards]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path} has only pickled weights ({', '.join(pickles)}). Pickles can execute code and are never "
+            "loaded; convert them to safetensors (e.g. with the official model in a sandbox) and retry."
+        )
+    raise CheckpointError(f"{path} has no {SINGLE_FILE} and no {INDEX_FILE}.")
+
+
+def read_keys(files: list[Path]) -> list[str]:
+    """Tensor names of safetensors files, without reading the tensors."""
+    from safetensors import safe_open
+
+    keys: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            keys += list(handle.keys())
+    return keys
+
+
+def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
+    """Raise a clear error for Sa2VA families this library does not load yet."""
+    arch = " ".join(config.get("architectures") or [])
+    model_type = str(config.get("model_type", ""))
+    llm_arch = " ".join((config.get("llm_config") or {}).get("architectures") or [])
+    text = f"{arch} {model_type} {llm_arch}".lower()
+    if any(k.startswith("model.") for k in keys) or re.search(r"qwen2(_|\.)?5.?vl|qwen3.?vl|qwen2.?vl", text):
+        family = "Qwen3-VL" if "qwen3" in text else "Qwen2.5-VL"
+        raise CheckpointError(
+            f"{path}: Sa2VA checkpoint of the {family} family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) is not "
+            "supported yet; use an InternVL-family checkpoint with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-*)."
+        )
+    if "internlm2" in llm_arch.lower():
+        raise CheckpointError(
+            f"{path}: Sa2VA checkpoint of the InternLM2 family (Sa2VA-8B/26B) is not supported yet; use an "
+            "InternVL-family checkpoint with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-2B/8B/14B)."
+        )
+    if model_type != "sa2va_chat":
+        raise CheckpointError(f"{path}/config.json: model_type is {model_type!r}, expected 'sa2va_chat'.")
+    if "Qwen2ForCausalLM" not in llm_arch:
+        raise CheckpointError(
+            f"{path}: Sa2VA checkpoint with LLM {llm_arch or 'unknown'} is not supported yet (only Qwen2ForCausalLM)."
+        )
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's fast tokenizer (tokenizer.json), never remote code."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json (a fast tokenizer is required; no remote code).")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32):
+    """Build ``cls`` from an official checkpoint directory; see :meth:`Sa2VA.from_pretrained`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
+    config = json.loads((path / "config.json").read_text())
+    files = weight_files(path)
+    check_family(config, read_keys(files), path)
+    tokenizer = load_tokenizer(path)
+    with _no_init(), torch.device(device):
+        model = cls(config, tokenizer)
+    model = model.to(dtype=dtype)
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f), device="cpu"))
+    native, kept, unknown = official_to_native(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in native]
+    unexpected = unknown + [k for k in native if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+              for k, v in native.items() if k in expected and v.shape != expected[k].shape]
+    problems = []
+    if unknown or [k for k in native if k not in expected]:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if missing:
+        problems.append(f"missing keys (native names): {_names(missing)}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {_names(shapes)}")
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not match the config. " + "; ".join(problems))
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, strict=True)
+    lm_head, embed = model.vlm.lm_head.weight, model.vlm.get_input_embeddings().weight
+    if lm_head is embed or lm_head.data_ptr() == embed.data_ptr():
+        raise CheckpointError(f"{path}: lm_head is tied to embed_tokens after loading; Sa2VA checkpoints are untied.")
+    model.kept_aside = {k: v for k, v in kept.items()}
+    model.source_dir = path
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _peft_wrappers(model: torch.nn.Module) -> list[str]:
+    """Names of the outermost peft layer wrappers (LoRA layers, modules_to_save, trainable tokens)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:
+        return []
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not any(
+            name.startswith(n + ".") for n in names
+        ):
+            names.append(name)
+    return names
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every peft wrapper merged and removed; the live model is not changed.
+
+    Each wrapped layer is deep-copied on its own (small), merged and unwrapped in the copy; PeftModel
+    prefixes (``base_model.model.``) are dropped, so the keys are those of the plain native model.
+    """
+    state = model.state_dict()
+    for name in _peft_wrappers(model):
+        module = copy.deepcopy(model.get_submodule(name))
+        if hasattr(module, "unload_and_optionally_merge_module"):
+            plain = module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+        else:
+            module.merge(safe_merge=True)
+            plain = module.get_base_layer()
+        for key in [k for k in state if k.startswith(name + ".")]:
+            del state[key]
+        state.update({f"{name}.{k}": v for k, v in plain.state_dict().items()})
+    return {re.sub(r"(^|\.)base_model\.model\.", r"\1", k): v for k, v in state.items()}
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"Cannot read shard size {size!r}; use e.g. '5GB' or a byte count.")
+    return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])
+
+
+def write_safetensors(state: dict[str, torch.Tensor], path: Path, max_shard_size: int | str = "5GB") -> None:
+    """Write ``state`` as model.safetensors, or as shards plus model.safetensors.index.json when large."""
+    from safetensors.torch import save_file
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous().clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    for old in list(path.glob("model-*-of-*.safetensors")) + [path / SINGLE_FILE, path / INDEX_FILE]:
+        old.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """See :meth:`Sa2VA.save_pretrained`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    official = native_to_official(merged_state_dict(model), model.kept_aside)
+    write_safetensors(official, path, max_shard_size)
+    config = copy.deepcopy(model.config)
+    config["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.tokenizer.save_pretrained(str(path))
+    source = model.source_dir
+    if source is not None and source.resolve() != path.resolve():
+        # The official loader needs the remote-code files real checkpoints ship; never kept in our repo.
+        for f in sorted(source.glob("*.py")) + [source / "generation_config.json"]:
+            if f.is_file():
+                shutil.copy2(f, path / f.name)
