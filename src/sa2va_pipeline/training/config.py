@@ -88,6 +88,7 @@ class EvalSettings:
     interval: int = 0  # optimiser steps between validations (0: only at start and end)
     at_start: bool = True  # validate the untrained model at step 0 (the baseline)
     max_samples: int | None = None  # cap the validation set (None: all)
+    batch_size: int = 4  # images per predict_proba call
     thresholds: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
 
 
@@ -121,8 +122,8 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     batch_size: int = 2
     grad_accumulation: int = 1
-    mask_loss: str = "point"  # point (official point-sampled BCE + Dice) | dense (all 256x256 pixels)
-    num_workers: int = 0
+    mask_loss: str = "points"  # points (official point-sampled BCE + Dice) | dense (all 256x256 pixels)
+    num_threads: int | None = None  # torch CPU threads (None: torch's default)
     log_every: int = 1
     export_merged: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -191,8 +192,8 @@ def load_training_config(params: dict[str, Any]) -> TrainingConfig:
     merged = _deep_merge(params, recipes.get(name, {}))
     merged["recipe"] = name
     config = _build(TrainingConfig, merged, "training.")
-    if config.mask_loss not in ("point", "dense"):
-        raise ValueError(f"training.mask_loss must be 'point' or 'dense', got {config.mask_loss!r}")
+    if config.mask_loss not in ("points", "dense"):
+        raise ValueError(f"training.mask_loss must be 'points' or 'dense', got {config.mask_loss!r}")
     if config.trainable.embeddings not in ("full", "new_tokens", "frozen"):
         raise ValueError(
             "training.trainable.embeddings must be full | new_tokens | frozen, "

@@ -27,13 +27,14 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sa2va_pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sa2va_pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from sa2va_pipeline.training.gradient_check import GradientReachCheck, GradientReport
 from sa2va_pipeline.training.optim import build_optimizer, set_lr
 
@@ -167,6 +168,11 @@ def train(
         log.info("Resumed from %s at step %d of %d", found, start_step, total_steps)
     elif config.checkpoint.resume:
         log.info("training.checkpoint.resume is on but %s holds no checkpoint: starting fresh", ckpt_root)
+    else:
+        # A fresh run: checkpoints of an earlier run would mix with this one's (pruning, resume).
+        for stale in list_checkpoints(ckpt_root):
+            log.warning("Removing checkpoint %s of an earlier run (training.checkpoint.resume is off)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
     def run_eval(step: int) -> float:
         if evaluate is None:

@@ -1,0 +1,85 @@
+"""Node of the ``training`` pipeline: load -> train -> hand over for saving, in one node.
+
+The model never travels between nodes (Kedro would deep-copy it); the node returns the in-memory
+``TrainedModel`` to the ``trained_model`` dataset, which writes the folder. Live metrics go to MLflow when
+a run is active (kedro-mlflow opens one), through the callback the training library takes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+def mlflow_metrics_logger() -> Callable[[dict[str, float], int], None] | None:
+    """A ``(metrics, step)`` callback that logs to the active MLflow run, or None when there is none."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return None
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
+
+    return log_metrics
+
+
+def training_summary(trained: Any) -> dict[str, Any]:
+    """The JSON summary of a run: untrained vs trained validation Dice, steps, time, counts, history."""
+    result = trained.result
+    evals = result.evaluations
+    first = evals[0] if evals and evals[0]["step"] == 0 else None
+    last = evals[-1] if evals else None
+    return {
+        "model_source": trained.config.model.describe(),
+        "recipe": trained.config.recipe,
+        "steps_done": result.steps_done,
+        "total_steps": result.total_steps,
+        "stopped_by_time": result.stopped_by_time,
+        "wall_time_s": result.wall_time_s,
+        "val_dice_best_threshold_untrained": first["val_dice_best_threshold"] if first else None,
+        "val_dice_best_threshold": last["val_dice_best_threshold"] if last else None,
+        "val_best_threshold": last["val_best_threshold"] if last else None,
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "parameter_counts": result.parameter_counts,
+        "gradient_report": result.gradient_report,
+        "evaluations": evals,
+        "history": result.history,
+    }
+
+
+def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune Sa2VA on the train split, validating on val; returns the model, its summary and plot.
+
+    Outputs: ``model`` (the in-memory trained model, written by ``TrainedModelDataset``), ``summary``
+    (JSON) and ``loss_curve`` (figure), each also under ``<key>_mlflow`` for its MLflow copy.
+    """
+    started_at = time.monotonic()
+    from sa2va_pipeline.data.samples import load_samples
+    from sa2va_pipeline.training.plots import loss_curve_figure
+    from sa2va_pipeline.training.recipe import run_training
+
+    train_samples = load_samples(split_manifest, "train", phrase)
+    val_samples = load_samples(split_manifest, "val", phrase)
+    log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
+    logger = mlflow_metrics_logger()
+    trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)
+    summary = training_summary(trained)
+    if logger is not None:
+        final = {k: summary[k] for k in ("val_dice_best_threshold_untrained", "val_dice_best_threshold")}
+        logger({f"final_{k}": v for k, v in final.items() if v is not None}, trained.result.steps_done)
+    figure = loss_curve_figure(trained.result.history, trained.result.evaluations)
+    return {
+        "model": trained,
+        "model_mlflow": trained,
+        "summary": summary,
+        "summary_mlflow": summary,
+        "loss_curve": figure,
+        "loss_curve_mlflow": figure,
+    }
