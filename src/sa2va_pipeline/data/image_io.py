@@ -49,10 +49,3 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
         raise ValueError("could not encode the frame as JPEG")
     return buf.tobytes()
 
-
-def decode_rgb_bytes(data: bytes) -> np.ndarray:
-    """Decode image bytes (any format OpenCV reads) to RGB uint8; raises ``ValueError`` if unreadable."""
-    arr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if arr is None:
-        raise ValueError("OpenCV could not decode the bytes")
-    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
