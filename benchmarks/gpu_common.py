@@ -1,0 +1,154 @@
+"""Shared pieces of the GPU benchmarks (``train_throughput.py``, ``predict_throughput.py``).
+
+Real-size presets with random weights, synthetic 512x512 frames, FLOP counting with
+``torch.utils.flop_counter.FlopCounterMode``, CUDA-event timing, and the markdown section appended to
+``benchmarks/RESULTS.md``. Not a library module: only the benchmark scripts import it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+H100_BF16_DENSE_TFLOPS = 989.0  # datasheet, SXM, dense; MFU is also reported against the measured matmul rate
+
+
+def frames(n: int, size: int = 512, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n`` synthetic (image uint8 HxWx3, mask uint8 HxW) pairs: a noisy background with dark bars."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.integers(90, 200, (size, size, 3), dtype=np.uint8)
+        mask = np.zeros((size, size), np.uint8)
+        for _ in range(6):
+            x = int(rng.integers(0, size - 8))
+            mask[:, x : x + int(rng.integers(2, 8))] = 1
+        image[mask > 0] //= 3
+        out.append((image, mask))
+    return out
+
+
+def sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def time_it(fn: Callable[[], Any], warmup: int, min_iters: int, min_seconds: float) -> tuple[float, int]:
+    """Median-free simple timing: warm up, then run until both ``min_iters`` and ``min_seconds`` are reached;
+    returns (seconds per iteration, iterations)."""
+    for _ in range(warmup):
+        fn()
+    t0 = sync_time()
+    iters = 0
+    while True:
+        fn()
+        iters += 1
+        if iters >= min_iters and (time.perf_counter() - t0) >= min_seconds:
+            break
+    return (sync_time() - t0) / iters, iters
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def measured_matmul_tflops() -> float:
+    """bf16 8192^3 matrix product rate on this GPU (TFLOP/s), random data."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    seconds, _ = time_it(lambda: a @ b, warmup=3, min_iters=20, min_seconds=0.5)
+    del a, b
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def peak_gb() -> float:
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def reset_peak() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def device_line() -> str:
+    props = torch.cuda.get_device_properties(0)
+    import transformers
+
+    return (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), torch "
+        f"{torch.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # a copy without .git
+        return "unknown"
+
+
+def section_header(title: str, command: str) -> str:
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        f"\n## {title}\n\n- date: {now}\n- device: {device_line()}\n- commit: {commit()}\n"
+        f"- command: `{command}`\n"
+    )
+
+
+def write_section(text: str, results: Path, json_rows: list[dict[str, Any]], json_path: Path | None) -> None:
+    """Append ``text`` to ``results`` (re-read right before writing: another helper appends there too)."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    existing = results.read_text() if results.exists() else "# Benchmark results\n"
+    results.write_text(existing.rstrip("\n") + "\n" + text)
+    if json_path is not None:
+        json_path.write_text(json.dumps(json_rows, indent=2))
+
+
+def to_device(batch: dict[str, Any], device: str = "cuda") -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and torch.is_tensor(v[0]):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
+def profile_table(fn: Callable[[], Any], path: Path, rows: int = 25) -> str:
+    """torch.profiler table (sorted by device time) of a few calls of ``fn``; written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    path.write_text(table)
+    return table

@@ -1,0 +1,300 @@
+"""Training throughput of Sa2VA on one GPU: the official-equivalent path vs ours, real-size presets.
+
+Random weights at the real shapes (``Sa2VA.from_preset``), 512x512 synthetic frames (one 448 tile = 256
+image tokens, ~300-token sequences), the official trainable set (LoRA r128/alpha 256/dropout 0.05 on every
+LLM Linear but lm_head; full embed_tokens + lm_head; projector; SAM2 mask decoder incl. conv_s0/s1;
+text_hidden_fcs), AdamW, bf16 autocast, SDPA attention. Frozen weights are bf16, trainable ones fp32
+masters (as the official DeepSpeed bf16 recipe).
+
+Paths, measured in the same run:
+- ``official``: both encoders every step, micro-batch 1 with gradient accumulation, gradient checkpointing
+  on in the LLM (how the official recipe trains);
+- ``encoders``: both encoders every step, real batches (no padding beyond the longest sequence), no
+  checkpointing;
+- ``cached``: the frozen encoders' outputs come from the feature cache (``training/feature_cache.py``;
+  here held on the GPU, so the number is the model step; the cache's disk-to-GPU load time of a batch is
+  reported separately), encoders moved off the GPU, fused AdamW, no checkpointing;
+- ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant).
+
+Each row: samples/s, peak GPU memory (``max_memory_allocated``), model FLOPs of one step counted once per
+config with ``FlopCounterMode`` (forward+backward, recomputation not counted), and MFU against the datasheet
+bf16 dense rate and against the measured 8192^3 matmul rate. Preprocessing (PIL resizes, collate) runs once
+before timing: its CPU cost per sample is printed separately.
+
+    python benchmarks/train_throughput.py                                   # all presets, batch 1..16
+    python benchmarks/train_throughput.py --presets sa2va-1b --batch-sizes 8,16 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_common as G  # noqa: E402
+
+PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
+
+
+def build(preset: str) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
+    """Model in bf16 on the GPU with the official trainable set; trainable tensors cast to fp32 masters."""
+    from sa2va_pipeline.model import Sa2VA
+    from sa2va_pipeline.training.config import LoraSettings, TrainableParts
+    from sa2va_pipeline.training.prepare import prepare_for_training
+    from sa2va_pipeline.training.recipe import added_token_ids
+
+    G.reset_peak()
+    t0 = G.sync_time()
+    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16)
+    build_s = G.sync_time() - t0
+    prepare_for_training(model, LoraSettings(), TrainableParts(), added_token_ids(model), False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.data = p.data.float()
+    model.train()
+    info = {
+        "build_s": build_s,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in trainable),
+        "weights_gb": torch.cuda.memory_allocated() / 1e9,
+    }
+    return model, trainable, info
+
+
+def set_checkpointing(model: Any, on: bool) -> None:
+    llm = model.language_model
+    if on:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_disable()
+
+
+def set_encoders_device(model: Any, device: str) -> None:
+    """Frozen encoders off the GPU when features come from the cache (they are not run)."""
+    model.vlm.model.vision_tower.to(device)
+    model.sam2.vision_encoder.to(device)
+
+
+def make_step(model: Any, batches: list[dict[str, Any]], optimizer: torch.optim.Optimizer, trainable: list) -> Any:
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model.training_forward(batch)
+            (out["total"] / len(batches)).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        return out["total"]
+
+    return step
+
+
+def forward_backward(model: Any, batch: dict[str, Any]):
+    def run() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.training_forward(batch)
+        out["total"].backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
+def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, out_dir: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    model, trainable, info = build(preset)
+    print(f"[{preset}] built in {info['build_s']:.1f} s: {info['params_total'] / 1e9:.2f} B params, "
+          f"{info['params_trainable'] / 1e6:.1f} M trainable, {info['weights_gb']:.1f} GB", flush=True)
+    optimizer = torch.optim.AdamW(trainable, lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
+    max_b = max(args.batch_sizes)
+    data = G.frames(max_b, seed=1)
+    t0 = time.perf_counter()
+    full = model.collate([(im, m, "blood vessel") for im, m in data], seed=0)
+    collate_ms = (time.perf_counter() - t0) * 1000 / max_b
+    print(f"[{preset}] collate (PIL preprocessing, CPU): {collate_ms:.1f} ms/sample, sequence length "
+          f"{full['input_ids'].shape[1]}", flush=True)
+
+    def batch_of(b: int, cached: dict[str, Any] | None = None) -> dict[str, Any]:
+        batch = model.collate([(im, m, "blood vessel") for im, m in data[:b]], seed=0)
+        if cached is not None:
+            batch.pop("pixel_values"), batch.pop("sam2_pixel_values")
+            batch["vit_features"] = cached["vit_features"][:b]
+            batch["sam2_features"] = [f[:b] for f in cached["sam2_features"]]
+        return G.to_device(batch)
+
+    def record(path: str, b: int, accumulation: int, step, flop_fn, ckpt: bool) -> None:
+        samples = b * accumulation
+        try:
+            G.reset_peak()
+            step()  # first step allocates optimiser state; timed steps follow
+            seconds, iters = G.time_it(step, warmup=1, min_iters=args.min_iters, min_seconds=args.min_seconds)
+            peak = G.peak_gb()
+            flops = G.count_flops(flop_fn) * (accumulation if path == "official" else 1)
+            row = {
+                "preset": preset, "path": path, "batch": b, "accumulation": accumulation, "checkpointing": ckpt,
+                "samples_per_s": samples / seconds, "step_s": seconds, "iters": iters, "peak_gb": peak,
+                "tflop_per_sample": flops / samples / 1e12,
+                "mfu_datasheet": flops / seconds / 1e12 / G.H100_BF16_DENSE_TFLOPS,
+                "mfu_measured": flops / seconds / 1e12 / peak_measured,
+            }
+        except Exception as error:  # OOM at large batch: record it, carry on
+            if not G.is_oom(error):
+                raise
+            row = {"preset": preset, "path": path, "batch": b, "accumulation": accumulation, "checkpointing": ckpt,
+                   "error": "OOM"}
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+    # (a) first forward+backward at batch 1 in bf16: peak memory
+    first = batch_of(1)
+    G.reset_peak()
+    forward_backward(model, first)()
+    print(f"[{preset}] first training_forward+backward (batch 1, bf16, encoders on): peak "
+          f"{G.peak_gb():.2f} GB", flush=True)
+
+    # official-equivalent: encoders every step, micro-batch 1, accumulation, checkpointing on
+    if "official" in args.paths:
+        set_checkpointing(model, True)
+        micro = [batch_of(1) for _ in range(args.accumulation)]
+        set_checkpointing(model, False)
+        flop_fn = forward_backward(model, micro[0])
+        set_checkpointing(model, True)
+
+        def official_step():
+            return make_step(model, micro, optimizer, trainable)()
+
+        def official_flops():
+            set_checkpointing(model, False)
+            flop_fn()
+            set_checkpointing(model, True)
+
+        record("official", 1, args.accumulation, official_step, official_flops, True)
+        set_checkpointing(model, False)
+
+    if "encoders" in args.paths:
+        for b in args.batch_sizes:
+            batch = batch_of(b)
+            record("encoders", b, 1, make_step(model, [batch], optimizer, trainable), forward_backward(model, batch), False)
+            del batch
+
+    if any(p.startswith("cached") for p in args.paths):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            pix = batch_of(max_b)
+            cached = model.encode_images(pix["pixel_values"], pix["sam2_pixel_values"])
+            cached = {"vit_features": cached["vit_features"].to(torch.bfloat16),
+                      "sam2_features": [f.to(torch.bfloat16) for f in cached["sam2_features"]]}
+            del pix
+        set_encoders_device(model, "cpu")
+        for path in [p for p in args.paths if p.startswith("cached")]:
+            ckpt = path.endswith("ckpt")
+            set_checkpointing(model, ckpt)
+            for b in args.batch_sizes if not ckpt else [b for b in args.batch_sizes if b >= 8]:
+                batch = batch_of(b, cached)
+                step = make_step(model, [batch], optimizer, trainable)
+
+                def flops_fn(batch=batch):
+                    set_checkpointing(model, False)
+                    forward_backward(model, batch)()
+                    set_checkpointing(model, ckpt)
+
+                record(path, b, 1, step, flops_fn, ckpt)
+                if args.profile and not ckpt and b == max_b:
+                    table = G.profile_table(step, out_dir / f"profile_train_{preset}_cached_b{b}.txt")
+                    print(table, flush=True)
+                del batch
+            set_checkpointing(model, False)
+        rows.append(cache_load_row(model, data, preset, args))
+        print(json.dumps(rows[-1]), flush=True)
+        del cached
+    del model, optimizer, trainable
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def cache_load_row(model: Any, data: list, preset: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Time the feature cache's disk -> GPU load of one batch (page cache warm) for the largest batch."""
+    import tempfile
+
+    from sa2va_pipeline.training.feature_cache import FeatureCache
+
+    set_encoders_device(model, "cuda")
+    images = [im for im, _ in data]
+    with tempfile.TemporaryDirectory() as root:
+        cache = FeatureCache(root, model, storage_dtype="bf16", compute_dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        cache.fill(images, batch_size=8)
+        fill_s = time.perf_counter() - t0
+        cache.load(images)
+        t0 = G.sync_time()
+        for _ in range(3):
+            cache.load(images)
+        load_s = (G.sync_time() - t0) / 3
+    set_encoders_device(model, "cpu")
+    return {"preset": preset, "path": "cache-load", "batch": len(images),
+            "fill_s_per_image": fill_s / len(images), "load_s_per_batch": load_s,
+            "load_images_per_s": len(images) / load_s}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| preset | path | batch x accum | ckpt | samples/s | peak GB | TFLOP/sample | MFU (989) | MFU (measured) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["path"] == "cache-load":
+            lines.append(f"| {r['preset']} | feature-cache load (disk->GPU, bf16) | {r['batch']} | | "
+                         f"{r['load_images_per_s']:.1f} img/s | | | | fill {r['fill_s_per_image'] * 1000:.0f} ms/img |")
+        elif "error" in r:
+            lines.append(f"| {r['preset']} | {r['path']} | {r['batch']} x {r['accumulation']} | "
+                         f"{'on' if r['checkpointing'] else 'off'} | {r['error']} | | | | |")
+        else:
+            lines.append(
+                f"| {r['preset']} | {r['path']} | {r['batch']} x {r['accumulation']} | "
+                f"{'on' if r['checkpointing'] else 'off'} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | "
+                f"{r['tflop_per_sample']:.2f} | {100 * r['mfu_datasheet']:.1f}% | {100 * r['mfu_measured']:.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16")
+    parser.add_argument("--paths", default="official,encoders,cached,cached+ckpt")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per step on the official path")
+    parser.add_argument("--min-iters", type=int, default=3)
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of the largest cached batch")
+    parser.add_argument("--results", type=Path, default=G.RESULTS, help="markdown file to append the section to")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--out-dir", type=Path, default=Path("."), help="where profile tables go")
+    args = parser.parse_args()
+    args.presets = [p for p in args.presets.split(",") if p]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    args.paths = [p for p in args.paths.split(",") if p]
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak_measured = G.measured_matmul_tflops()
+    print(f"device: {G.device_line()}; measured bf16 matmul {peak_measured:.0f} TFLOP/s", flush=True)
+    rows: list[dict[str, Any]] = []
+    for preset in args.presets:
+        rows += bench_preset(preset, args, peak_measured, args.out_dir)
+    command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
+    text = G.section_header("Training throughput (GPU)", command)
+    text += f"- measured bf16 matmul: {peak_measured:.0f} TFLOP/s; MFU = counted model FLOPs / time / rate\n\n"
+    text += table(rows)
+    G.write_section(text, args.results, rows, args.json)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
