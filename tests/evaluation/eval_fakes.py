@@ -39,7 +39,9 @@ def make_frame(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndar
         mask[4:28, rng.integers(16, 28)] = 1
         mask[20:22, 3:25] = 1
     prob = np.where(mask > 0, rng.uniform(0.45, 0.95, mask.shape), rng.uniform(0.0, 0.55, mask.shape))
-    image = np.stack([np.rint(prob * 255), rng.integers(0, 255, mask.shape), np.full(mask.shape, 90)], axis=-1)
+    image = np.stack(
+        [np.rint(prob * 255), rng.integers(0, 255, mask.shape), np.full(mask.shape, 90)], axis=-1
+    )
     return image.astype(np.uint8), mask
 
 
@@ -55,7 +57,12 @@ class FakeProject:
         for index, (split, kind) in enumerate(zip(splits, kinds)):
             sample_id = f"video{index // 2}_frame{index:03d}"
             image, mask = make_frame(rng, kind)
-            self.samples[sample_id] = {"id": sample_id, "image": image, "masks": mask[None], "phrases": [PHRASE]}
+            self.samples[sample_id] = {
+                "id": sample_id,
+                "image": image,
+                "masks": mask[None],
+                "phrases": [PHRASE],
+            }
             rows.append(
                 {
                     "id": sample_id,
@@ -112,6 +119,10 @@ EVALUATION = {
     "reference_threshold": 0.5,
     "overlay": {
         "alpha": 0.7,
-        "colors": {"true_positive": [0, 200, 0], "false_positive": [230, 0, 0], "false_negative": [0, 110, 255]},
+        "colors": {
+            "true_positive": [0, 200, 0],
+            "false_positive": [230, 0, 0],
+            "false_negative": [0, 110, 255],
+        },
     },
 }

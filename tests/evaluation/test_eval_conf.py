@@ -73,7 +73,9 @@ def test_pipelines_on_the_real_catalog(fake_project, tmp_path, monkeypatch):  # 
     for pipeline in pipelines:
         SequentialRunner().run(pipeline, catalog)
 
-    frozen = json.loads(next(Path("data/08_reporting/threshold/frozen_threshold.json").glob("*/*.json")).read_text())
+    frozen = json.loads(
+        next(Path("data/08_reporting/threshold/frozen_threshold.json").glob("*/*.json")).read_text()
+    )
     summary_file = next(Path("data/08_reporting/evaluation/test/summary.json").glob("*/summary.json"))
     summary = json.loads(summary_file.read_text())
     assert summary["threshold"] == frozen["threshold"] and summary["split"] == "test"
@@ -91,7 +93,9 @@ def test_pipelines_on_the_real_catalog(fake_project, tmp_path, monkeypatch):  # 
     assert len(list(Path("data/07_model_output/probabilities/val_probabilities.npz").iterdir())) == 2
 
 
-@pytest.mark.parametrize("entry", ["val_probabilities", "frozen_threshold", "evaluation_summary_val", "inference_outputs"])
+@pytest.mark.parametrize(
+    "entry", ["val_probabilities", "frozen_threshold", "evaluation_summary_val", "inference_outputs"]
+)
 def test_local_entries_are_versioned(entry):
     dataset = DataCatalog.from_config(_loader()["catalog"]).get(entry)
     assert dataset._version is not None

@@ -50,7 +50,13 @@ def test_one_side_empty():
     blob = empty.copy()
     blob[1:3, 1:3] = 1
     missed = image_metrics(empty, blob)  # nothing predicted on a frame with vessels
-    assert (missed["dice"], missed["iou"], missed["precision"], missed["recall"], missed["cldice"]) == (0, 0, 0, 0, 0)
+    assert (missed["dice"], missed["iou"], missed["precision"], missed["recall"], missed["cldice"]) == (
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
     assert missed["specificity"] == 1.0
     assert math.isnan(missed["hd95"])
     hallucinated = image_metrics(blob, empty)  # vessels predicted on a frame without any

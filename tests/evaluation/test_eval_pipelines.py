@@ -66,12 +66,14 @@ def test_threshold_pipeline_freezes_a_val_threshold_and_reuses_maps(fake_project
     frozen = catalog.load("frozen_threshold")
     sweep = catalog.load("threshold_sweep")
     assert frozen["chosen_on"] == "val" and frozen["n_images"] == 5
-    assert frozen["threshold"] == pytest.approx(sweep.loc[sweep["dice_pooled"].idxmax(), "threshold"], abs=0.05)
+    assert frozen["threshold"] == pytest.approx(
+        sweep.loc[sweep["dice_pooled"].idxmax(), "threshold"], abs=0.05
+    )
     assert 0.4 <= frozen["threshold"] <= 0.6  # fake maps: vessels 0.45-0.95, background 0-0.55
     assert frozen["model"]["model_dir"] == str(fake_project.model_dir.resolve())
     assert len(sweep) == 91 and catalog.load("threshold_sweep_mlflow") is sweep
     assert catalog.load("frozen_threshold_mlflow") == frozen
-    assert catalog.load("threshold_metrics")["threshold"] == {"value": frozen["threshold"], "step": 0}
+    assert catalog.load("threshold_metrics")["chosen"] == {"value": frozen["threshold"], "step": 0}
     curves = catalog.load("threshold_sweep_curves")
     assert [p["step"] for p in curves["dice_pooled"]][:2] == [50, 60]
     fig = catalog.load("threshold_sweep_plot")
@@ -112,13 +114,22 @@ def test_evaluation_pipeline_scores_val_and_test_at_the_frozen_threshold(fake_pr
         assert len(table) == n and summary["n_images"] == n and summary["threshold"] == frozen["threshold"]
         assert set(table.columns) >= {"dice", "iou", "precision", "recall", "specificity", "cldice", "hd95"}
         assert summary["provenance"]["same_model"] is True
-        assert catalog.load(f"evaluation_metrics_{split}")["dice_mean"]["value"] == summary["at_threshold"]["mean"]["dice"]["mean"]
+        assert (
+            catalog.load(f"evaluation_metrics_{split}")["dice_mean"]["value"]
+            == summary["at_threshold"]["mean"]["dice"]["mean"]
+        )
         overlays = catalog.load(f"evaluation_overlays_{split}")
         assert sorted(name.split("_")[0] for name in overlays) == ["best", "median", "worst"]
-        assert catalog.load(f"evaluation_overlay_grid_{split}_mlflow") is catalog.load(f"evaluation_overlay_grid_{split}")
+        assert catalog.load(f"evaluation_overlay_grid_{split}_mlflow") is catalog.load(
+            f"evaluation_overlay_grid_{split}"
+        )
     test_summary = catalog.load("evaluation_summary_test")
     # The empty test frame: HD95 undefined unless nothing is predicted there.
-    assert test_summary["at_threshold"]["mean"]["hd95"]["n"] + test_summary["at_threshold"]["mean"]["hd95"]["n_undefined"] == 4
+    assert (
+        test_summary["at_threshold"]["mean"]["hd95"]["n"]
+        + test_summary["at_threshold"]["mean"]["hd95"]["n_undefined"]
+        == 4
+    )
     assert fake_project.calls  # test maps were predicted, val maps came from the threshold run
     assert all(load[0] == str(fake_project.model_dir) for load in fake_project.loads)
 
@@ -145,7 +156,11 @@ def test_inference_reports_unreadable_files_and_leaves_input_untouched(fake_proj
     pipeline = inference_pipeline()
     catalog = _catalog(
         pipeline,
-        _params(fake_project, frozen_threshold={"threshold": 0.5}, **{"params:inference": {**INFERENCE, "input_dir": str(inputs)}}),
+        _params(
+            fake_project,
+            frozen_threshold={"threshold": 0.5},
+            **{"params:inference": {**INFERENCE, "input_dir": str(inputs)}},
+        ),
     )
     SequentialRunner().run(pipeline, catalog)
 
@@ -153,10 +168,15 @@ def test_inference_reports_unreadable_files_and_leaves_input_untouched(fake_proj
     report = catalog.load("inference_report").set_index("file")
     assert report.loc["broken.png", "status"] == "unreadable" and report.loc["broken.png", "message"]
     assert report.loc["notes.txt", "status"] == "not_an_image"
-    assert report.loc["frame one.png", "status"] == "ok" and report.loc["frame one.png", "output_name"] == "frame one_png.png"
+    assert (
+        report.loc["frame one.png", "status"] == "ok"
+        and report.loc["frame one.png", "output_name"] == "frame one_png.png"
+    )
     outputs = catalog.load("inference_outputs")
     assert sorted(outputs) == sorted(
-        f"{kind}/frame one_{ext}.png" for kind in ("masks", "probabilities", "overlays") for ext in ("png", "jpg")
+        f"{kind}/frame one_{ext}.png"
+        for kind in ("masks", "probabilities", "overlays")
+        for ext in ("png", "jpg")
     )
     mask = np.asarray(Image.open(io.BytesIO(outputs["masks/frame one_png.png"])))
     expected = sample["image"][..., 0].astype(np.float32) / 255 >= 0.5
@@ -164,7 +184,7 @@ def test_inference_reports_unreadable_files_and_leaves_input_untouched(fake_proj
     overlay = np.asarray(Image.open(io.BytesIO(outputs["overlays/frame one_png.png"])).convert("RGB"))
     assert overlay.shape[0] > mask.shape[0]  # legend strip under the frame
     metrics = catalog.load("inference_metrics")
-    assert metrics["inference.n_images"]["value"] == 2 and metrics["inference.n_skipped"]["value"] == 2
+    assert metrics["n_images"]["value"] == 2 and metrics["n_skipped"]["value"] == 2
     assert isinstance(catalog.load("inference_report_mlflow"), pd.DataFrame)
     assert DEFAULT_COLORS["true_positive"] == tuple(EVALUATION["overlay"]["colors"]["true_positive"])
 
@@ -174,7 +194,11 @@ def test_inference_on_a_missing_folder_names_it(fake_project, tmp_path):  # noqa
     missing = tmp_path / "nope"
     catalog = _catalog(
         pipeline,
-        _params(fake_project, frozen_threshold={"threshold": 0.5}, **{"params:inference": {**INFERENCE, "input_dir": str(missing)}}),
+        _params(
+            fake_project,
+            frozen_threshold={"threshold": 0.5},
+            **{"params:inference": {**INFERENCE, "input_dir": str(missing)}},
+        ),
     )
     with pytest.raises(Exception, match="nope"):
         SequentialRunner().run(pipeline, catalog)

@@ -28,7 +28,10 @@ def test_dataset_round_trip_versioned_and_missing_ok(tmp_path):
     with pytest.raises(DatasetError):
         ProbabilityMapsDataset(path, version=Version(None, None)).load()
     maps = ProbabilityMaps(
-        maps={"vidéo 1/frame(3)": np.arange(12, dtype=np.uint8).reshape(3, 4), "b": np.ones((2, 2), np.uint8)},
+        maps={
+            "vidéo 1/frame(3)": np.arange(12, dtype=np.uint8).reshape(3, 4),
+            "b": np.ones((2, 2), np.uint8),
+        },
         metadata={"split": "val", "model": {"fingerprint": "abc"}},
     )
     ProbabilityMapsDataset(path, version=Version(None, "2026-01-01T00.00.00.000Z")).save(maps)
@@ -58,7 +61,9 @@ def test_stored_maps_are_reused_for_the_same_model_only(fake_project):  # noqa: 
     assert p.loads[0][1] == "cpu"
     again = predict_split_probabilities(p.model_dir, p.manifest, "val", PHRASE, PREDICTION, stored=first)
     assert again is first and len(p.loads) == 1  # no model load, no prediction
-    other_phrase = predict_split_probabilities(p.model_dir, p.manifest, "val", "artery", PREDICTION, stored=first)
+    other_phrase = predict_split_probabilities(
+        p.model_dir, p.manifest, "val", "artery", PREDICTION, stored=first
+    )
     assert other_phrase is not first and len(p.loads) == 2
     stat = (p.model_dir / "config.json").stat()
     os.utime(p.model_dir / "config.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # model re-saved

@@ -55,7 +55,9 @@ def test_sweep_optimum_matches_brute_force_on_noisy_maps():
     probs, truths = {}, {}
     for i in range(4):
         truth = rng.random((30, 30)) > 0.8
-        probs[str(i)] = np.clip(np.where(truth, 0.6, 0.3) + rng.normal(0, 0.2, truth.shape), 0, 1).astype(np.float32)
+        probs[str(i)] = np.clip(np.where(truth, 0.6, 0.3) + rng.normal(0, 0.2, truth.shape), 0, 1).astype(
+            np.float32
+        )
         truths[str(i)] = truth
     grid = threshold_grid()
     sweep, per_image = sweep_thresholds(probs, truths, grid)
@@ -66,7 +68,9 @@ def test_sweep_optimum_matches_brute_force_on_noisy_maps():
         size = sum(np.count_nonzero(p) + np.count_nonzero(truths[k]) for p, k in zip(preds, probs))
         pooled.append(2 * tp / size)
     np.testing.assert_allclose(sweep["dice_pooled"], pooled)
-    np.testing.assert_allclose(per_image.loc["2"].to_numpy(), [dice(binarize(probs["2"], t), truths["2"]) for t in grid])
+    np.testing.assert_allclose(
+        per_image.loc["2"].to_numpy(), [dice(binarize(probs["2"], t), truths["2"]) for t in grid]
+    )
     assert choose_threshold(sweep)["threshold"] == pytest.approx(grid[int(np.argmax(pooled))])
 
 
@@ -79,7 +83,9 @@ def test_pooled_and_mean_objectives_differ_where_they_should():
     truth_b = np.zeros((40, 50), np.uint8)
     truth_b[0, :10] = 1
     prob_b = np.where(truth_b > 0, 0.25, 0.05).astype(np.float32)
-    sweep, per_image = sweep_thresholds({"a": prob_a, "b": prob_b}, {"a": truth_a, "b": truth_b}, threshold_grid())
+    sweep, per_image = sweep_thresholds(
+        {"a": prob_a, "b": prob_b}, {"a": truth_a, "b": truth_b}, threshold_grid()
+    )
     pooled = choose_threshold(sweep, "pooled_dice")
     mean = choose_threshold(sweep, "mean_dice")
     # Pooled Dice follows the big frame: thresholds in (0.3, 0.5] (B is missed entirely).
@@ -88,7 +94,10 @@ def test_pooled_and_mean_objectives_differ_where_they_should():
     assert 0.05 < mean["threshold"] <= 0.25 and mean["score"] == pytest.approx((2 / 3 + 1) / 2)
     oracle = oracle_thresholds(per_image)
     assert oracle.loc["a", "oracle_dice"] == 1.0 and oracle.loc["b", "oracle_dice"] == 1.0
-    assert 0.3 < oracle.loc["a", "oracle_threshold"] <= 0.5 and 0.05 < oracle.loc["b", "oracle_threshold"] <= 0.25
+    assert (
+        0.3 < oracle.loc["a", "oracle_threshold"] <= 0.5
+        and 0.05 < oracle.loc["b", "oracle_threshold"] <= 0.25
+    )
 
 
 def test_unknown_objective_and_empty_input_are_errors():

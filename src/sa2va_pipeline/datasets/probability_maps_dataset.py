@@ -56,7 +56,9 @@ class ProbabilityMapsDataset(AbstractVersionedDataset[ProbabilityMaps, "Probabil
         if not path.is_file():
             if self._missing_ok:
                 return None
-            raise DatasetError(f"probability maps file '{path}' does not exist; run the pipeline that predicts it")
+            raise DatasetError(
+                f"probability maps file '{path}' does not exist; run the pipeline that predicts it"
+            )
         with np.load(path, allow_pickle=False) as archive:
             ids = [str(i) for i in archive["ids"]]
             metadata = json.loads(str(archive["metadata"]))

@@ -1,8 +1,9 @@
 """Reading a folder of new, unlabelled images for inference, read-only, with a report of what was skipped.
 
-Only the folder's top level is read, in sorted order. Files are read as bytes (``data.image_io.read_rgb``) and never
-written, moved or touched. Each file gets one report row: ``ok``, ``unreadable`` (Pillow could not
-decode it; the error is recorded) or ``not_an_image`` (its extension is not in the accepted list).
+Only the folder's top level is read, in sorted order. Files are read as bytes
+(``data.image_io.read_rgb``) and never written, moved or touched. Each entry gets one report row:
+``ok``, ``unreadable`` (it could not be decoded; the exception type is recorded) or ``not_an_image``
+(its extension is not in the accepted list).
 Sub-folders are reported as ``not_an_image`` too, so nothing disappears silently.
 """
 
@@ -46,14 +47,20 @@ def read_image_folder(folder: str | Path, extensions: Sequence[str] = DEFAULT_EX
     for path in sorted(root.iterdir()):
         row = {"file": path.name, "status": "ok", "message": "", "width": None, "height": None}
         if not path.is_file() or path.suffix.lower() not in accepted:
-            row.update(status="not_an_image", message=f"skipped: not a file with extension {sorted(accepted)}")
+            row.update(
+                status="not_an_image", message=f"skipped: not a file with extension {sorted(accepted)}"
+            )
         else:
             try:
-                rgb = read_rgb(path)  # reads the bytes, then decodes: the file is only ever opened for reading
+                rgb = read_rgb(
+                    path
+                )  # reads the bytes, then decodes: the file is only ever opened for reading
                 result.images[path.name] = rgb
                 row.update(width=int(rgb.shape[1]), height=int(rgb.shape[0]))
-            except Exception as err:  # Pillow raises many types for broken files; every one means "skip it"
-                row.update(status="unreadable", message=f"{type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - decoders raise many types; each means "skip it"
+                row.update(
+                    status="unreadable", message=f"cannot be decoded as an image ({type(err).__name__})"
+                )
         result.report.append(row)
     return result
 
@@ -70,4 +77,5 @@ def output_names(file_names: Sequence[str]) -> dict[str, str]:
 
 def report_table(rows: list[dict]) -> pd.DataFrame:
     """The inference report as a table with a fixed column order."""
-    return pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS)
+    table = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS)
+    return table.astype({"width": "Int64", "height": "Int64"})

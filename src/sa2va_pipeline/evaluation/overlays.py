@@ -24,7 +24,11 @@ LEGEND_LABELS: dict[str, str] = {
     "false_positive": "false positive",
     "false_negative": "false negative (missed)",
 }
-COLOR_NAMES: dict[tuple[int, int, int], str] = {(0, 200, 0): "green", (230, 0, 0): "red", (0, 110, 255): "blue"}
+COLOR_NAMES: dict[tuple[int, int, int], str] = {
+    (0, 200, 0): "green",
+    (230, 0, 0): "red",
+    (0, 110, 255): "blue",
+}
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -95,7 +99,7 @@ def add_legend_strip(
     from PIL import Image, ImageDraw
 
     entries = legend_entries(colors, with_truth)
-    height, width = overlay.shape[:2]
+    width = overlay.shape[1]
     row_h = 14
     strip = Image.new("RGB", (width, row_h * len(entries) + 6), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
@@ -134,7 +138,10 @@ def overlay_grid_figure(
     for ax, panel in zip(axes.ravel(), panels):
         ax.imshow(panel["overlay"])
         ax.set_title(panel.get("title", ""), fontsize=9)
-    handles = [Patch(facecolor=np.asarray(rgb) / 255.0, edgecolor="black", label=label) for label, rgb in legend_entries(colors, with_truth)]
+    handles = [
+        Patch(facecolor=np.asarray(rgb) / 255.0, edgecolor="black", label=label)
+        for label, rgb in legend_entries(colors, with_truth)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -1,4 +1,4 @@
-"""The threshold-sweep plot: Dice, precision and recall against threshold, with the chosen threshold marked."""
+"""The threshold-sweep plot: Dice, precision and recall against threshold, the chosen one marked."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ def threshold_sweep_figure(sweep: pd.DataFrame, chosen: dict[str, Any] | None = 
     """A matplotlib figure of a sweep table from :func:`~.threshold_sweep.sweep_thresholds`.
 
     Draws pooled Dice, mean per-image Dice (with a +-1 SD band), pooled precision and pooled recall;
-    a dashed vertical line marks ``chosen["threshold"]`` when given.
+    a dashed vertical line marks ``chosen["threshold"]`` when given. Precision is left out where nothing
+    is predicted (its 0 there is a convention, not a measurement).
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=110)
+    fig = Figure(figsize=(9.5, 4.8), dpi=110)
     ax = fig.subplots()
     t = sweep["threshold"]
     ax.plot(t, sweep["dice_pooled"], color="black", lw=2, label="Dice (pooled)")
@@ -28,21 +29,23 @@ def threshold_sweep_figure(sweep: pd.DataFrame, chosen: dict[str, Any] | None = 
         alpha=0.15,
         label="mean Dice +- 1 SD",
     )
-    ax.plot(t, sweep["precision_pooled"], color="tab:red", lw=1.5, label="precision (pooled)")
+    predicted = (sweep["tp"] + sweep["fp"]) > 0
+    precision = sweep["precision_pooled"].where(predicted)
+    ax.plot(t, precision, color="tab:red", lw=1.5, label="precision (pooled)")
     ax.plot(t, sweep["recall_pooled"], color="tab:blue", lw=1.5, label="recall (pooled)")
     if chosen is not None:
         ax.axvline(
             chosen["threshold"],
             color="gray",
             ls="--",
-            label=f"chosen {chosen['threshold']:.2f} ({chosen.get('objective', '')} {chosen.get('score', float('nan')):.3f})",
+            label=f"chosen {chosen['threshold']:.2f} ({chosen.get('objective', '')} {chosen['score']:.3f})",
         )
     ax.set_xlabel("threshold (probability >= threshold is vessel)")
     ax.set_ylabel("score")
     ax.set_xlim(float(t.min()), float(t.max()))
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower center", fontsize=8, ncol=2)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_title(title or "Validation threshold sweep")
     fig.tight_layout()
     return fig

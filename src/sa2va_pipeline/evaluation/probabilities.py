@@ -83,10 +83,11 @@ def model_identity(model_dir: str | os.PathLike) -> dict[str, str]:
     """
     root = Path(model_dir).resolve()
     digest = hashlib.sha256()
+    base = root if root.is_dir() else root.parent
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{path.relative_to(base)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     # Kedro versioned folders look like <name>/<version>/<name>: the parent's name is the version.
     version = root.parent.name if root.parent.parent.name == root.name else ""
     return {"model_dir": str(root), "model_version": version, "fingerprint": digest.hexdigest()[:16]}
@@ -120,6 +121,12 @@ def is_reusable(stored: ProbabilityMaps | None, key: dict[str, Any]) -> bool:
     return same and sorted(meta.get("ids", [])) == sorted(key["ids"]) and set(stored.maps) == set(key["ids"])
 
 
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # a torch tensor, maybe bf16 or on the GPU
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array)
+
+
 def predict_probability_maps(
     predict_proba: Callable[..., Any],
     samples: Sequence[dict[str, Any]],
@@ -146,14 +153,15 @@ def predict_probability_maps(
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         images = [s["image"] for s in batch]
-        phrases = [s["phrases"][0] if isinstance(s["phrases"], (list, tuple)) else s["phrases"] for s in batch]
+        phrases = [
+            s["phrases"][0] if isinstance(s["phrases"], (list, tuple)) else s["phrases"] for s in batch
+        ]
         probs = predict_proba(images, phrases, batch_size=batch_size, **kwargs)
-        if hasattr(probs, "detach"):  # a torch tensor
-            probs = probs.detach().float().cpu().numpy()
         if len(probs) != len(batch):
             raise ValueError(f"predict_proba returned {len(probs)} maps for {len(batch)} images")
+        # A [N, H, W] tensor/array, or a list of [H, W] tensors when the frames differ in size.
         for sample, prob in zip(batch, probs):
-            prob = np.asarray(prob)
+            prob = _to_numpy(prob)
             if prob.shape != sample["image"].shape[:2]:
                 raise ValueError(
                     f"sample {sample['id']}: probability map {prob.shape} does not match image "

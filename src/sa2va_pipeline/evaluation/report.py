@@ -120,7 +120,7 @@ def evaluate_split(
     table = table.merge(oracle, left_on="id", right_index=True, how="left")
     summary = {
         "split": split,
-        "n_images": int(len(table)),
+        "n_images": len(table),
         "threshold": float(threshold),
         "conventions": CONVENTIONS,
         "at_threshold": _block(table),

@@ -68,7 +68,8 @@ def predict_split_probabilities(
         manifest: the split manifest.
         split: ``val`` or ``test``.
         phrase: the text prompt phrase (e.g. "blood vessel").
-        prediction: ``device``, ``dtype``, ``batch_size``, ``storage_dtype``, ``question_template``, ``answer``.
+        prediction: ``device``, ``dtype``, ``batch_size``, ``storage_dtype``, ``question_template``,
+            ``answer`` (the ``prediction`` parameters).
         stored: the latest stored maps of this split, or None.
     """
     storage_dtype = prediction.get("storage_dtype", "uint8")
@@ -76,10 +77,15 @@ def predict_split_probabilities(
     # Reading the frames costs seconds; predicting them costs minutes: the ids come from the samples
     # themselves so that the stored maps are compared with exactly what would be predicted.
     samples = load_split_samples(manifest, split, phrase)
-    key = cache_key(model_identity(model_dir), split, [s["id"] for s in samples], phrase, prompt, storage_dtype)
+    key = cache_key(
+        model_identity(model_dir), split, [s["id"] for s in samples], phrase, prompt, storage_dtype
+    )
     if is_reusable(stored, key):
         logger.info(
-            "Re-using stored %s probability maps of model %s (%d images)", split, key["model"]["model_dir"], len(stored)
+            "Re-using stored %s probability maps of model %s (%d images)",
+            split,
+            key["model"]["model_dir"],
+            len(stored),
         )
         return stored
     from sa2va_pipeline.training.artifacts import load_trained_model

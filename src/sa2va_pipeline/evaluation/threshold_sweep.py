@@ -24,7 +24,9 @@ OBJECTIVES: dict[str, str] = {"pooled_dice": "dice_pooled", "mean_dice": "dice_m
 def threshold_grid(start: float = 0.05, stop: float = 0.95, step: float = 0.01) -> np.ndarray:
     """Thresholds ``start, start + step, ..., stop`` (inclusive), rounded to kill float drift."""
     if not 0.0 <= start <= stop <= 1.0 or step <= 0:
-        raise ValueError(f"need 0 <= start <= stop <= 1 and step > 0; got start={start}, stop={stop}, step={step}")
+        raise ValueError(
+            f"need 0 <= start <= stop <= 1 and step > 0; got start={start}, stop={stop}, step={step}"
+        )
     n = int(np.floor((stop - start) / step + 1e-9)) + 1
     return np.round(start + step * np.arange(n), 10)
 
@@ -101,7 +103,7 @@ def sweep_thresholds(
             totals[key] += counts[key]
         per_image[row] = _dice_curve(counts["tp"], counts["fp"], counts["fn"])
 
-    tp, fp, fn, tn = (totals[k].astype(np.float64) for k in ("tp", "fp", "fn", "tn"))
+    tp, fp, fn = (totals[k].astype(np.float64) for k in ("tp", "fp", "fn"))
     both_empty = (tp + fp + fn) == 0
     sweep = pd.DataFrame(
         {

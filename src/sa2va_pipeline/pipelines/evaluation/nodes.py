@@ -109,7 +109,9 @@ def draw_overlays(
     alpha = float(overlay_params.get("alpha", 0.7))
     threshold = float(frozen_threshold["threshold"])
     picks = pick_best_median_worst(dict(zip(per_image["id"].astype(str), per_image["dice"])))
-    samples = {s["id"]: s for s in load_split_samples(split_manifest, split, phrase, ids=sorted(set(picks.values())))}
+    samples = {
+        s["id"]: s for s in load_split_samples(split_manifest, split, phrase, ids=sorted(set(picks.values())))
+    }
     dice_by_id = dict(zip(per_image["id"].astype(str), per_image["dice"]))
     files: dict[str, bytes] = {}
     panels = []

@@ -19,7 +19,13 @@ def create_pipeline(**kwargs) -> Pipeline:
     steps = [
         node(
             nodes.predict_test_probabilities,
-            inputs=["trained_model", "split_manifest", "test_probabilities_stored", "params:phrase", "params:prediction"],
+            inputs=[
+                "trained_model",
+                "split_manifest",
+                "test_probabilities_stored",
+                "params:phrase",
+                "params:prediction",
+            ],
             outputs="test_probabilities",
             name="predict_test_probabilities",
         )
@@ -28,7 +34,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         steps += [
             node(
                 with_mlflow_copies(partial(nodes.score_split, split=split), "per_image", "summary"),
-                inputs=[f"{split}_probabilities", "split_manifest", "frozen_threshold", "params:phrase", "params:evaluation"],
+                inputs=[
+                    f"{split}_probabilities",
+                    "split_manifest",
+                    "frozen_threshold",
+                    "params:phrase",
+                    "params:evaluation",
+                ],
                 outputs=outputs_with_copies(
                     {
                         "per_image": f"evaluation_per_image_{split}",
@@ -51,7 +63,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:evaluation",
                 ],
                 outputs=outputs_with_copies(
-                    {"overlays": f"evaluation_overlays_{split}", "grid": f"evaluation_overlay_grid_{split}"}, "grid"
+                    {"overlays": f"evaluation_overlays_{split}", "grid": f"evaluation_overlay_grid_{split}"},
+                    "grid",
                 ),
                 name=f"draw_{split}_overlays",
             ),

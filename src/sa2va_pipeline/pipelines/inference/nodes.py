@@ -16,7 +16,13 @@ import numpy as np
 
 from sa2va_pipeline.evaluation.new_images import output_names, read_image_folder, report_table
 from sa2va_pipeline.evaluation.overlays import add_legend_strip, error_overlay, overlay_grid_figure
-from sa2va_pipeline.evaluation.probabilities import binarize, predict_probability_maps, quantise, resolve_device, resolve_dtype
+from sa2va_pipeline.evaluation.probabilities import (
+    binarize,
+    predict_probability_maps,
+    quantise,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +57,19 @@ def segment_new_images(
         from sa2va_pipeline.training.artifacts import load_trained_model
 
         device = resolve_device(prediction.get("device", "auto"))
-        model = load_trained_model(trained_model, device, resolve_dtype(prediction.get("dtype", "auto"), device))
+        model = load_trained_model(
+            trained_model, device, resolve_dtype(prediction.get("dtype", "auto"), device)
+        )
         samples = [{"id": name, "image": image, "phrases": [phrase]} for name, image in folder.images.items()]
         maps = predict_probability_maps(
             model.predict_proba,
             samples,
             batch_size=int(prediction.get("batch_size", 8)),
             storage_dtype="float16",  # keep full precision here: these maps are written once, as PNGs
-            prompt_kwargs={"question_template": prediction.get("question_template"), "answer": prediction.get("answer")},
+            prompt_kwargs={
+                "question_template": prediction.get("question_template"),
+                "answer": prediction.get("answer"),
+            },
         )
         names = output_names(list(folder.images))
         by_file = {row["file"]: row for row in folder.report}
@@ -69,23 +80,24 @@ def segment_new_images(
                 outputs[f"probabilities/{stem}.png"] = encode_png(quantise(prob, "uint8"))
             drawn = error_overlay(folder.images[name], mask, None, colors, alpha)
             if inference.get("save_overlays", True):
-                outputs[f"overlays/{stem}.png"] = encode_png(add_legend_strip(drawn, colors, with_truth=False))
+                outputs[f"overlays/{stem}.png"] = encode_png(
+                    add_legend_strip(drawn, colors, with_truth=False)
+                )
             by_file[name].update(output_name=f"{stem}.png", foreground_fraction=float(mask.mean()))
             if len(panels) < int(inference.get("grid_images", 6)):
                 panels.append({"overlay": drawn, "title": name})
     report = report_table(folder.report)
     n_ok = int((report["status"] == "ok").sum())
     logger.info(
-        "inference: %d image(s) segmented at threshold %.2f, %d entr(ies) skipped", n_ok, threshold, len(report) - n_ok
+        "inference: %d image(s) segmented at threshold %.2f, %d entr(ies) skipped",
+        n_ok,
+        threshold,
+        len(report) - n_ok,
     )
     grid = overlay_grid_figure(
         panels, colors, with_truth=False, title=f"inference at threshold {threshold:.2f}: {input_dir.name}"
     )
-    metrics = {
-        "inference.n_images": n_ok,
-        "inference.n_skipped": len(report) - n_ok,
-        "inference.threshold": threshold,
-    }
+    metrics = {"n_images": n_ok, "n_skipped": len(report) - n_ok, "threshold": threshold}
     return {
         "outputs": outputs,
         "report": report,

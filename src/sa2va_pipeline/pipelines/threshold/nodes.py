@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sa2va_pipeline.evaluation.plots import threshold_sweep_figure
@@ -44,7 +45,8 @@ def sweep_val_thresholds(
     sweep, _ = sweep_thresholds(dict(val_probabilities.items()), truths, grid)
     curves = {
         column: [
-            {"value": float(v), "step": int(round(t * 1000))} for t, v in zip(sweep["threshold"], sweep[column])
+            {"value": float(v), "step": int(np.rint(t * 1000))}
+            for t, v in zip(sweep["threshold"], sweep[column])
         ]
         for column in ("dice_pooled", "dice_mean", "precision_pooled", "recall_pooled")
     }
@@ -69,9 +71,9 @@ def freeze_threshold(
         "phrase": val_probabilities.metadata.get("phrase"),
     }
     metrics = {
-        "threshold": chosen["threshold"],
-        "val_dice_pooled_at_threshold": chosen["dice_pooled"],
-        "val_dice_mean_at_threshold": chosen["dice_mean"],
+        "chosen": chosen["threshold"],
+        "val_dice_pooled": chosen["dice_pooled"],
+        "val_dice_mean": chosen["dice_mean"],
     }
     return {"threshold": record, "metrics": {k: {"value": float(v), "step": 0} for k, v in metrics.items()}}
 

@@ -12,20 +12,30 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.predict_val_probabilities,
-                inputs=["trained_model", "split_manifest", "val_probabilities_stored", "params:phrase", "params:prediction"],
+                inputs=[
+                    "trained_model",
+                    "split_manifest",
+                    "val_probabilities_stored",
+                    "params:phrase",
+                    "params:prediction",
+                ],
                 outputs="val_probabilities",
                 name="predict_val_probabilities",
             ),
             node(
                 with_mlflow_copies(nodes.sweep_val_thresholds, "sweep"),
                 inputs=["val_probabilities", "split_manifest", "params:phrase", "params:threshold"],
-                outputs=outputs_with_copies({"sweep": "threshold_sweep", "curves": "threshold_sweep_curves"}, "sweep"),
+                outputs=outputs_with_copies(
+                    {"sweep": "threshold_sweep", "curves": "threshold_sweep_curves"}, "sweep"
+                ),
                 name="sweep_val_thresholds",
             ),
             node(
                 with_mlflow_copies(nodes.freeze_threshold, "threshold"),
                 inputs=["threshold_sweep", "val_probabilities", "params:threshold"],
-                outputs=outputs_with_copies({"threshold": "frozen_threshold", "metrics": "threshold_metrics"}, "threshold"),
+                outputs=outputs_with_copies(
+                    {"threshold": "frozen_threshold", "metrics": "threshold_metrics"}, "threshold"
+                ),
                 name="freeze_threshold",
             ),
             node(
