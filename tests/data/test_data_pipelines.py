@@ -15,7 +15,7 @@ PARAMS = {
     "sample_data": {"output_dir": None, "new_images_dir": None, "seed": 5, "n_videos": 4, "frames_per_video": 2,
                     "size": 128, "n_new_images": 2},
     "ingestion": {"mask_suffix": "_mask", "mask_threshold": 128, "image_extensions": [".jpg", ".png"]},
-    "annotation": {"phrase": "blood vessel", "dice_floor": 0.995, "annotations_path": None},
+    "annotation": {"dice_floor": 0.995, "annotations_path": None},
     "split": {"group_regex": r"^(?P<group>.+)_frame_\d+", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
               "seed": 1, "split_file": None},
 }
@@ -27,6 +27,7 @@ def _catalog(tmp_path, raw_dir):
     datasets = {"ingested_samples": FileFolderDataset(str(tmp_path / "ingested"), version=None)}
     catalog = DataCatalog(datasets=datasets)
     catalog["params:raw_dir"] = str(raw_dir)
+    catalog["params:phrase"] = "blood vessel"
     catalog["params:split.group_regex"] = params["split"]["group_regex"]
     for key, value in params.items():
         catalog[f"params:{key}"] = value

@@ -13,10 +13,10 @@ log = logging.getLogger(__name__)
 
 
 def build_annotations(
-    manifest: pd.DataFrame, params: dict[str, Any]
+    manifest: pd.DataFrame, phrase: str, params: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
     """Write annotations.json entries from the ingested masks, or take the user's file
-    (``params["annotations_path"]``), and measure the polygon round-trip Dice of every sample.
+    (``params["annotations_path"]``), with ``phrase`` as the text of every object, and measure the polygon round-trip Dice of every sample.
 
     Returns the entries, the report (versioned entry and MLflow copy) and the metrics.
     """
@@ -28,7 +28,7 @@ def build_annotations(
                 sizes[key] = (int(row.height), int(row.width))
         user_entries = read_annotations(params["annotations_path"], image_sizes=sizes)
         log.info("annotation: using %d entries of %s", len(user_entries), params["annotations_path"])
-    entries, report = annotate_manifest(manifest, params["phrase"], float(params["dice_floor"]), user_entries)
+    entries, report = annotate_manifest(manifest, phrase, float(params["dice_floor"]), user_entries)
     matched = report[report["source"] != "user_unmatched"]
     low = matched[matched["below_floor"]]
     if len(low):

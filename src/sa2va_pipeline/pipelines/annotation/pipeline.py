@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 build_annotations,
-                inputs=["ingestion_manifest", "params:annotation"],
+                inputs=["ingestion_manifest", "params:phrase", "params:annotation"],
                 outputs=["annotations", "annotation_report", "annotation_report_mlflow", "annotation_metrics"],
                 name="build_annotations",
             )

@@ -11,7 +11,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.train_model,
-                inputs=["split_manifest", "params:annotation.phrase", "params:training"],
+                inputs=["split_manifest", "params:phrase", "params:training"],
                 outputs={
                     "model": "trained_model",
                     "model_mlflow": "trained_model_mlflow",
