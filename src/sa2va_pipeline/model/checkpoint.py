@@ -245,10 +245,24 @@ def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = 
     config = copy.deepcopy(model.config)
     config["torch_dtype"] = str(model.dtype).replace("torch.", "")
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    model.tokenizer.save_pretrained(str(path))
     source = model.source_dir
     if source is not None and source.resolve() != path.resolve():
-        # The official loader needs the remote-code files real checkpoints ship; never kept in our repo.
-        for f in sorted(source.glob("*.py")) + [source / "generation_config.json"]:
-            if f.is_file():
-                shutil.copy2(f, path / f.name)
+        # Tokenizer files verbatim (we never change the tokenizer), and the remote-code files real checkpoints
+        # ship, which the official loader needs; those are never kept in our repo.
+        names = list(TOKENIZER_FILES) + ["generation_config.json"] + [f.name for f in sorted(source.glob("*.py"))]
+        for name in names:
+            if (source / name).is_file():
+                shutil.copy2(source / name, path / name)
+    if not (path / "tokenizer.json").is_file():
+        write_tokenizer(model.tokenizer, path)
+
+
+def write_tokenizer(tokenizer: Any, path: Path) -> None:
+    """Save a code-built tokenizer so that transformers 4.x (the official code) can read it too."""
+    tokenizer.save_pretrained(str(path))
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("backend", None)
+    config.pop("extra_special_tokens", None)
+    config["tokenizer_class"] = "Qwen2TokenizerFast"  # reads tokenizer.json; "TokenizersBackend" is 5.x only
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -371,10 +371,15 @@ class Sa2VA(nn.Module):
         if answer.count(SEG_TOKEN) != 1:
             raise ValueError(f"The answer must contain exactly one {SEG_TOKEN}: {answer!r}")
         results: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
-                results += self._predict_chunk(chunk, phrases[start : start + batch_size], question_template, answer)
+        was_training = self.training
+        self.eval()  # deterministic even mid-training (LoRA dropout)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(images), batch_size):
+                    chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
+                    results += self._predict_chunk(chunk, phrases[start : start + batch_size], question_template, answer)
+        finally:
+            self.train(was_training)
         if len({tuple(r.shape) for r in results}) == 1:
             return torch.stack(results)
         return results
