@@ -21,9 +21,9 @@ def test_predict_proba_shape_range_and_determinism(tiny, make_image):
 
 
 def test_predict_proba_batch_matches_single(tiny, make_image):
-    images = [make_image(0), make_image(1, 480, 640), make_image(2)]
+    images = [make_image(0), make_image(1, 300, 600), make_image(2)]
     batched = tiny.predict_proba(images, ["blood vessel", "vessel", "artery"], batch_size=3)
-    assert isinstance(batched, list) and [tuple(p.shape) for p in batched] == [(512, 512), (480, 640), (512, 512)]
+    assert isinstance(batched, list) and [tuple(p.shape) for p in batched] == [(512, 512), (300, 600), (512, 512)]
     for image, phrase, expected in zip(images, ["blood vessel", "vessel", "artery"], batched):
         single = tiny.predict_proba(image, phrase)
         assert single.shape[0] == 1
@@ -142,3 +142,16 @@ def test_precomputed_features_give_the_same_losses(tiny, make_image, make_mask):
         again = tiny.training_forward(cached, generator=torch.Generator().manual_seed(0))
     for key in direct:
         assert torch.allclose(direct[key], again[key], atol=1e-6), key
+
+
+def test_object_score_gate_matches_official_rule(fresh_tiny, make_image):
+    model = fresh_tiny
+    image = make_image(4)
+    ungated = model.predict_proba(image, "vessel")
+    with torch.no_grad():
+        model.sam2.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(-100.0)  # "no object"
+    assert torch.equal(model.predict_proba(image, "vessel"), ungated)
+    assert torch.count_nonzero(model.predict_proba(image, "vessel", object_score_gate=True)) == 0
+    with torch.no_grad():
+        model.sam2.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(100.0)  # "object"
+    assert torch.equal(model.predict_proba(image, "vessel", object_score_gate=True), ungated)

@@ -110,14 +110,6 @@ def load_tokenizer(path: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def _no_init():
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # older transformers
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
 def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32):
     """Build ``cls`` from an official checkpoint directory; see :meth:`Sa2VA.from_pretrained`."""
     from safetensors.torch import load_file
@@ -129,9 +121,7 @@ def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dty
     files = weight_files(path)
     check_family(config, read_keys(files), path)
     tokenizer = load_tokenizer(path)
-    with _no_init(), torch.device(device):
-        model = cls(config, tokenizer)
-    model = model.to(dtype=dtype)
+    model = cls.build(config, tokenizer, device, dtype, init_weights=False)
 
     state: dict[str, torch.Tensor] = {}
     for f in files:

@@ -10,6 +10,7 @@ parameters requires grad, so freezing them (``requires_grad_(False)``) is all it
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,16 @@ from .prompts import (
 
 DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
 DEFAULT_ANSWER = "Sure, [SEG]."
+NO_OBJECT_SCORE = -1024.0  # SAM2's mask logit for "no object"
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (the weights are loaded right after)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _grad_scope(module: nn.Module):
@@ -100,12 +111,20 @@ class Sa2VA(nn.Module):
         config = preset_config(name, **overrides)
         device = torch.device(device)
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seed)
+            return cls.build(config, tokenizer, device, dtype)
+
+    @classmethod
+    def build(
+        cls, config: dict[str, Any], tokenizer: Any, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32, init_weights: bool = True,
+    ) -> Sa2VA:
+        """Construct directly on ``device`` in ``dtype`` (a 4B model on GPU builds in seconds), in eval mode."""
         previous = torch.get_default_dtype()
-        # Built directly on the device in the target dtype (a 4B model on GPU builds in seconds).
         try:
             torch.set_default_dtype(dtype)
-            with torch.random.fork_rng(devices=rng_devices), device:
-                torch.manual_seed(seed)
+            with torch.device(device), (contextlib.nullcontext() if init_weights else _no_init_weights()):
                 model = cls(config, tokenizer)
         finally:
             torch.set_default_dtype(previous)
@@ -196,8 +215,8 @@ class Sa2VA(nn.Module):
 
     def decode_masks(
         self, sam2_features: Sequence[torch.Tensor], object_image_index: torch.Tensor, seg_embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits [N, S/4, S/4] and IoU predictions [N, 3] for N [SEG] embeddings (256-d).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask logits [N, S/4, S/4], IoU predictions [N, 3], object-score logits [N] for N [SEG] embeddings.
 
         As the official Sa2VA: conv_s0/conv_s1 on the high-resolution maps, ``no_memory_embedding`` added to
         the lowest-resolution map, sparse prompt = 2 not-a-point tokens + the [SEG] embedding, dense = the
@@ -215,7 +234,7 @@ class Sa2VA(nn.Module):
         sparse, dense = sam2.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
         sparse = torch.cat([sparse, seg_embeds.to(sparse.dtype)[:, None, None, :]], dim=2)
         positional = sam2.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
-        masks, iou, _, _ = decoder(
+        masks, iou, _, object_score = decoder(
             image_embeddings=image_embeds[idx],
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=sparse,
@@ -225,7 +244,7 @@ class Sa2VA(nn.Module):
         )
         masks, iou = masks[:, 0], iou[:, 0]  # one prompt per object: [N, 3, h, w], [N, 3]
         best = iou.argmax(dim=-1)
-        return masks[torch.arange(n, device=masks.device), best], iou
+        return masks[torch.arange(n, device=masks.device), best], iou, object_score.reshape(n)
 
     def _seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states at [SEG] input positions (row-major order) -> text_hidden_fcs -> [N, 256]."""
@@ -329,7 +348,8 @@ class Sa2VA(nn.Module):
         gt = batch["gt_masks"].to(device)
         if seg.shape[0] != gt.shape[0]:
             raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")
-        logits, _ = self.decode_masks(fpn, batch["object_image_index"], seg)
+        # No object-score gate here (see predict_proba): gradients reach the decoder for every object.
+        logits, _, _ = self.decode_masks(fpn, batch["object_image_index"], seg)
         if gt.shape[-2:] != logits.shape[-2:]:
             gt = resize_masks_area(gt, logits.shape[-1])
         bce, dice = L.mask_losses(
@@ -350,6 +370,7 @@ class Sa2VA(nn.Module):
         question_template: str = DEFAULT_QUESTION,
         answer: str = DEFAULT_ANSWER,
         batch_size: int = 8,
+        object_score_gate: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Sigmoid mask probabilities at each image's original size, teacher-forced (no ``generate()``).
 
@@ -359,6 +380,10 @@ class Sa2VA(nn.Module):
         [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
         bilinear interpolation (align_corners False), then sigmoid; SAM2 normalisation uses the bf16-cast
         constants of the official inference code.
+
+        ``object_score_gate=True`` reproduces one more step of the official code: SAM2's object-score head
+        gates the mask (logits -1024, probability 0, where it predicts no object). Off by default: the fine-tuning
+        recipe never trains that head, so a gate would hide what the mask decoder learned.
 
         Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
         Runs in chunks of ``batch_size`` images, each one batched forward pass.
@@ -377,14 +402,18 @@ class Sa2VA(nn.Module):
             with torch.inference_mode():
                 for start in range(0, len(images), batch_size):
                     chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
-                    results += self._predict_chunk(chunk, phrases[start : start + batch_size], question_template, answer)
+                    results += self._predict_chunk(
+                        chunk, phrases[start : start + batch_size], question_template, answer, object_score_gate
+                    )
         finally:
             self.train(was_training)
         if len({tuple(r.shape) for r in results}) == 1:
             return torch.stack(results)
         return results
 
-    def _predict_chunk(self, images: list, phrases: list[str], question_template: str, answer: str) -> list[torch.Tensor]:
+    def _predict_chunk(
+        self, images: list, phrases: list[str], question_template: str, answer: str, object_score_gate: bool
+    ) -> list[torch.Tensor]:
         device = self.device
         tiles = [vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail) for im in images]
         rows = [
@@ -402,7 +431,9 @@ class Sa2VA(nn.Module):
         vit = self.encode_vit(torch.cat(tiles))
         hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
         seg = self._seg_states(hidden, input_ids)
-        logits, _ = self.decode_masks(self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg)
+        logits, _, object_score = self.decode_masks(self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg)
+        if object_score_gate:
+            logits = torch.where(object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE))
         logits = F.interpolate(logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear",
                                align_corners=False)
         sizes = [(im.height, im.width) for im in images]
