@@ -78,7 +78,7 @@ class ScheduleSettings:
     epochs: float | None = 1.0  # passes over the (repeated) training set
     repeats: int = 1  # the training set is repeated this many times per epoch (official: 100)
     time_budget_s: float | None = None  # wall-clock budget for the whole training call
-    calibration_steps: int = 2  # timed forward/backward passes used to size a time-budgeted run
+    calibration_steps: int = 3  # timed forward/backward passes (median) used to size a time-budgeted run
 
 
 @dataclass

@@ -28,6 +28,7 @@ import logging
 import math
 import random
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -321,7 +322,8 @@ def _size_by_time(
         timings.append(time.monotonic() - t0)
     optimizer.zero_grad(set_to_none=True)
     restore_rng(rng_tensors, rng_scalars)
-    step_seconds = 1.1 * sum(timings[1:]) / len(timings[1:])  # +10%: optimiser step, logging
+    # median: one pass stalled by another process must not shrink the whole run; +10%: optimiser step, logs
+    step_seconds = 1.1 * statistics.median(timings[1:])
     remaining = sched.time_budget_s - (time.monotonic() - started_at)
     remaining -= eval_seconds + 2.0  # final validation + final checkpoint
     per_step = step_seconds + (eval_seconds / config.eval.interval if config.eval.interval else 0.0)
