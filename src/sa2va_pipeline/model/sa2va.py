@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -332,8 +333,12 @@ class Sa2VA(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``, ``total``.
 
-        ``batch`` may carry precomputed ``vit_features`` / ``sam2_features`` (from :meth:`encode_images`)
-        instead of ``pixel_values`` / ``sam2_pixel_values``.
+        Batch keys: ``input_ids``, ``labels``, ``attention_mask`` [B, T]; ``pixel_values`` [sum of tiles, 3, 448,
+        448] (tiles of sample 0 first) or precomputed ``vit_features`` [sum of tiles, 1024, C]; ``sam2_pixel_values``
+        [B, 3, S, S] or precomputed ``sam2_features`` (3 maps [B, 256, S/4..S/16], from :meth:`encode_images`);
+        ``gt_masks`` [N objects, S/4, S/4] and ``object_image_index`` [N] in [SEG] order (row-major).
+        Losses: BCE x ``bce_weight`` + Dice x ``dice_weight`` on the argmax-IoU mask (``mask_loss`` "points":
+        the official point sampling; "dense": every pixel) + LM cross-entropy x ``llm_weight``.
         """
         device = self.device
         vit = batch.get("vit_features")
@@ -374,7 +379,7 @@ class Sa2VA(nn.Module):
     ) -> torch.Tensor | list[torch.Tensor]:
         """Sigmoid mask probabilities at each image's original size, teacher-forced (no ``generate()``).
 
-        ``images``: a PIL image / uint8 array or a list of them; ``phrases``: one phrase for all or one per
+        ``images``: a PIL image / uint8 HxWx3 array, a list of them, or a [N, H, W, 3] uint8 array; ``phrases``: one phrase for all or one per
         image (lower-cased, trailing '.' stripped, as in training). The prompt is ``"<image>\\n" + question``
         in the checkpoint's template, followed by the fixed ``answer``; the last-layer hidden state at the
         [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
@@ -388,8 +393,9 @@ class Sa2VA(nn.Module):
         Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
         Runs in chunks of ``batch_size`` images, each one batched forward pass.
         """
-        single = not isinstance(images, (list, tuple))
-        images = [images] if single else list(images)
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            images = [np.asarray(im) for im in images]  # a [N, H, W, C] uint8 batch
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
         phrases = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
         if len(phrases) != len(images):
             raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
