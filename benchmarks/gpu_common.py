@@ -64,9 +64,33 @@ def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_sdpa_gqa_formulas()) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def _sdpa_gqa_formulas() -> dict[Any, Any]:
+    """SDPA FLOP formulas that accept grouped-query attention (torch 2.11's own reject k/v with fewer heads).
+
+    Forward: q@k^T and p@v; backward: recomputed q@k^T, dO@v^T, p^T@dO, dS@k, dS^T@q (as torch counts it).
+    """
+    aten = torch.ops.aten
+
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, sq, dq = query_shape
+        sk, dv = key_shape[2], value_shape[3]
+        return 2 * b * h * sq * sk * (dq + dv)
+
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, sq, dq = query_shape
+        sk, dv = key_shape[2], value_shape[3]
+        return 2 * b * h * sq * sk * (3 * dq + 2 * dv)
+
+    fwd_ops = [aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention,
+               aten._scaled_dot_product_cudnn_attention]
+    bwd_ops = [aten._scaled_dot_product_efficient_attention_backward,
+               aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_cudnn_attention_backward]
+    return {**{op: forward for op in fwd_ops}, **{op: backward for op in bwd_ops}}
 
 
 def measured_matmul_tflops() -> float:

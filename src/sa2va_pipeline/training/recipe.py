@@ -9,16 +9,20 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.training.artifacts import TrainedModel
 from sa2va_pipeline.training.config import ModelSource, TrainingConfig, load_training_config
 from sa2va_pipeline.training.prepare import prepare_for_training
-from sa2va_pipeline.training.trainer import MetricsLogger, resolve_device, train
+from sa2va_pipeline.training.trainer import MetricsLogger, autocast_dtype, resolve_device, train
 from sa2va_pipeline.training.validation import validation_dice
 
 if TYPE_CHECKING:
+    import torch
+
     from sa2va_pipeline.model.sa2va import Sa2VA
+    from sa2va_pipeline.training.distributed import DistributedContext
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +30,31 @@ log = logging.getLogger(__name__)
 LOSS_NAMES = {"total": "loss", "llm": "loss_llm", "mask_bce": "loss_mask_bce", "mask_dice": "loss_mask_dice"}
 
 
-def build_model(source: ModelSource, device: str, seed: int) -> Sa2VA:
+def build_model(source: ModelSource, device: str, seed: int, dtype: torch.dtype | None = None) -> Sa2VA:
     """The untrained model: an official checkpoint directory, or a preset with deterministic random weights.
 
-    Weights are float32; on GPU the forward runs under bf16 autocast (``training.precision``).
+    Weights are float32 unless ``dtype`` says otherwise (bf16 for bf16 training on GPU: the frozen weights stay
+    bf16 and the trainable ones become fp32 masters, see :func:`trainable_to_fp32`).
     """
     import torch
 
     from sa2va_pipeline.model import Sa2VA
 
+    dtype = torch.float32 if dtype is None else dtype
     if source.checkpoint:
-        return Sa2VA.from_pretrained(source.checkpoint, device=device, dtype=torch.float32)
+        return Sa2VA.from_pretrained(source.checkpoint, device=device, dtype=dtype)
     if not source.preset:
         raise ValueError("Set training.model.preset (e.g. tiny) or training.model.checkpoint (a directory).")
-    return Sa2VA.from_preset(source.preset, device=device, dtype=torch.float32, seed=seed, **dict(source.overrides))
+    return Sa2VA.from_preset(source.preset, device=device, dtype=dtype, seed=seed, **dict(source.overrides))
+
+
+def trainable_to_fp32(model: Sa2VA) -> None:
+    """fp32 master copies of the trainable tensors (AdamW updates of 4e-5 x w vanish in bf16)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def added_token_ids(model: Sa2VA) -> list[int]:
@@ -72,16 +87,30 @@ def run_training(
     log_metrics: MetricsLogger | None = None,
     started_at: float | None = None,
     progress: bool = True,
+    distributed: DistributedContext | None = None,
 ) -> TrainedModel:
     """Fine-tune Sa2VA on ``train_samples`` (dicts with ``image``, ``masks``, ``phrases``), validating on
     ``val_samples``; returns the trained model with its provenance and history.
 
-    ``params`` is ``params:training`` (or an already resolved :class:`TrainingConfig`).
+    ``params`` is ``params:training`` (or an already resolved :class:`TrainingConfig`). With
+    ``training.devices`` > 1 the run is spread over that many worker processes (``distributed.py``) and this
+    call returns rank 0's model; ``distributed`` is how a worker calls back in.
     """
+    import tempfile
+
     import torch
 
     started_at = time.monotonic() if started_at is None else started_at
     config = params if isinstance(params, TrainingConfig) else load_training_config(params)
+    if distributed is None and int(getattr(config, "devices", 1)) > 1:
+        from sa2va_pipeline.training.distributed import run_training_distributed
+
+        return run_training_distributed(train_samples, val_samples, params, config, log_metrics)
+    scratch = tempfile.TemporaryDirectory(prefix="sa2va-rank-") if distributed is not None else None
+    if distributed is not None:
+        from sa2va_pipeline.training.distributed import worker_config
+
+        config = worker_config(config, distributed, Path(scratch.name))
     if config.prompt.questions != "official":
         raise ValueError(
             "training.prompt.questions: only 'official' is supported for now (Sa2VA.collate draws from the "
@@ -91,20 +120,41 @@ def run_training(
         torch.set_num_threads(int(config.num_threads))
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    model = build_model(config.model, device, config.seed)
+    amp_dtype = autocast_dtype(config.precision, device)
+    # bf16 training on GPU: frozen weights in bf16 (half the memory and bandwidth), trainable ones fp32.
+    low_precision = amp_dtype if device.startswith("cuda") and amp_dtype is not None else None
+    model = build_model(config.model, device, config.seed, dtype=low_precision)
     prepared = prepare_for_training(
         model, config.lora, config.trainable, added_token_ids(model), config.gradient_checkpointing
     )
+    if low_precision is not None:
+        trainable_to_fp32(model)
+    if distributed is not None and distributed.rank:
+        torch.manual_seed(config.seed + distributed.rank)  # own dropout / point sampling per rank
     log.info("Model source %s on %s, recipe %s", config.model.describe(), device, config.recipe)
     if log_metrics is not None:
         log_metrics({f"params_trainable.{c['group']}": float(c["trainable"]) for c in prepared.counts}, 0)
 
+    cache = _feature_cache(model, config, train_samples, amp_dtype, distributed)
+
     def make_batch(samples: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
-        return model.collate(samples, rng=rng, answer=_prompt_answer(config, rng))
+        if distributed is not None:
+            from sa2va_pipeline.training.distributed import shard
+
+            samples = shard(samples, distributed)
+            if distributed.rank:  # other prompts than rank 0 (which draws as a single device would)
+                rng = random.Random(rng.getrandbits(64) + distributed.rank)
+        batch = model.collate(samples, rng=rng, answer=_prompt_answer(config, rng))
+        return cache.attach(batch, [s["image"] for s in samples]) if cache is not None else batch
 
     def loss_fn(m: Sa2VA, batch: dict[str, Any]) -> dict[str, Any]:
         out = m.training_forward(batch, mask_loss=config.mask_loss)
         return {LOSS_NAMES.get(k, k): v for k, v in out.items()}
+
+    if distributed is not None:
+        from sa2va_pipeline.training.distributed import ddp_loss_fn
+
+        loss_fn = ddp_loss_fn(model, loss_fn, distributed)
 
     val = list(val_samples)[: config.eval.max_samples] if config.eval.max_samples else list(val_samples)
 
@@ -125,4 +175,36 @@ def run_training(
     )
     result.parameter_counts = prepared.counts
     model.eval()
+    if scratch is not None:
+        scratch.cleanup()
     return TrainedModel(model=model, config=config, result=result)
+
+
+def _feature_cache(
+    model: Sa2VA,
+    config: TrainingConfig,
+    train_samples: Sequence[dict[str, Any]],
+    amp_dtype: torch.dtype | None,
+    distributed: DistributedContext | None,
+) -> Any:
+    """The filled feature cache of the frozen encoders (``training.feature_cache``), or None when it is off or
+    both encoders train. Under several workers rank 0 fills it and the others wait, then only read."""
+    from sa2va_pipeline.training.feature_cache import FeatureCache, cacheable_parts, training_images
+
+    settings = getattr(config, "feature_cache", None)
+    if settings is None or not settings.enabled:
+        return None
+    parts = cacheable_parts(config.trainable.vision_tower, config.trainable.sam2_image_encoder)
+    if not parts:
+        log.info("training.feature_cache is on but both encoders train: nothing to cache")
+        return None
+    cache = FeatureCache(settings.dir, model, parts, settings.dtype, compute_dtype=amp_dtype,
+                         keep_in_memory=settings.keep_in_memory)
+    if distributed is None or distributed.is_main:
+        computed = cache.fill(training_images(train_samples), batch_size=max(1, config.eval.batch_size))
+        log.info("Feature cache (%s, %s): %d images computed, the rest reused", "+".join(parts), settings.dtype, computed)
+    if distributed is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return cache
