@@ -234,6 +234,10 @@ def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = 
     write_safetensors(official, path, max_shard_size)
     config = copy.deepcopy(model.config)
     config["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    if "transformers_version" not in config:  # generated (preset) configs; tokenizer loaders look at it
+        import transformers
+
+        config["transformers_version"] = transformers.__version__
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     source = model.source_dir
     if source is not None and source.resolve() != path.resolve():
