@@ -29,11 +29,18 @@ def test_official_layout_prefixes(saved):
     prefixes = {k.split(".")[0] for k in keys}
     assert prefixes == {"vision_model", "mlp1", "language_model", "grounding_encoder", "text_hidden_fcs"}
     assert "vision_model.encoder.layers.0.attn.qkv.weight" in keys
-    assert {"mlp1.0.weight", "mlp1.1.weight", "mlp1.3.weight", "text_hidden_fcs.0.weight", "text_hidden_fcs.2.weight",
-            "language_model.lm_head.weight", "language_model.model.embed_tokens.weight",
-            "grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.3.weight",
-            "grounding_encoder.sam2_model.no_mem_embed",
-            "grounding_encoder.sam2_model.image_encoder.neck.convs.0.conv.weight"} <= keys
+    assert {
+        "mlp1.0.weight",
+        "mlp1.1.weight",
+        "mlp1.3.weight",
+        "text_hidden_fcs.0.weight",
+        "text_hidden_fcs.2.weight",
+        "language_model.lm_head.weight",
+        "language_model.model.embed_tokens.weight",
+        "grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.3.weight",
+        "grounding_encoder.sam2_model.no_mem_embed",
+        "grounding_encoder.sam2_model.image_encoder.neck.convs.0.conv.weight",
+    } <= keys
     config = json.loads((saved / "config.json").read_text())
     assert config["model_type"] == "sa2va_chat" and config["architectures"] == ["Sa2VAChatModel"]
     assert "AutoModel" in config["auto_map"] and config["tie_word_embeddings"] is False
@@ -49,7 +56,10 @@ def test_load_save_load_is_bit_identical(tiny, saved, tmp_path, make_image):
         assert torch.equal(value, reference[key]), key
     assert loaded.vlm.lm_head.weight.data_ptr() != loaded.vlm.get_input_embeddings().weight.data_ptr()
     loaded.save_pretrained(tmp_path / "again")
-    first, second = load_file(str(saved / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    first, second = (
+        load_file(str(saved / "model.safetensors")),
+        load_file(str(tmp_path / "again" / "model.safetensors")),
+    )
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) and first[k].dtype == second[k].dtype for k in first)
     image = make_image(5)
@@ -61,8 +71,10 @@ def test_memory_modules_kept_aside_and_written_back(saved, tmp_path):
 
     ckpt = _copy(saved, tmp_path / "with_memory")
     state = load_file(str(ckpt / "model.safetensors"))
-    extra = {"grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.gamma": torch.arange(4.0),
-             "grounding_encoder.sam2_model.maskmem_tpos_enc": torch.ones(7, 1, 1, 64, dtype=torch.bfloat16)}
+    extra = {
+        "grounding_encoder.sam2_model.memory_encoder.fuser.layers.0.gamma": torch.arange(4.0),
+        "grounding_encoder.sam2_model.maskmem_tpos_enc": torch.ones(7, 1, 1, 64, dtype=torch.bfloat16),
+    }
     save_file({**state, **extra}, str(ckpt / "model.safetensors"))
     model = Sa2VA.from_pretrained(ckpt)
     assert set(model.kept_aside) == set(extra)
@@ -180,7 +192,10 @@ def test_export_merges_in_place_lora_and_trainable_tokens(tmp_path, make_image):
     model = Sa2VA.from_preset("tiny")
     seg = model.seg_id
     config = LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=False, target_modules=r"model\.language_model\..*(q_proj|down_proj)",
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=r"model\.language_model\..*(q_proj|down_proj)",
         trainable_token_indices={"embed_tokens": [seg], "lm_head": [seg]},
     )
     inject_adapter_in_model(config, model.vlm, adapter_name="default")

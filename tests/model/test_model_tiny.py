@@ -23,7 +23,11 @@ def test_predict_proba_shape_range_and_determinism(tiny, make_image):
 def test_predict_proba_batch_matches_single(tiny, make_image):
     images = [make_image(0), make_image(1, 300, 600), make_image(2)]
     batched = tiny.predict_proba(images, ["blood vessel", "vessel", "artery"], batch_size=3)
-    assert isinstance(batched, list) and [tuple(p.shape) for p in batched] == [(512, 512), (300, 600), (512, 512)]
+    assert isinstance(batched, list) and [tuple(p.shape) for p in batched] == [
+        (512, 512),
+        (300, 600),
+        (512, 512),
+    ]
     for image, phrase, expected in zip(images, ["blood vessel", "vessel", "artery"], batched):
         single = tiny.predict_proba(image, phrase)
         assert single.shape[0] == 1
@@ -69,7 +73,9 @@ def test_lm_loss_at_labels_equals_full_logits():
     labels = torch.full((3, 9), IGNORE_INDEX)
     labels[0, 4:7] = torch.tensor([3, 4, 5])
     labels[2, 1:9] = torch.arange(8)
-    full = F.cross_entropy(head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    full = F.cross_entropy(
+        head(hidden)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
     assert torch.allclose(lm_loss_at_labels(hidden, labels, head), full, atol=1e-6)
 
 
@@ -80,7 +86,9 @@ def test_training_forward_lm_loss_matches_full_logits(tiny, make_image, make_mas
         vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
         hidden = tiny._llm_hidden(batch["input_ids"], batch["attention_mask"], vit)
         logits = tiny.vlm.lm_head(hidden)
-        full = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        full = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+        )
     assert torch.allclose(out["llm"], full, atol=1e-5)
     assert set(out) == {"llm", "mask_bce", "mask_dice", "total"}
     assert torch.allclose(out["total"], out["llm"] + 2.0 * out["mask_bce"] + 0.5 * out["mask_dice"])
@@ -88,8 +96,13 @@ def test_training_forward_lm_loss_matches_full_logits(tiny, make_image, make_mas
 
 def _set_recipe_trainable(model) -> None:
     model.requires_grad_(False)
-    for module in (model.vlm.model.multi_modal_projector, model.sam2.mask_decoder, model.text_hidden_fcs,
-                   model.vlm.model.language_model, model.vlm.lm_head):
+    for module in (
+        model.vlm.model.multi_modal_projector,
+        model.sam2.mask_decoder,
+        model.text_hidden_fcs,
+        model.vlm.model.language_model,
+        model.vlm.lm_head,
+    ):
         module.requires_grad_(True)
 
 
@@ -104,15 +117,23 @@ def fresh_tiny():
 def test_gradients_reach_exactly_the_recipe_parts(fresh_tiny, mode, make_image, make_mask):
     model = fresh_tiny
     _set_recipe_trainable(model)
-    batch = model.collate([(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0)
+    batch = model.collate(
+        [(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0
+    )
     out = model.training_forward(batch, mask_loss=mode)
     out["total"].backward()
-    for name in ("vlm.model.multi_modal_projector.linear_1.weight", "sam2.mask_decoder.conv_s0.weight",
-                 "sam2.mask_decoder.conv_s1.weight", "sam2.mask_decoder.output_hypernetworks_mlps.1.proj_in.weight",
-                 "text_hidden_fcs.0.weight", "text_hidden_fcs.2.weight", "vlm.lm_head.weight",
-                 "vlm.model.language_model.embed_tokens.weight",
-                 "vlm.model.language_model.layers.0.self_attn.q_proj.weight",
-                 "vlm.model.language_model.layers.1.mlp.down_proj.weight"):
+    for name in (
+        "vlm.model.multi_modal_projector.linear_1.weight",
+        "sam2.mask_decoder.conv_s0.weight",
+        "sam2.mask_decoder.conv_s1.weight",
+        "sam2.mask_decoder.output_hypernetworks_mlps.1.proj_in.weight",
+        "text_hidden_fcs.0.weight",
+        "text_hidden_fcs.2.weight",
+        "vlm.lm_head.weight",
+        "vlm.model.language_model.embed_tokens.weight",
+        "vlm.model.language_model.layers.0.self_attn.q_proj.weight",
+        "vlm.model.language_model.layers.1.mlp.down_proj.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     for name, param in model.named_parameters():
@@ -120,7 +141,9 @@ def test_gradients_reach_exactly_the_recipe_parts(fresh_tiny, mode, make_image, 
             assert param.grad is None, name
 
 
-def test_frozen_encoders_build_no_graph_and_trainable_sam2_encoder_gets_grads(fresh_tiny, make_image, make_mask):
+def test_frozen_encoders_build_no_graph_and_trainable_sam2_encoder_gets_grads(
+    fresh_tiny, make_image, make_mask
+):
     model = fresh_tiny
     _set_recipe_trainable(model)
     features = model.encode_images(torch.zeros(1, 3, 448, 448), torch.zeros(1, 3, 512, 512))
@@ -134,7 +157,9 @@ def test_frozen_encoders_build_no_graph_and_trainable_sam2_encoder_gets_grads(fr
 
 
 def test_precomputed_features_give_the_same_losses(tiny, make_image, make_mask):
-    batch = tiny.collate([(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0)
+    batch = tiny.collate(
+        [(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "vessel")], seed=0
+    )
     with torch.no_grad():
         direct = tiny.training_forward(batch, generator=torch.Generator().manual_seed(0))
         cached = dict(batch, **tiny.encode_images(batch["pixel_values"], batch["sam2_pixel_values"]))

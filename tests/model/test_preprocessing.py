@@ -18,8 +18,13 @@ from sa2va_pipeline.model.preprocessing import (
 
 @pytest.mark.parametrize(
     ("size", "grid", "n_tiles"),
-    [((512, 512), (1, 1), 1), ((640, 480), (4, 3), 13), ((448, 448), (1, 1), 1), ((1000, 200), (5, 1), 6),
-     ((896, 448), (2, 1), 3)],
+    [
+        ((512, 512), (1, 1), 1),
+        ((640, 480), (4, 3), 13),
+        ((448, 448), (1, 1), 1),
+        ((1000, 200), (5, 1), 6),
+        ((896, 448), (2, 1), 3),
+    ],
 )
 def test_tile_grid_and_count(size, grid, n_tiles):
     w, h = size
@@ -42,9 +47,14 @@ def test_sam2_constants_bf16_vs_exact():
     exact = sam2_pixel_values(image, size=128, constants="exact")
     bf16 = sam2_pixel_values(image, size=128, constants="bf16")
     assert exact.shape == (3, 128, 128)
-    assert torch.allclose(exact[:, 0, 0], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225]))
-    assert torch.allclose(bf16[:, 0, 0], -torch.tensor([0.484375, 0.455078125, 0.40625])
-                          / torch.tensor([0.228515625, 0.2236328125, 0.224609375]))
+    assert torch.allclose(
+        exact[:, 0, 0], -torch.tensor([0.485, 0.456, 0.406]) / torch.tensor([0.229, 0.224, 0.225])
+    )
+    assert torch.allclose(
+        bf16[:, 0, 0],
+        -torch.tensor([0.484375, 0.455078125, 0.40625])
+        / torch.tensor([0.228515625, 0.2236328125, 0.224609375]),
+    )
 
 
 def test_area_resize_keeps_one_pixel_vessels():

@@ -26,8 +26,16 @@ if TYPE_CHECKING:
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 _NAMES_SHOWN = 20
 
 
@@ -49,7 +57,9 @@ def weight_files(path: Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         bad = [s for s in shards if not s.endswith(".safetensors")]
         if bad:
-            raise CheckpointError(f"{index} lists non-safetensors shards {bad}: pickled weights are never loaded.")
+            raise CheckpointError(
+                f"{index} lists non-safetensors shards {bad}: pickled weights are never loaded."
+            )
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}")
@@ -85,8 +95,9 @@ def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
     if any(k.startswith("model.") for k in keys) or re.search(r"qwen2(_|\.)?5.?vl|qwen3.?vl|qwen2.?vl", text):
         family = "Qwen3-VL" if "qwen3" in text else "Qwen2.5-VL"
         raise CheckpointError(
-            f"{path}: Sa2VA checkpoint of the {family} family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) is not "
-            "supported yet; use an InternVL-family checkpoint with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-*)."
+            f"{path}: Sa2VA checkpoint of the {family} family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) "
+            "is not supported yet; use an InternVL-family checkpoint with a Qwen2 LLM "
+            "(Sa2VA-1B/4B, Sa2VA-InternVL3-*)."
         )
     if "internlm2" in llm_arch.lower():
         raise CheckpointError(
@@ -97,7 +108,8 @@ def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
         raise CheckpointError(f"{path}/config.json: model_type is {model_type!r}, expected 'sa2va_chat'.")
     if "Qwen2ForCausalLM" not in llm_arch:
         raise CheckpointError(
-            f"{path}: Sa2VA checkpoint with LLM {llm_arch or 'unknown'} is not supported yet (only Qwen2ForCausalLM)."
+            f"{path}: Sa2VA checkpoint with LLM {llm_arch or 'unknown'} is not supported yet "
+            "(only Qwen2ForCausalLM)."
         )
 
 
@@ -110,7 +122,9 @@ def load_tokenizer(path: Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32):
+def load_pretrained(
+    cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
+):
     """Build ``cls`` from an official checkpoint directory; see :meth:`Sa2VA.from_pretrained`."""
     from safetensors.torch import load_file
 
@@ -130,8 +144,11 @@ def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dty
     expected = model.state_dict()
     missing = [k for k in expected if k not in native]
     unexpected = unknown + [k for k in native if k not in expected]
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-              for k, v in native.items() if k in expected and v.shape != expected[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in native.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
     problems = []
     if unknown or [k for k in native if k not in expected]:
         problems.append(f"unexpected keys: {_names(unexpected)}")
@@ -141,10 +158,14 @@ def load_pretrained(cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dty
         problems.append(f"mis-shaped keys: {_names(shapes)}")
     if problems:
         raise CheckpointError(f"{path}: the weights do not match the config. " + "; ".join(problems))
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, strict=True)
+    model.load_state_dict(
+        {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, strict=True
+    )
     lm_head, embed = model.vlm.lm_head.weight, model.vlm.get_input_embeddings().weight
     if lm_head is embed or lm_head.data_ptr() == embed.data_ptr():
-        raise CheckpointError(f"{path}: lm_head is tied to embed_tokens after loading; Sa2VA checkpoints are untied.")
+        raise CheckpointError(
+            f"{path}: lm_head is tied to embed_tokens after loading; Sa2VA checkpoints are untied."
+        )
     model.kept_aside = {k: v for k, v in kept.items()}
     model.source_dir = path
     return model.to(device).eval()
@@ -243,7 +264,9 @@ def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = 
     if source is not None and source.resolve() != path.resolve():
         # Tokenizer files verbatim (we never change the tokenizer), and the remote-code files real checkpoints
         # ship, which the official loader needs; those are never kept in our repo.
-        names = list(TOKENIZER_FILES) + ["generation_config.json"] + [f.name for f in sorted(source.glob("*.py"))]
+        names = (
+            list(TOKENIZER_FILES) + ["generation_config.json"] + [f.name for f in sorted(source.glob("*.py"))]
+        )
         for name in names:
             if (source / name).is_file():
                 shutil.copy2(source / name, path / name)

@@ -1,7 +1,9 @@
-"""Configurations: the official ``config.json`` of Sa2VA (InternVL family) and the native configs built from it.
+"""Configurations: the official ``config.json`` of Sa2VA (InternVL family) and the native configs built from
+it.
 
 An official Sa2VA config has ``llm_config`` (a Qwen2 config), ``vision_config`` (InternViT), ``template``,
-``downsample_ratio``, ``force_image_size``, ... The SAM2 part is not in it: every released checkpoint uses SAM2
+``downsample_ratio``, ``force_image_size``, ... The SAM2 part is not in it: every released checkpoint uses
+SAM2
 Hiera-L at 1024. Checkpoints written from our presets add a ``grounding_encoder_config`` entry
 (``image_size`` and the Hiera shape) that official loaders ignore.
 
@@ -68,7 +70,9 @@ INTERNVIT_300M: dict[str, Any] = {
 }
 
 
-def _qwen2(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict[str, Any]:
+def _qwen2(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int
+) -> dict[str, Any]:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -120,11 +124,12 @@ def _official(llm: dict, vision: dict, template: str) -> dict[str, Any]:
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Official-format config dict of a preset. Overrides: ``sam2_image_size``, ``template``, ``vocab_size``."""
+    """Official-format config of a preset. Overrides: ``sam2_image_size``, ``template``, ``vocab_size``."""
     key = name.lower().replace("_", "-")
     if key == "tiny":
-        vision = dict(INTERNVIT_300M, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=256)
+        vision = dict(
+            INTERNVIT_300M, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+        )
         llm = _qwen2(128, 512, 2, 4, 2, vocab=0)  # vocab set from the code tokenizer
         llm.update(bos_token_id=None, eos_token_id=None, torch_dtype="float32")
         cfg = _official(llm, vision, "qwen_chat")
@@ -188,9 +193,21 @@ def build_sam2_config(image_size: int, hiera: dict[str, Any]):
 
 
 _QWEN2_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "attention_dropout", "use_sliding_window", "sliding_window", "max_window_layers",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "attention_dropout",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
 )
 
 

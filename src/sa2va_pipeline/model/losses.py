@@ -15,7 +15,7 @@ IGNORE_INDEX = -100
 
 
 def point_sample(inputs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of ``inputs`` [N, C, H, W] at normalised ``coords`` [N, P, 2] in [0, 1] -> [N, C, P]."""
+    """Bilinear samples of ``inputs`` [N, C, H, W] at ``coords`` [N, P, 2] in [0, 1] -> [N, C, P]."""
     return F.grid_sample(inputs, 2.0 * coords[:, :, None, :] - 1.0, align_corners=False)[..., 0]
 
 
@@ -63,7 +63,9 @@ def mask_losses(
         return zero, zero
     if mode == "points":
         with torch.no_grad():
-            coords = uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio, generator)
+            coords = uncertain_point_coords(
+                logits, num_points, oversample_ratio, importance_sample_ratio, generator
+            )
             targets = point_sample(gt_masks[:, None], coords)[:, 0]
         preds = point_sample(logits[:, None], coords)[:, 0]
     elif mode == "dense":
@@ -77,7 +79,8 @@ def mask_losses(
 def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
     """Next-token cross-entropy computing logits only where labels are supervised.
 
-    Equal to the full-logits loss ``CE(lm_head(hidden)[:, :-1], labels[:, 1:])`` (mean over supervised tokens),
+    Equal to the full-logits loss ``CE(lm_head(hidden)[:, :-1], labels[:, 1:])`` (mean over supervised
+    tokens),
     without materialising [B, T, vocab] logits.
     """
     shifted = labels[:, 1:]

@@ -38,7 +38,9 @@ def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 def find_closest_aspect_ratio(
     aspect_ratio: float, target_ratios: list[tuple[int, int]], width: int, height: int, image_size: int
 ) -> tuple[int, int]:
-    """The official InternVL grid choice: closest aspect ratio; ties go to the larger grid if the image is big."""
+    """The official InternVL grid choice: closest aspect ratio; ties go to the larger grid if the image is
+    big.
+    """
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
     area = width * height
@@ -52,7 +54,9 @@ def find_closest_aspect_ratio(
     return best_ratio
 
 
-def tile_grid(width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448) -> tuple[int, int]:
+def tile_grid(
+    width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
+) -> tuple[int, int]:
     """Grid (columns, rows) that ``dynamic_preprocess`` picks for an image of this size."""
     target_ratios = sorted(
         {

@@ -1,4 +1,5 @@
-"""Native Sa2VA: transformers InternVL (vision tower + projector + Qwen2) + transformers SAM2 + ``text_hidden_fcs``.
+"""Native Sa2VA: transformers InternVL (vision tower + projector + Qwen2) + transformers SAM2 +
+``text_hidden_fcs``.
 
 Attributes other code relies on: ``.vlm`` (``InternVLForConditionalGeneration``), ``.sam2`` (``Sam2Model``),
 ``.text_hidden_fcs`` (Linear, ReLU, Linear, Dropout(0)), ``.tokenizer`` (a fast tokenizer), ``.config`` (the
@@ -66,7 +67,9 @@ class Sa2VA(nn.Module):
         self.template = get_template(config["template"])
         self.img_context_id = self._token_id(IMG_CONTEXT_TOKEN)
         self.seg_id = self._token_id(SEG_TOKEN)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._token_id("<|endoftext|>")
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._token_id("<|endoftext|>")
+        )
 
         vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
         self.vlm = InternVLForConditionalGeneration(vlm_config)
@@ -75,13 +78,18 @@ class Sa2VA(nn.Module):
         sam2_config = build_sam2_config(self.sam2_image_size, grounding["hiera"])
         sam2_config._attn_implementation = attn_implementation
         self.sam2 = Sam2Model(sam2_config)
-        with torch.no_grad():  # one gaussian matrix in SAM2: the image-wide positional grid uses the prompt encoder's
+        with (
+            torch.no_grad()
+        ):  # one gaussian matrix in SAM2: the image-wide positional grid uses the prompt encoder's
             self.sam2.shared_image_embedding.positional_embedding.copy_(
                 self.sam2.prompt_encoder.shared_embedding.positional_embedding
             )
         hidden = vlm_config.text_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.sam2.hidden_dim), nn.Dropout(0.0)
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, self.sam2.hidden_dim),
+            nn.Dropout(0.0),
         )
         self.image_size = int(config.get("force_image_size") or config["vision_config"]["image_size"])
         self.max_dynamic_patch = int(config.get("max_dynamic_patch", 12))
@@ -95,7 +103,11 @@ class Sa2VA(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(
-        cls, name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+        cls,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
         **overrides: Any,
     ) -> Sa2VA:
         """Build a preset with deterministic random weights and a tokenizer built in code.
@@ -118,14 +130,18 @@ class Sa2VA(nn.Module):
 
     @classmethod
     def build(
-        cls, config: dict[str, Any], tokenizer: Any, device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32, init_weights: bool = True,
+        cls,
+        config: dict[str, Any],
+        tokenizer: Any,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        init_weights: bool = True,
     ) -> Sa2VA:
-        """Construct directly on ``device`` in ``dtype`` (a 4B model on GPU builds in seconds), in eval mode."""
+        """Construct on ``device`` in ``dtype`` directly (a 4B model on GPU builds in seconds); eval mode."""
         previous = torch.get_default_dtype()
         try:
             torch.set_default_dtype(dtype)
-            with torch.device(device), (contextlib.nullcontext() if init_weights else _no_init_weights()):
+            with torch.device(device), contextlib.nullcontext() if init_weights else _no_init_weights():
                 model = cls(config, tokenizer)
         finally:
             torch.set_default_dtype(previous)
@@ -190,8 +206,11 @@ class Sa2VA(nn.Module):
             return list(out.fpn_hidden_states)
 
     def encode_images(self, pixel_values: torch.Tensor, sam2_pixel_values: torch.Tensor) -> dict[str, Any]:
-        """Run both frozen encoders: ``{"vit_features": [T,1024,C], "sam2_features": [3 maps]}`` (cacheable)."""
-        return {"vit_features": self.encode_vit(pixel_values), "sam2_features": self.encode_sam2(sam2_pixel_values)}
+        """Both frozen encoders: ``{"vit_features": [T,1024,C], "sam2_features": [3 maps]}`` (cacheable)."""
+        return {
+            "vit_features": self.encode_vit(pixel_values),
+            "sam2_features": self.encode_sam2(sam2_pixel_values),
+        }
 
     def project_vit(self, vit_features: torch.Tensor) -> torch.Tensor:
         """Pixel shuffle + projector (mlp1): [T, 1024, C] -> [T, 256, hidden]."""
@@ -203,19 +222,26 @@ class Sa2VA(nn.Module):
         return self.vlm.model.multi_modal_projector(x)
 
     # ------------------------------------------------------------------ LLM + mask decoder
-    def _llm_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states (after the final norm) with image tokens replaced by projected features."""
+    def _llm_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm), image tokens replaced by projected features."""
         embeds = self.vlm.get_input_embeddings()(input_ids)
         is_image = input_ids == self.img_context_id
         n_tokens, n_feats = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
         if n_tokens != n_feats:
             raise ValueError(f"{n_tokens} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
-        embeds = embeds.masked_scatter(is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        embeds = embeds.masked_scatter(
+            is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        )
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
     def decode_masks(
-        self, sam2_features: Sequence[torch.Tensor], object_image_index: torch.Tensor, seg_embeds: torch.Tensor
+        self,
+        sam2_features: Sequence[torch.Tensor],
+        object_image_index: torch.Tensor,
+        seg_embeds: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask logits [N, S/4, S/4], IoU predictions [N, 3], object-score logits [N] for N [SEG] embeddings.
 
@@ -232,7 +258,9 @@ class Sa2VA(nn.Module):
         n = int(idx.shape[0])
         points = torch.zeros(n, 1, 1, 2, device=feat_s0.device, dtype=feat_s0.dtype)
         labels = -torch.ones(n, 1, 1, device=feat_s0.device, dtype=torch.int32)
-        sparse, dense = sam2.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None, input_masks=None)
+        sparse, dense = sam2.prompt_encoder(
+            input_points=points, input_labels=labels, input_boxes=None, input_masks=None
+        )
         sparse = torch.cat([sparse, seg_embeds.to(sparse.dtype)[:, None, None, :]], dim=2)
         positional = sam2.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
         masks, iou, _, object_score = decoder(
@@ -261,7 +289,8 @@ class Sa2VA(nn.Module):
     ) -> dict[str, Any]:
         """Build a training batch from (image, mask(s), phrase(s)) samples.
 
-        A sample is a tuple ``(image, masks, phrases)`` or a dict with those keys; ``masks`` is one HxW mask or
+        A sample is a tuple ``(image, masks, phrases)`` or a dict with those keys; ``masks`` is one HxW mask
+        or
         a list of them, ``phrases`` one string or a list (one per mask). Each object becomes one turn with one
         [SEG]; questions come from SEG_QUESTIONS and answers from ANSWER_LIST (or ``answer`` if given), drawn
         with ``rng`` (or ``random.Random(seed)``; seed 0 by default) so batches are deterministic. Labels are
@@ -285,14 +314,18 @@ class Sa2VA(nn.Module):
             sam2_inputs.append(sam2_pixel_values(pil, self.sam2_image_size, "exact"))
             mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
             if mask_stack.shape[-2:] != (pil.height, pil.width):
-                raise ValueError(f"Sample {i}: mask shape {tuple(mask_stack.shape[-2:])} != image {pil.height}x{pil.width}")
+                raise ValueError(
+                    f"Sample {i}: mask shape {tuple(mask_stack.shape[-2:])} != image {pil.height}x{pil.width}"
+                )
             gt_masks.append(resize_masks_area(mask_stack, self.mask_size))
             object_image += [i] * len(masks)
             ids: list[int] = []
             labels: list[int] = []
             for turn, phrase in enumerate(phrases):
                 question = sample_question(phrase, rng)
-                text = first_turn_input(question, pv.shape[0], self.tokens_per_tile) if turn == 0 else question
+                text = (
+                    first_turn_input(question, pv.shape[0], self.tokens_per_tile) if turn == 0 else question
+                )
                 reply = answer if answer is not None else sample_answer(rng)
                 prompt = self._encode(self.template.instruction.format(input=text))
                 out = self._encode(reply + self.template.suffix)
@@ -331,11 +364,15 @@ class Sa2VA(nn.Module):
         importance_sample_ratio: float = 0.75,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``, ``total``.
+        """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``,
+        ``total``.
 
-        Batch keys: ``input_ids``, ``labels``, ``attention_mask`` [B, T]; ``pixel_values`` [sum of tiles, 3, 448,
-        448] (tiles of sample 0 first) or precomputed ``vit_features`` [sum of tiles, 1024, C]; ``sam2_pixel_values``
-        [B, 3, S, S] or precomputed ``sam2_features`` (3 maps [B, 256, S/4..S/16], from :meth:`encode_images`);
+        Batch keys: ``input_ids``, ``labels``, ``attention_mask`` [B, T]; ``pixel_values`` [sum of tiles, 3,
+        448,
+        448] (tiles of sample 0 first) or precomputed ``vit_features`` [sum of tiles, 1024, C];
+        ``sam2_pixel_values``
+        [B, 3, S, S] or precomputed ``sam2_features`` (3 maps [B, 256, S/4..S/16], from
+        :meth:`encode_images`);
         ``gt_masks`` [N objects, S/4, S/4] and ``object_image_index`` [N] in [SEG] order (row-major).
         Losses: BCE x ``bce_weight`` + Dice x ``dice_weight`` on the argmax-IoU mask (``mask_loss`` "points":
         the official point sampling; "dense": every pixel) + LM cross-entropy x ``llm_weight``.
@@ -379,7 +416,8 @@ class Sa2VA(nn.Module):
     ) -> torch.Tensor | list[torch.Tensor]:
         """Sigmoid mask probabilities at each image's original size, teacher-forced (no ``generate()``).
 
-        ``images``: a PIL image / uint8 HxWx3 array, a list of them, or a [N, H, W, 3] uint8 array; ``phrases``: one phrase for all or one per
+        ``images``: a PIL image / uint8 HxWx3 array, a list of them, or a [N, H, W, 3] uint8 array;
+        ``phrases``: one phrase for all or one per
         image (lower-cased, trailing '.' stripped, as in training). The prompt is ``"<image>\\n" + question``
         in the checkpoint's template, followed by the fixed ``answer``; the last-layer hidden state at the
         [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
@@ -387,7 +425,8 @@ class Sa2VA(nn.Module):
         constants of the official inference code.
 
         ``object_score_gate=True`` reproduces one more step of the official code: SAM2's object-score head
-        gates the mask (logits -1024, probability 0, where it predicts no object). Off by default: the fine-tuning
+        gates the mask (logits -1024, probability 0, where it predicts no object). Off by default: the fine-
+        tuning
         recipe never trains that head, so a gate would hide what the mask decoder learned.
 
         Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
@@ -409,7 +448,11 @@ class Sa2VA(nn.Module):
                 for start in range(0, len(images), batch_size):
                     chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
                     results += self._predict_chunk(
-                        chunk, phrases[start : start + batch_size], question_template, answer, object_score_gate
+                        chunk,
+                        phrases[start : start + batch_size],
+                        question_template,
+                        answer,
+                        object_score_gate,
                     )
         finally:
             self.train(was_training)
@@ -421,7 +464,9 @@ class Sa2VA(nn.Module):
         self, images: list, phrases: list[str], question_template: str, answer: str, object_score_gate: bool
     ) -> list[torch.Tensor]:
         device = self.device
-        tiles = [vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail) for im in images]
+        tiles = [
+            vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail) for im in images
+        ]
         rows = [
             self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, t.shape[0])
             for p, t in zip(phrases, tiles)
@@ -437,17 +482,23 @@ class Sa2VA(nn.Module):
         vit = self.encode_vit(torch.cat(tiles))
         hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
         seg = self._seg_states(hidden, input_ids)
-        logits, _, object_score = self.decode_masks(self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg)
+        logits, _, object_score = self.decode_masks(
+            self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg
+        )
         if object_score_gate:
-            logits = torch.where(object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE))
-        logits = F.interpolate(logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear",
-                               align_corners=False)
+            logits = torch.where(
+                object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE)
+            )
+        logits = F.interpolate(
+            logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear", align_corners=False
+        )
         sizes = [(im.height, im.width) for im in images]
         if len(set(sizes)) == 1:
             probs = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
             return [p.cpu() for p in probs]
         return [
-            F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False).sigmoid()[0, 0].cpu()
+            F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False)
+            .sigmoid()[0, 0]
+            .cpu()
             for i, s in enumerate(sizes)
         ]
-

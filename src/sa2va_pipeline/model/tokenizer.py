@@ -4,7 +4,8 @@ Like Qwen's tokenizer it is byte-level, so every string tokenizes. Its merges ar
 (the question/answer forms, the template text and a few domain phrases) so that those words are single tokens;
 other words fall back to shorter pieces and single bytes. Special tokens follow the layout of the released
 checkpoints: Qwen's ``<|endoftext|>``/``<|im_start|>``/``<|im_end|>``, InternVL's ``<img>``, ``</img>``,
-``<IMG_CONTEXT>`` ..., then Sa2VA's ``[SEG] <p> </p> <vp> </vp>``. With ``realistic_ids=True`` the vocabulary is
+``<IMG_CONTEXT>`` ..., then Sa2VA's ``[SEG] <p> </p> <vp> </vp>``. With ``realistic_ids=True`` the vocabulary
+is
 padded with unreachable placeholders so the special tokens get the ids they have in Sa2VA-1B/2B/4B.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from .prompts import ANSWER_LIST, SA2VA_ADDED_TOKENS, SEG_QUESTIONS, TEMPLATES
 
 # Qwen2.5 specials in id order from 151643 (22 tokens), then InternVL's 9 tokens from 151665.
+# fmt: off
 QWEN_SPECIALS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -27,6 +29,7 @@ EXTRA_CORPUS = [
     "background", "object", "the", "a", "an", "of", "and", "in", "this", "image", "picture", "mask",
     "user", "assistant", "system", "segmentation", "segment", "0 1 2 3 4 5 6 7 8 9",
 ]
+# fmt: on
 
 
 def _corpus() -> list[str]:
