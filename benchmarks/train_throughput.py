@@ -14,7 +14,8 @@ Paths, measured in the same run:
 - ``cached``: the frozen encoders' outputs come from the feature cache (``training/feature_cache.py``;
   here held on the GPU, so the number is the model step; the cache's disk-to-GPU load time of a batch is
   reported separately), encoders moved off the GPU, fused AdamW, no checkpointing;
-- ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant).
+- ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant);
+- ``cached+compile`` (``--compile``): the cached path with each LLM decoder layer ``torch.compile``'d.
 
 Each row: samples/s, peak GPU memory (``max_memory_allocated``), model FLOPs of one step counted once per
 config with ``FlopCounterMode`` (forward+backward, recomputation not counted), and MFU against the datasheet
@@ -212,6 +213,17 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                     print(table, flush=True)
                 del batch
             set_checkpointing(model, False)
+        if args.compile:  # torch.compile each LLM decoder layer (one graph reused by all layers)
+            for layer in model.language_model.layers:
+                layer.compile()
+            for b in args.compile_batch_sizes:
+                batch = batch_of(b, cached)
+                t0 = time.perf_counter()
+                make_step(model, [batch], optimizer, trainable)()
+                print(f"[{preset}] compile + first step at batch {b}: {time.perf_counter() - t0:.0f} s", flush=True)
+                record("cached+compile", b, 1, make_step(model, [batch], optimizer, trainable),
+                       forward_backward(model, batch), False)
+                del batch
         rows.append(cache_load_row(model, data, preset, args))
         print(json.dumps(rows[-1]), flush=True)
         del cached
@@ -275,6 +287,8 @@ def main() -> None:
     parser.add_argument("--min-iters", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the largest cached batch")
+    parser.add_argument("--compile", action="store_true", help="also: cached path with torch.compile'd LLM layers")
+    parser.add_argument("--compile-batch-sizes", default="16")
     parser.add_argument("--results", type=Path, default=G.RESULTS, help="markdown file to append the section to")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where profile tables go")
@@ -282,6 +296,7 @@ def main() -> None:
     args.presets = [p for p in args.presets.split(",") if p]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     args.paths = [p for p in args.paths.split(",") if p]
+    args.compile_batch_sizes = [int(b) for b in args.compile_batch_sizes.split(",") if b]
     torch.backends.cuda.matmul.allow_tf32 = True
     peak_measured = G.measured_matmul_tflops()
     print(f"device: {G.device_line()}; measured bf16 matmul {peak_measured:.0f} TFLOP/s", flush=True)

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sa2va_pipeline.training.feature_cache import FeatureCacheSettings
+
 EmbeddingMode = Literal["full", "new_tokens", "frozen"]
 
 
@@ -118,6 +120,7 @@ class TrainingConfig:
     recipe: str = "tiny"  # the resolved recipe name (never "auto" here)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    devices: int = 1  # worker processes, one per GPU (DDP; see training/distributed.py); 1 = this process
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
     batch_size: int = 2
@@ -133,6 +136,7 @@ class TrainingConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
     prompt: PromptSettings = field(default_factory=PromptSettings)
+    feature_cache: FeatureCacheSettings = field(default_factory=FeatureCacheSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""

@@ -132,8 +132,7 @@ def ddp_loss_fn(
 
     device_ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
     wrapped = DistributedDataParallel(
-        LossModule(), device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False,
-        gradient_as_bucket_view=True,
+        LossModule(), device_ids=device_ids, find_unused_parameters=True, gradient_as_bucket_view=True,
     )
 
     def run(_model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:

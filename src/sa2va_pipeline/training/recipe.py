@@ -102,7 +102,7 @@ def run_training(
 
     started_at = time.monotonic() if started_at is None else started_at
     config = params if isinstance(params, TrainingConfig) else load_training_config(params)
-    if distributed is None and int(getattr(config, "devices", 1)) > 1:
+    if distributed is None and config.devices > 1:
         from sa2va_pipeline.training.distributed import run_training_distributed
 
         return run_training_distributed(train_samples, val_samples, params, config, log_metrics)
@@ -191,8 +191,8 @@ def _feature_cache(
     both encoders train. Under several workers rank 0 fills it and the others wait, then only read."""
     from sa2va_pipeline.training.feature_cache import FeatureCache, cacheable_parts, training_images
 
-    settings = getattr(config, "feature_cache", None)
-    if settings is None or not settings.enabled:
+    settings = config.feature_cache
+    if not settings.enabled:
         return None
     parts = cacheable_parts(config.trainable.vision_tower, config.trainable.sam2_image_encoder)
     if not parts:
