@@ -65,3 +65,16 @@ def test_area_resize_keeps_one_pixel_vessels():
     assert out.shape == (1, 256, 256)
     assert out[0, :, 50:52].sum() > 0  # nearest could drop it, area >= 0.5 keeps it
     assert out[0, :, 150].all()
+
+
+def test_images_from_paths_arrays_and_grey(tmp_path):
+    from sa2va_pipeline.model.preprocessing import to_pil_rgb
+
+    grey = np.arange(64 * 48, dtype=np.uint32).reshape(48, 64).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "frame.png")
+    from_path = to_pil_rgb(tmp_path / "frame.png")
+    from_array = to_pil_rgb(grey)
+    assert from_path.mode == from_array.mode == "RGB" and from_path.size == (64, 48)
+    assert np.array_equal(np.asarray(from_path), np.asarray(from_array))
+    with pytest.raises(TypeError, match="uint8"):
+        to_pil_rgb(grey.astype(np.float32))

@@ -10,6 +10,7 @@ Matches the official inference code:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,8 +22,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """Accept a PIL image or an HxW / HxWx3 uint8 array and return an RGB PIL image."""
+def to_pil_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
+    """Accept a PIL image, an HxW / HxWx3 uint8 array or an image file path; return an RGB PIL image."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     array = np.asarray(image)
