@@ -72,7 +72,7 @@ class Parts:
 
     def decode(self, fpn, seg):
         m = self.model
-        logits, _ = m.decode_masks(fpn, torch.arange(self.n), seg)
+        logits = m.decode_masks(fpn, torch.arange(self.n), seg)[0]  # (logits, iou[, object score])
         logits = F.interpolate(logits[:, None].float(), size=(m.sam2_image_size,) * 2, mode="bilinear", align_corners=False)
         return F.interpolate(logits, size=(512, 512), mode="bilinear", align_corners=False).sigmoid()[:, 0]
 
