@@ -180,3 +180,21 @@ def test_object_score_gate_matches_official_rule(fresh_tiny, make_image):
     with torch.no_grad():
         model.sam2.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(100.0)  # "object"
     assert torch.equal(model.predict_proba(image, "vessel", object_score_gate=True), ungated)
+
+
+def test_mixed_precision_frozen_bf16_trainable_fp32_without_autocast(fresh_tiny, make_image, make_mask):
+    """Frozen parts in bf16, trainable parts in fp32 (the GPU training layout), and bf16 cached features."""
+    model = fresh_tiny
+    _set_recipe_trainable(model)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    batch = model.collate([(make_image(0), make_mask(0), "vessel")], seed=0)
+    out = model.training_forward(batch)
+    out["total"].backward()
+    assert torch.isfinite(out["total"]) and model.text_hidden_fcs[0].weight.grad is not None
+    cached = dict(batch, **model.encode_images(batch["pixel_values"], batch["sam2_pixel_values"]))
+    cached["sam2_features"] = [f.to(torch.bfloat16) for f in cached["sam2_features"]]
+    assert torch.isfinite(model.training_forward(cached)["total"])
+    probs = model.predict_proba(make_image(1), "vessel")
+    assert probs.dtype == torch.float32 and torch.isfinite(probs).all()

@@ -87,5 +87,6 @@ def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch
     keep = shifted != IGNORE_INDEX
     if not keep.any():
         return hidden.sum() * 0.0
-    logits = lm_head(hidden[:, :-1][keep])
+    weight_dtype = next(p.dtype for p in lm_head.parameters() if p.is_floating_point())
+    logits = lm_head(hidden[:, :-1][keep].to(weight_dtype))
     return F.cross_entropy(logits.float(), shifted[keep])

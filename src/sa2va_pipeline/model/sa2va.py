@@ -49,6 +49,11 @@ def _no_init_weights():
     return no_init_weights()
 
 
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """Floating dtype of a module's first floating parameter (frozen and trainable parts may differ)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
 def _grad_scope(module: nn.Module):
     """Autograd only if the module has a trainable parameter (and grad mode is on)."""
     trainable = any(p.requires_grad for p in module.parameters())
@@ -195,14 +200,14 @@ class Sa2VA(nn.Module):
         """InternViT output of tiles [T, 3, 448, 448] before pixel shuffle and projector: [T, 1024, C]."""
         tower = self.vlm.model.vision_tower
         with _grad_scope(tower):
-            out = tower(pixel_values=pixel_values.to(self.device, self.vlm.dtype))
+            out = tower(pixel_values=pixel_values.to(self.device, _dtype_of(tower)))
             return out.last_hidden_state[:, 1:]
 
     def encode_sam2(self, sam2_pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """SAM2 FPN features [B, 256, S/4..S/16] before the mask decoder's conv_s0/conv_s1."""
         encoder = self.sam2.vision_encoder
         with _grad_scope(encoder):
-            out = encoder(sam2_pixel_values.to(self.device, self.sam2.dtype))
+            out = encoder(sam2_pixel_values.to(self.device, _dtype_of(encoder)))
             return list(out.fpn_hidden_states)
 
     def encode_images(self, pixel_values: torch.Tensor, sam2_pixel_values: torch.Tensor) -> dict[str, Any]:
@@ -216,10 +221,10 @@ class Sa2VA(nn.Module):
         """Pixel shuffle + projector (mlp1): [T, 1024, C] -> [T, 256, hidden]."""
         t, n, c = vit_features.shape
         side = int(n**0.5)
-        x = vit_features.reshape(t, side, side, c)
+        projector = self.vlm.model.multi_modal_projector
+        x = vit_features.to(_dtype_of(projector)).reshape(t, side, side, c)
         x = self.vlm.model.pixel_shuffle(x, scale_factor=self.downsample_ratio)
-        x = x.reshape(t, -1, x.shape[-1])
-        return self.vlm.model.multi_modal_projector(x)
+        return projector(x.reshape(t, -1, x.shape[-1]))
 
     # ------------------------------------------------------------------ LLM + mask decoder
     def _llm_hidden(
@@ -251,23 +256,24 @@ class Sa2VA(nn.Module):
         """
         sam2 = self.sam2
         decoder = sam2.mask_decoder
-        feat_s0 = decoder.conv_s0(sam2_features[0].to(sam2.dtype))
-        feat_s1 = decoder.conv_s1(sam2_features[1].to(sam2.dtype))
-        image_embeds = sam2_features[2].to(sam2.dtype) + sam2.no_memory_embedding.reshape(1, -1, 1, 1)
+        dtype = _dtype_of(decoder)  # cached features may be stored in another dtype
+        feat_s0 = decoder.conv_s0(sam2_features[0].to(dtype))
+        feat_s1 = decoder.conv_s1(sam2_features[1].to(dtype))
+        image_embeds = sam2_features[2].to(dtype) + sam2.no_memory_embedding.to(dtype).reshape(1, -1, 1, 1)
         idx = object_image_index.to(feat_s0.device)
         n = int(idx.shape[0])
-        points = torch.zeros(n, 1, 1, 2, device=feat_s0.device, dtype=feat_s0.dtype)
+        points = torch.zeros(n, 1, 1, 2, device=feat_s0.device, dtype=_dtype_of(sam2.prompt_encoder))
         labels = -torch.ones(n, 1, 1, device=feat_s0.device, dtype=torch.int32)
         sparse, dense = sam2.prompt_encoder(
             input_points=points, input_labels=labels, input_boxes=None, input_masks=None
         )
-        sparse = torch.cat([sparse, seg_embeds.to(sparse.dtype)[:, None, None, :]], dim=2)
-        positional = sam2.get_image_wide_positional_embeddings().expand(n, -1, -1, -1)
+        sparse = torch.cat([sparse.to(dtype), seg_embeds.to(dtype)[:, None, None, :]], dim=2)
+        positional = sam2.get_image_wide_positional_embeddings().to(dtype).expand(n, -1, -1, -1)
         masks, iou, _, object_score = decoder(
             image_embeddings=image_embeds[idx],
             image_positional_embeddings=positional,
             sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+            dense_prompt_embeddings=dense.to(dtype),
             multimask_output=True,
             high_resolution_features=[feat_s0[idx], feat_s1[idx]],
         )
@@ -277,7 +283,7 @@ class Sa2VA(nn.Module):
 
     def _seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states at [SEG] input positions (row-major order) -> text_hidden_fcs -> [N, 256]."""
-        return self.text_hidden_fcs(hidden[input_ids == self.seg_id])
+        return self.text_hidden_fcs(hidden[input_ids == self.seg_id].to(_dtype_of(self.text_hidden_fcs)))
 
     # ------------------------------------------------------------------ training
     def collate(
