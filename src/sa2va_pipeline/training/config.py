@@ -123,7 +123,7 @@ class TrainingConfig:
     devices: int = 1  # worker processes, one per GPU (DDP; see training/distributed.py); 1 = this process
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
-    prefetch: bool = True  # build the next step's batches on a background thread while this step runs
+    prefetch: int = 2  # steps whose batches are built ahead on background threads (0: build in the loop)
     batch_size: int = 2
     grad_accumulation: int = 1
     mask_loss: str = "points"  # points (official point-sampled BCE + Dice) | dense (all 256x256 pixels)

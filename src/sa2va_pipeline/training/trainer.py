@@ -198,18 +198,22 @@ def train(
             rng = random.Random(config.seed * 1_000_003 + step * config.grad_accumulation + a)
             yield make_batch([train_samples[i] for i in chunk], rng)
 
-    # Batches of step k+1 are built on a background thread while step k runs on the device (collate, feature
-    # cache reads and host-to-device copies overlap the GPU work). Batches are a pure function of the step,
-    # so this changes nothing but the speed.
-    prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") if config.prefetch else None
+    # The batches of the next steps are built on background threads while this step runs on the device
+    # (collate's PIL resizes release the GIL; feature-cache reads and host-to-device copies overlap the GPU
+    # work). Batches are a pure function of the step, so this changes nothing but the speed.
+    depth = max(0, int(config.prefetch))
+    prefetcher = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="batches") if depth else None
     pending: dict[int, Any] = {}
 
     def step_batches(step: int) -> list[Any]:
         future = pending.pop(step, None)
         batches = future.result() if future is not None else list(micro_batches(step))
-        if prefetcher is not None and (total_steps is None or step + 1 < total_steps):
-            pending.clear()
-            pending[step + 1] = prefetcher.submit(lambda s=step + 1: list(micro_batches(s)))
+        if prefetcher is not None:
+            for stale in [k for k in pending if k <= step or k > step + depth]:
+                pending.pop(stale)
+            for ahead in range(step + 1, step + depth + 1):
+                if ahead not in pending and (total_steps is None or ahead < total_steps):
+                    pending[ahead] = prefetcher.submit(lambda s=ahead: list(micro_batches(s)))
         return batches
 
     def forward_backward(step: int) -> dict[str, float]:
