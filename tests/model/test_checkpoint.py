@@ -131,18 +131,25 @@ def test_pickles_are_refused(saved, tmp_path):
         Sa2VA.from_pretrained(ckpt)
 
 
-def test_unsupported_families_are_named(saved, tmp_path):
+def _with_config(saved, tmp_path, name, **changes):
+    ckpt = _copy(saved, tmp_path / name)
+    config = json.loads((ckpt / "config.json").read_text())
+    config.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def test_unsupported_families_and_settings_are_named(saved, tmp_path):
     from sa2va_pipeline.model import Sa2VA
 
-    ckpt = _copy(saved, tmp_path / "internlm")
-    config = json.loads((ckpt / "config.json").read_text())
-    config["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
-    (ckpt / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"InternLM2 family \(Sa2VA-8B/26B\) is not supported yet"):
-        Sa2VA.from_pretrained(ckpt)
-    qwen = _perturb(saved, tmp_path, lambda s: s.update({"model.language_model.norm.weight": torch.ones(2)}))
-    with pytest.raises(CheckpointError, match=r"Qwen2\.5-VL family"):
-        Sa2VA.from_pretrained(qwen)
+    config = json.loads((saved / "config.json").read_text())
+    llm = dict(config["llm_config"], architectures=["Phi3ForCausalLM"])
+    with pytest.raises(CheckpointError, match=r"LLM Phi3ForCausalLM is not supported"):
+        Sa2VA.from_pretrained(_with_config(saved, tmp_path, "phi", llm_config=llm))
+    with pytest.raises(CheckpointError, match=r"select_layer is -4; only -1"):
+        Sa2VA.from_pretrained(_with_config(saved, tmp_path, "select", select_layer=-4))
+    with pytest.raises(CheckpointError, match=r"ps_version is 'v1'; only 'v2'"):
+        Sa2VA.from_pretrained(_with_config(saved, tmp_path, "ps", ps_version="v1"))
 
 
 def test_sharded_checkpoint_round_trip(tiny, tmp_path):

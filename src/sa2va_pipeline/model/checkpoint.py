@@ -87,7 +87,9 @@ def read_keys(files: list[Path]) -> list[str]:
 
 
 def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
-    """Raise a clear error for Sa2VA families this library does not load yet."""
+    """Raise a clear error for Sa2VA checkpoints this library cannot load faithfully."""
+    from .configs import llm_type
+
     arch = " ".join(config.get("architectures") or [])
     model_type = str(config.get("model_type", ""))
     llm_arch = " ".join((config.get("llm_config") or {}).get("architectures") or [])
@@ -96,29 +98,68 @@ def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
         family = "Qwen3-VL" if "qwen3" in text else "Qwen2.5-VL"
         raise CheckpointError(
             f"{path}: Sa2VA checkpoint of the {family} family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) "
-            "is not supported yet; use an InternVL-family checkpoint with a Qwen2 LLM "
-            "(Sa2VA-1B/4B, Sa2VA-InternVL3-*)."
-        )
-    if "internlm2" in llm_arch.lower():
-        raise CheckpointError(
-            f"{path}: Sa2VA checkpoint of the InternLM2 family (Sa2VA-8B/26B) is not supported yet; use an "
-            "InternVL-family checkpoint with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-2B/8B/14B)."
+            "is not supported yet; use an InternVL-family checkpoint (Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*)."
         )
     if model_type != "sa2va_chat":
         raise CheckpointError(f"{path}/config.json: model_type is {model_type!r}, expected 'sa2va_chat'.")
-    if "Qwen2ForCausalLM" not in llm_arch:
+    if llm_type(config) not in ("qwen2", "internlm2"):
         raise CheckpointError(
-            f"{path}: Sa2VA checkpoint with LLM {llm_arch or 'unknown'} is not supported yet "
-            "(only Qwen2ForCausalLM)."
+            f"{path}: Sa2VA checkpoint with LLM {llm_arch or 'unknown'} is not supported "
+            "(Qwen2ForCausalLM and InternLM2ForCausalLM are)."
+        )
+    # The official code supports these settings; our native composition implements only the released ones.
+    if int(config.get("select_layer", -1)) != -1:
+        raise CheckpointError(
+            f"{path}/config.json: select_layer is {config['select_layer']}; only -1 (the last InternViT layer, "
+            "as in every released Sa2VA checkpoint) is supported."
+        )
+    if str(config.get("ps_version", "v2")) != "v2":
+        raise CheckpointError(
+            f"{path}/config.json: ps_version is {config['ps_version']!r}; only 'v2' (the pixel shuffle of every "
+            "released Sa2VA checkpoint) is supported."
         )
 
 
-def load_tokenizer(path: Path):
-    """The checkpoint's fast tokenizer (tokenizer.json), never remote code."""
+def _added_tokens(path: Path) -> dict[str, int]:
+    """Added tokens (token -> id) of a sentencepiece checkpoint: added_tokens.json and tokenizer_config.json's
+    ``added_tokens_decoder`` (pieces of the sentencepiece model itself are skipped later)."""
+    added: dict[str, int] = {}
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file():
+        decoder = json.loads(config_file.read_text()).get("added_tokens_decoder") or {}
+        added.update({entry["content"]: int(i) for i, entry in decoder.items()})
+    if (path / "added_tokens.json").is_file():
+        for token, token_id in json.loads((path / "added_tokens.json").read_text()).items():
+            if added.get(token, token_id) != token_id:
+                raise CheckpointError(
+                    f"{path}: token {token!r} has id {token_id} in added_tokens.json but {added[token]} in "
+                    "tokenizer_config.json."
+                )
+            added[token] = int(token_id)
+    return added
+
+
+def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
+    """The checkpoint's tokenizer as a fast tokenizer, never remote code.
+
+    InternLM2 checkpoints (Sa2VA-8B/26B) ship a sentencepiece ``tokenizer.model`` and remote code: the fast
+    tokenizer is built from ``tokenizer.model`` plus the added tokens. Others ship ``tokenizer.json``.
+    """
     from transformers import PreTrainedTokenizerFast
 
+    from .configs import llm_type
+    from .tokenizer import tokenizer_from_sentencepiece
+
+    if config is not None and llm_type(config) == "internlm2" and (path / "tokenizer.model").is_file():
+        try:
+            return tokenizer_from_sentencepiece(path / "tokenizer.model", _added_tokens(path))
+        except ValueError as error:
+            raise CheckpointError(f"{path}: cannot build the InternLM2 tokenizer: {error}") from error
     if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path} has no tokenizer.json (a fast tokenizer is required; no remote code).")
+        raise CheckpointError(
+            f"{path} has no tokenizer.json (and no tokenizer.model for an InternLM2 LLM); a fast tokenizer is "
+            "required (no remote code)."
+        )
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
@@ -134,13 +175,13 @@ def load_pretrained(
     config = json.loads((path / "config.json").read_text())
     files = weight_files(path)
     check_family(config, read_keys(files), path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, config)
     model = cls.build(config, tokenizer, device, dtype, init_weights=False)
 
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f), device="cpu"))
-    native, kept, unknown = official_to_native(state)
+    native, kept, unknown = official_to_native(state, model.layout)
     expected = model.state_dict()
     missing = [k for k in expected if k not in native]
     unexpected = unknown + [k for k in native if k not in expected]
@@ -168,6 +209,11 @@ def load_pretrained(
         )
     model.kept_aside = {k: v for k, v in kept.items()}
     model.source_dir = path
+    if model.layout.llm == "internlm2" and (path / "tokenizer.model").is_file():
+        from .tokenizer import read_sentencepiece_bytes
+
+        model.sentencepiece_model = (path / "tokenizer.model").read_bytes()
+        model.sentencepiece_size = read_sentencepiece_bytes(model.sentencepiece_model)
     return model.to(device).eval()
 
 
@@ -251,7 +297,7 @@ def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = 
     """See :meth:`Sa2VA.save_pretrained`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    official = native_to_official(merged_state_dict(model), model.kept_aside)
+    official = native_to_official(merged_state_dict(model), model.kept_aside, model.layout)
     write_safetensors(official, path, max_shard_size)
     config = copy.deepcopy(model.config)
     config["torch_dtype"] = str(model.dtype).replace("torch.", "")
@@ -270,7 +316,9 @@ def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = 
         for name in names:
             if (source / name).is_file():
                 shutil.copy2(source / name, path / name)
-    if not (path / "tokenizer.json").is_file():
+    if model.sentencepiece_model is not None and not (path / "tokenizer.model").is_file():
+        write_sentencepiece_tokenizer(model, path)
+    elif model.sentencepiece_model is None and not (path / "tokenizer.json").is_file():
         write_tokenizer(model.tokenizer, path)
 
 
@@ -283,3 +331,33 @@ def write_tokenizer(tokenizer: Any, path: Path) -> None:
     config.pop("extra_special_tokens", None)
     config["tokenizer_class"] = "Qwen2TokenizerFast"  # reads tokenizer.json; "TokenizersBackend" is 5.x only
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_sentencepiece_tokenizer(model: Sa2VA, path: Path) -> None:
+    """Write a code-built InternLM2 tokenizer as the released checkpoints ship it: ``tokenizer.model``,
+    ``added_tokens.json`` and a ``tokenizer_config.json`` naming InternLM2Tokenizer (the official loader needs
+    the checkpoint's ``tokenization_internlm2.py`` next to it; our loader reads ``tokenizer.model``)."""
+    tok = model.tokenizer
+    (path / "tokenizer.model").write_bytes(model.sentencepiece_model)
+    vocab = tok.get_vocab()
+    added = {t: vocab[t] for t in tok.get_added_vocab() if vocab[t] >= model.sentencepiece_size}
+    (path / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n")
+    decoder = {
+        str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}
+        for t, i in sorted(tok.get_added_vocab().items(), key=lambda kv: kv[1])
+    }  # fmt: skip
+    config = {
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768,
+        "added_tokens_decoder": decoder,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,5 +1,5 @@
-"""Configurations: the official ``config.json`` of Sa2VA (InternVL family) and the native configs built from
-it.
+"""Configurations: the official ``config.json`` of Sa2VA (InternVL family, with a Qwen2 or an InternLM2 LLM)
+and the native configs built from it.
 
 An official Sa2VA config has ``llm_config`` (a Qwen2 config), ``vision_config`` (InternViT), ``template``,
 ``downsample_ratio``, ``force_image_size``, ... The SAM2 part is not in it: every released checkpoint uses
@@ -7,8 +7,9 @@ SAM2
 Hiera-L at 1024. Checkpoints written from our presets add a ``grounding_encoder_config`` entry
 (``image_size`` and the Hiera shape) that official loaders ignore.
 
-Presets: ``tiny`` (CPU default, DESIGN section 7) and the real shapes ``sa2va-1b``, ``sa2va-internvl3-2b``,
-``sa2va-4b`` (random weights, for benchmarks).
+Presets: ``tiny`` (CPU default, DESIGN section 7), ``tiny-internlm2`` (tests), and the real shapes
+``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b`` (random weights, for
+benchmarks; 26B shapes from InternVL2.5-26B, not checked against the released file).
 """
 
 from __future__ import annotations
@@ -97,6 +98,46 @@ def _qwen2(
     }
 
 
+def _internlm2(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, rope_factor: float = 2.0
+) -> dict[str, Any]:
+    """An official InternLM2 ``llm_config`` (InternLM2.5: dynamic NTK rope scaling, no biases)."""
+    return {
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000,
+        "rope_scaling": {"type": "dynamic", "factor": rope_factor},
+        "bias": False,
+        "attn_implementation": "eager",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+# InternViT-6B-448px-V2_5 (Sa2VA-26B): RMS norm, QK norm, no qkv bias.
+INTERNVIT_6B: dict[str, Any] = dict(
+    INTERNVIT_300M,
+    hidden_size=3200,
+    num_hidden_layers=45,
+    num_attention_heads=25,
+    intermediate_size=12800,
+    qkv_bias=False,
+    qk_normalization=True,
+    norm_type="rms_norm",
+)
+INTERNLM2_REAL_VOCAB = 92558  # InternLM2.5 92544 + InternVL's 9 + Sa2VA's 5 added tokens
 REAL_VOCAB = 151679  # Qwen2.5 151643 + 22 specials + InternVL's 9 + Sa2VA's 5 added tokens
 
 
@@ -123,30 +164,66 @@ def _official(llm: dict, vision: dict, template: str) -> dict[str, Any]:
     }
 
 
+PRESETS = (
+    "tiny",
+    "tiny-internlm2",
+    "sa2va-1b",
+    "sa2va-internvl3-2b",
+    "sa2va-4b",
+    "sa2va-8b",
+    "sa2va-26b",
+)
+TINY_VISION: dict[str, Any] = dict(
+    INTERNVIT_300M, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
+)
+HIERAS = {"large": HIERA_LARGE, "tiny": HIERA_TINY}
+
+
+def _tiny(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg["grounding_encoder_config"] = {"image_size": 512, "hiera": copy.deepcopy(HIERA_TINY)}
+    cfg["torch_dtype"] = cfg["llm_config"]["torch_dtype"] = "float32"
+    return cfg
+
+
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Official-format config of a preset. Overrides: ``sam2_image_size``, ``template``, ``vocab_size``."""
+    """Official-format config of a preset (:data:`PRESETS`).
+
+    Overrides: ``sam2_image_size`` (a multiple of 32), ``sam2_hiera`` ("large" = Hiera-L of the released
+    checkpoints, which official loaders require; "tiny"), ``template``, ``vocab_size``. ``sam2_hiera="large"``
+    alone also sets the image size to 1024, as in the released checkpoints.
+    """
     key = name.lower().replace("_", "-")
     if key == "tiny":
-        vision = dict(
-            INTERNVIT_300M, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256
-        )
         llm = _qwen2(128, 512, 2, 4, 2, vocab=0)  # vocab set from the code tokenizer
-        llm.update(bos_token_id=None, eos_token_id=None, torch_dtype="float32")
-        cfg = _official(llm, vision, "qwen_chat")
-        cfg["grounding_encoder_config"] = {"image_size": 512, "hiera": copy.deepcopy(HIERA_TINY)}
-        cfg["torch_dtype"] = "float32"
+        llm.update(bos_token_id=None, eos_token_id=None)
+        cfg = _tiny(_official(llm, dict(TINY_VISION), "qwen_chat"))
+    elif key == "tiny-internlm2":
+        cfg = _tiny(_official(_internlm2(128, 512, 2, 4, 2, vocab=0), dict(TINY_VISION), "internlm2_chat"))
     elif key == "sa2va-1b":
         cfg = _official(_qwen2(896, 4864, 24, 14, 2, REAL_VOCAB), dict(INTERNVIT_300M), "qwen_chat")
     elif key == "sa2va-internvl3-2b":
         cfg = _official(_qwen2(1536, 8960, 28, 12, 2, REAL_VOCAB), dict(INTERNVIT_300M), "qwen_chat")
     elif key == "sa2va-4b":
         cfg = _official(_qwen2(2048, 11008, 36, 16, 2, REAL_VOCAB), dict(INTERNVIT_300M), "phi3_chat")
+    elif key == "sa2va-8b":  # InternVL2.5-8B: InternViT-300M + InternLM2.5-7B-chat
+        llm = _internlm2(4096, 14336, 32, 32, 8, INTERNLM2_REAL_VOCAB)
+        cfg = _official(llm, dict(INTERNVIT_300M), "internlm2_chat")
+    elif key == "sa2va-26b":  # InternVL2.5-26B: InternViT-6B + InternLM2.5-20B-chat (shapes only)
+        llm = _internlm2(6144, 16384, 48, 48, 8, INTERNLM2_REAL_VOCAB, rope_factor=3.0)
+        cfg = _official(llm, dict(INTERNVIT_6B), "internlm2_chat")
     else:
-        raise ValueError(f"Unknown preset {name!r}; known: tiny, sa2va-1b, sa2va-internvl3-2b, sa2va-4b")
+        raise ValueError(f"Unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    hiera = overrides.pop("sam2_hiera", None)
     size = overrides.pop("sam2_image_size", None)
-    if size is not None:
+    if hiera is not None or size is not None:
         grounding = copy.deepcopy(cfg.get("grounding_encoder_config", DEFAULT_GROUNDING))
-        grounding["image_size"] = int(size)
+        if hiera is not None:
+            if hiera not in HIERAS:
+                raise ValueError(f"sam2_hiera must be one of {sorted(HIERAS)}, got {hiera!r}")
+            grounding["hiera"] = copy.deepcopy(HIERAS[hiera])
+            grounding["image_size"] = 1024 if hiera == "large" else grounding["image_size"]
+        if size is not None:
+            grounding["image_size"] = int(size)
         cfg["grounding_encoder_config"] = grounding
     if "template" in overrides:
         cfg["template"] = overrides.pop("template")
@@ -155,6 +232,29 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     if overrides:
         raise TypeError(f"Unknown preset overrides: {sorted(overrides)}")
     return cfg
+
+
+def llm_type(cfg: dict[str, Any]) -> str:
+    """"qwen2" or "internlm2" for an InternVL-family config (from ``llm_config.architectures``)."""
+    arch = " ".join((cfg.get("llm_config") or {}).get("architectures") or []).lower()
+    if "internlm2" in arch:
+        return "internlm2"
+    if "qwen2forcausallm" in arch:
+        return "qwen2"
+    return arch or "unknown"
+
+
+def conversion_layout(cfg: dict[str, Any]):
+    """The :class:`~.conversion.Layout` (key table) of an official config."""
+    from .conversion import Layout
+
+    llm = cfg.get("llm_config") or {}
+    return Layout(
+        family="internvl",
+        llm=llm_type(cfg),
+        num_heads=int(llm.get("num_attention_heads", 0)),
+        num_kv_heads=int(llm.get("num_key_value_heads") or llm.get("num_attention_heads", 0)),
+    )
 
 
 def grounding_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -211,13 +311,32 @@ _QWEN2_KEYS = (
 )
 
 
+def build_text_config(llm_config: dict[str, Any]):
+    """The native LLM config: Qwen2 as it is; InternLM2 as Llama (same maths, renamed weights).
+
+    InternLM2's ``bias`` becomes Llama's ``attention_bias``/``mlp_bias``; its ``rope_scaling`` ({type: dynamic,
+    factor}) is kept: transformers' dynamic NTK rope equals InternLM2's (it only changes beyond
+    ``max_position_embeddings``).
+    """
+    from transformers import LlamaConfig, Qwen2Config
+
+    arch = " ".join(llm_config.get("architectures") or []).lower()
+    llm = {k: llm_config[k] for k in _QWEN2_KEYS if llm_config.get(k) is not None}
+    if "internlm2" in arch:
+        for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
+            llm.pop(key, None)
+        bias = bool(llm_config.get("bias", False))
+        return LlamaConfig(**llm, attention_bias=bias, mlp_bias=bias, tie_word_embeddings=False)
+    return Qwen2Config(**llm, tie_word_embeddings=False)
+
+
 def build_internvl_config(cfg: dict[str, Any], image_token_id: int, attn_implementation: str = "sdpa"):
     """A transformers ``InternVLConfig`` (vision tower + projector + Qwen2) from an official Sa2VA config.
 
     ``tie_word_embeddings=False`` is set at the top level: InternVL ties lm_head to embed_tokens otherwise,
     and every Sa2VA checkpoint is untied (DESIGN: tied-weights trap).
     """
-    from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+    from transformers import InternVLConfig, InternVLVisionConfig
 
     v = cfg["vision_config"]
     image_size = cfg.get("force_image_size") or v["image_size"]
@@ -235,8 +354,7 @@ def build_internvl_config(cfg: dict[str, Any], image_token_id: int, attn_impleme
         hidden_act=v.get("hidden_act", "gelu"),
         use_mean_pooling=True,  # InternViT has no final norm: the native one must be the Identity
     )
-    llm = {k: cfg["llm_config"][k] for k in _QWEN2_KEYS if cfg["llm_config"].get(k) is not None}
-    text = Qwen2Config(**llm, tie_word_embeddings=False)
+    text = build_text_config(cfg["llm_config"])
     config = InternVLConfig(
         vision_config=vision,
         text_config=text,

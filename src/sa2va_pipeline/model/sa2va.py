@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as L
-from .configs import build_internvl_config, build_sam2_config, grounding_config, preset_config
+from .configs import (
+    build_internvl_config,
+    build_sam2_config,
+    conversion_layout,
+    grounding_config,
+    llm_type,
+    preset_config,
+)
 from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb, vit_pixel_values
 from .prompts import (
     IMG_CONTEXT_TOKEN,
@@ -75,6 +82,12 @@ class Sa2VA(nn.Module):
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._token_id("<|endoftext|>")
         )
+        self.layout = conversion_layout(config)
+        # InternLM2 training and the official predict_forward start every sequence with BOS <s>; Qwen has none.
+        self.bos_ids: list[int] = [int(tokenizer.bos_token_id)] if self.layout.llm == "internlm2" else []
+        # A code-built sentencepiece tokenizer (InternLM2 presets) is written as tokenizer.model at export.
+        self.sentencepiece_model: bytes | None = None
+        self.sentencepiece_size = 0
 
         vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
         self.vlm = InternVLForConditionalGeneration(vlm_config)
@@ -117,21 +130,28 @@ class Sa2VA(nn.Module):
     ) -> Sa2VA:
         """Build a preset with deterministic random weights and a tokenizer built in code.
 
-        Presets: ``tiny`` (CPU default; SAM2 at 512), ``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b`` (real
-        shapes, random weights). Overrides: ``sam2_image_size``, ``template``, ``vocab_size``.
+        Presets: ``tiny`` (CPU default; SAM2 at 512), ``tiny-internlm2`` (InternLM2 LLM as native Llama, code-
+        built sentencepiece tokenizer), and the real shapes ``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b``,
+        ``sa2va-8b``, ``sa2va-26b`` (random weights). Overrides: ``sam2_image_size``, ``sam2_hiera``
+        ("large": SAM2 Hiera-L at 1024, what official loaders expect), ``template``, ``vocab_size``.
         """
-        from .tokenizer import build_tokenizer
+        from .tokenizer import build_preset_tokenizer
 
-        tiny = name.lower() == "tiny"
-        tokenizer = build_tokenizer(realistic_ids=not tiny)
-        if tiny and "vocab_size" not in overrides:
-            overrides["vocab_size"] = len(tokenizer)
+        tiny = name.lower().startswith("tiny")
         config = preset_config(name, **overrides)
+        tokenizer, sentencepiece = build_preset_tokenizer(llm_type(config), realistic_ids=not tiny)
+        if tiny and "vocab_size" not in overrides:
+            config["llm_config"]["vocab_size"] = len(tokenizer)
         device = torch.device(device)
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
-            return cls.build(config, tokenizer, device, dtype)
+            model = cls.build(config, tokenizer, device, dtype)
+        if sentencepiece is not None:
+            from .tokenizer import read_sentencepiece_bytes
+
+            model.sentencepiece_model, model.sentencepiece_size = sentencepiece, read_sentencepiece_bytes(sentencepiece)
+        return model
 
     @classmethod
     def build(
@@ -156,7 +176,7 @@ class Sa2VA(nn.Module):
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Sa2VA:
-        """Load an official Sa2VA checkpoint directory (InternVL family with a Qwen2 LLM), strictly."""
+        """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, path, device=device, dtype=dtype)
@@ -325,8 +345,8 @@ class Sa2VA(nn.Module):
                 )
             gt_masks.append(resize_masks_area(mask_stack, self.mask_size))
             object_image += [i] * len(masks)
-            ids: list[int] = []
-            labels: list[int] = []
+            ids: list[int] = list(self.bos_ids)
+            labels: list[int] = [L.IGNORE_INDEX] * len(ids)
             for turn, phrase in enumerate(phrases):
                 question = sample_question(phrase, rng)
                 text = (
@@ -409,7 +429,8 @@ class Sa2VA(nn.Module):
     # ------------------------------------------------------------------ inference
     def _prompt_ids(self, question: str, answer: str, n_tiles: int) -> list[int]:
         text = first_turn_input(question, n_tiles, self.tokens_per_tile)
-        return self._encode(self.template.instruction.format(input=text)) + self._encode(answer)
+        prompt = self._encode(self.template.instruction.format(input=text))
+        return self.bos_ids + prompt + self._encode(answer)
 
     def predict_proba(
         self,
@@ -430,10 +451,10 @@ class Sa2VA(nn.Module):
         bilinear interpolation (align_corners False), then sigmoid; SAM2 normalisation uses the bf16-cast
         constants of the official inference code.
 
-        ``object_score_gate=True`` reproduces one more step of the official code: SAM2's object-score head
-        gates the mask (logits -1024, probability 0, where it predicts no object). Off by default: the fine-
-        tuning
-        recipe never trains that head, so a gate would hide what the mask decoder learned.
+        ``object_score_gate=True`` applies SAM2's object-score rule (logits -1024, probability 0, where the
+        object-score head predicts no object). This gate is NOT part of official Sa2VA: the official
+        ``SAM2Base._forward_sam_heads`` override in Sa2VA's ``sam2.py`` has it commented out, so neither official
+        inference nor training applies it. Off by default (faithful); the option exists for experiments only.
 
         Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
         Runs in chunks of ``batch_size`` images, each one batched forward pass.
