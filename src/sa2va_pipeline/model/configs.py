@@ -99,7 +99,13 @@ def _qwen2(
 
 
 def _internlm2(
-    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, rope_factor: float = 2.0
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    rope_factor: float = 2.0,
 ) -> dict[str, Any]:
     """An official InternLM2 ``llm_config`` (InternLM2.5: dynamic NTK rope scaling, no biases)."""
     return {
@@ -235,7 +241,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def llm_type(cfg: dict[str, Any]) -> str:
-    """"qwen2" or "internlm2" for an InternVL-family config (from ``llm_config.architectures``)."""
+    """ "qwen2" or "internlm2" for an InternVL-family config (from ``llm_config.architectures``)."""
     arch = " ".join((cfg.get("llm_config") or {}).get("architectures") or []).lower()
     if "internlm2" in arch:
         return "internlm2"
@@ -321,7 +327,8 @@ def build_text_config(llm_config: dict[str, Any]):
     from transformers import LlamaConfig, Qwen2Config
 
     arch = " ".join(llm_config.get("architectures") or []).lower()
-    llm = {k: llm_config[k] for k in _QWEN2_KEYS if llm_config.get(k) is not None}
+    # deep copy: transformers edits rope_scaling in place, which would change the config we write back
+    llm = {k: copy.deepcopy(llm_config[k]) for k in _QWEN2_KEYS if llm_config.get(k) is not None}
     if "internlm2" in arch:
         for key in ("use_sliding_window", "sliding_window", "max_window_layers"):
             llm.pop(key, None)

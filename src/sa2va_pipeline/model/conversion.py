@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -170,7 +170,7 @@ class Layout:
 DEFAULT_LAYOUT = Layout()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(layout: Layout) -> tuple[list, list]:
     rows = layout.rows()
     return [(_regex(o), n) for o, n in rows], [(_regex(n), o) for o, n in rows]

@@ -150,7 +150,10 @@ class Sa2VA(nn.Module):
         if sentencepiece is not None:
             from .tokenizer import read_sentencepiece_bytes
 
-            model.sentencepiece_model, model.sentencepiece_size = sentencepiece, read_sentencepiece_bytes(sentencepiece)
+            model.sentencepiece_model, model.sentencepiece_size = (
+                sentencepiece,
+                read_sentencepiece_bytes(sentencepiece),
+            )
         return model
 
     @classmethod

@@ -190,7 +190,9 @@ def tokenizer_from_sentencepiece(
     bos_id = vocab.get(bos_token)
     if bos_id is not None:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos_id)]
+            single=f"{bos_token} $A",
+            pair=f"{bos_token} $A {bos_token} $B",
+            special_tokens=[(bos_token, bos_id)],
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
