@@ -150,6 +150,11 @@ def test_unsupported_families_and_settings_are_named(saved, tmp_path):
         Sa2VA.from_pretrained(_with_config(saved, tmp_path, "select", select_layer=-4))
     with pytest.raises(CheckpointError, match=r"ps_version is 'v1'; only 'v2'"):
         Sa2VA.from_pretrained(_with_config(saved, tmp_path, "ps", ps_version="v1"))
+    qwen = _perturb(
+        saved, tmp_path, lambda s: s.update({"model.model.language_model.norm.weight": torch.ones(2)})
+    )
+    with pytest.raises(CheckpointError, match=r"Qwen2\.5-VL family"):
+        Sa2VA.from_pretrained(qwen)
 
 
 def test_sharded_checkpoint_round_trip(tiny, tmp_path):

@@ -78,3 +78,27 @@ def test_images_from_paths_arrays_and_grey(tmp_path):
     assert np.array_equal(np.asarray(from_path), np.asarray(from_array))
     with pytest.raises(TypeError, match="uint8"):
         to_pil_rgb(grey.astype(np.float32))
+
+
+@pytest.mark.parametrize(("patch", "mean"), [(14, None), (16, (0.5, 0.5, 0.5))])
+@pytest.mark.parametrize(("h", "w"), [(512, 512), (300, 1000), (97, 61), (2000, 1500)])
+def test_qwen_vl_patches_equal_transformers_processor(patch, mean, h, w):
+    """Qwen2.5-VL (patch 14, CLIP mean/std) and Qwen3-VL (patch 16, 0.5): bit-identical to transformers'
+    Qwen2VLImageProcessorPil with Sa2VA's single-image min/max pixels."""
+    import warnings
+
+    from sa2va_pipeline.model.preprocessing import qwen_vl_pixel_values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        norm = {"image_mean": list(mean), "image_std": list(mean)} if mean else {}
+        proc = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, **norm)
+        image = np.random.RandomState(h).randint(0, 256, (h, w, 3), dtype=np.uint8)
+        expected = proc(images=[Image.fromarray(image)], min_pixels=512 * 28 * 28, max_pixels=2048 * 28 * 28)
+    ours, grid = qwen_vl_pixel_values(image, patch, **({"mean": mean, "std": mean} if mean else {}))
+    assert torch.equal(grid, torch.as_tensor(expected["image_grid_thw"]))
+    assert torch.equal(ours, torch.as_tensor(np.asarray(expected["pixel_values"])))
+    pixels = int(grid[0, 1] * grid[0, 2]) * patch * patch  # the resized image's area, within Sa2VA's limits
+    assert 512 * 28 * 28 <= pixels <= 2048 * 28 * 28

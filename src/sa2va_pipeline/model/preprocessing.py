@@ -10,6 +10,7 @@ Matches the official inference code:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -143,3 +144,68 @@ def resize_masks_area(masks: torch.Tensor, size: int, threshold: float = 0.5) ->
     else:
         resized = F.interpolate(masks, size=(size, size), mode="nearest")
     return (resized[:, 0] >= threshold).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen-VL family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B): native-resolution patches instead of tiles.
+# As transformers' Qwen2VLImageProcessor: resize to a multiple of patch * merge ("smart resize", PIL bicubic),
+# /255, mean/std, the frame repeated to the temporal patch size, then cut into patches in merge order.
+# Sa2VA passes min/max pixels of 512 / 2048 * 28 * 28 for single images (training and inference).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+QWEN_VL_MIN_PIXELS = 512 * 28 * 28
+QWEN_VL_MAX_PIXELS = 2048 * 28 * 28
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: int = QWEN_VL_MIN_PIXELS,
+    max_pixels: int = QWEN_VL_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor`` near the original aspect ratio, with a pixel count
+    within [min_pixels, max_pixels] (the Qwen2-VL rule)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(
+            f"Image aspect ratio must be below 200, got {max(height, width) / min(height, width):.1f}"
+        )
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen_vl_pixel_values(
+    image: Image.Image | np.ndarray | str | Path,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+    std: tuple[float, float, float] = OPENAI_CLIP_STD,
+    min_pixels: int = QWEN_VL_MIN_PIXELS,
+    max_pixels: int = QWEN_VL_MAX_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-VL input of one image: float32 patches [gh * gw, 3 * T * P * P] and ``image_grid_thw`` [1, 3].
+
+    Qwen2.5-VL: patch 14, CLIP mean/std; Qwen3-VL: patch 16, mean/std 0.5. The image takes
+    ``gh * gw / merge_size**2`` ``<|image_pad|>`` tokens.
+    """
+    pil = to_pil_rgb(image)
+    factor = patch_size * merge_size
+    h, w = smart_resize(pil.height, pil.width, factor, min_pixels, max_pixels)
+    resized = pil.resize((w, h), Image.BICUBIC)
+    pixels = _normalize(np.asarray(resized), torch.tensor(mean), torch.tensor(std))  # [3, h, w]
+    frames = pixels[None].expand(temporal_patch_size, -1, -1, -1)  # one image = T identical frames
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    patches = frames.reshape(1, temporal_patch_size, 3, gh // m, m, p, gw // m, m, p)
+    patches = patches.permute(
+        0, 3, 6, 4, 7, 2, 1, 5, 8
+    )  # grid_t, row blocks, col blocks, in-block, C, T, P, P
+    flat = patches.reshape(gh * gw, 3 * temporal_patch_size * p * p).contiguous()
+    return flat, torch.tensor([[1, gh, gw]])
