@@ -94,14 +94,11 @@ def main() -> int:
     data = clone / "data"
     summary = _read_json(_latest("08_reporting/training/training_summary.json/*/training_summary.json", data))
     frozen = _read_json(_latest("08_reporting/threshold/frozen_threshold.json/*/frozen_threshold.json", data))
-    test_summary = _read_json(_latest("08_reporting/evaluation/**/summary.json/*/summary.json", data))
+    test_summary = _read_json(_latest("08_reporting/evaluation/test/summary.json/*/summary.json", data))
     untrained = summary.get("val_dice_best_threshold_untrained")
     trained = summary.get("val_dice_best_threshold")
-    test_dice = None
-    for key in ("test", "splits"):
-        block = test_summary.get(key)
-        if isinstance(block, dict):
-            test_dice = (block.get("aggregate") or block.get("test", {}).get("aggregate") or {}).get("dice_mean")
+    # mean per-image test Dice at the threshold frozen on val (evaluation pipeline's summary.json)
+    test_dice = ((test_summary.get("at_threshold") or {}).get("mean") or {}).get("dice", {}).get("mean")
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     train_s = summary.get("wall_time_s")
     numbers = {
@@ -111,7 +108,7 @@ def main() -> int:
         "val_dice_untrained": untrained,
         "val_dice_trained": trained,
         "val_best_threshold": summary.get("val_best_threshold"),
-        "frozen_threshold_val_dice": frozen.get("dice_mean") or frozen.get("dice_pooled"),
+        "frozen_threshold_val_dice": frozen.get("dice_mean"),
         "test_dice": test_dice,
         "exit_code": proc.returncode,
     }
