@@ -1,7 +1,7 @@
 """Configurations: the official ``config.json`` of Sa2VA (InternVL family, with a Qwen2 or an InternLM2 LLM)
 and the native configs built from it.
 
-An official Sa2VA config has ``llm_config`` (a Qwen2 config), ``vision_config`` (InternViT), ``template``,
+An official Sa2VA config has ``llm_config`` (a Qwen2 or InternLM2 config), ``vision_config`` (InternViT), ``template``,
 ``downsample_ratio``, ``force_image_size``, ... The SAM2 part is not in it: every released checkpoint uses
 SAM2
 Hiera-L at 1024. Checkpoints written from our presets add a ``grounding_encoder_config`` entry

@@ -1,5 +1,11 @@
-"""Native Sa2VA: transformers InternVL (vision tower + projector + Qwen2) + transformers SAM2 +
+"""Native Sa2VA: transformers InternVL (vision tower + projector + LLM) + transformers SAM2 +
 ``text_hidden_fcs``.
+
+Families: InternVL with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-*) and with an InternLM2 LLM loaded into
+native Llama (Sa2VA-8B/26B; BOS ``<s>`` starts every sequence, as InternLM2 training and the official
+``predict_forward`` do). The Qwen-VL family (Sa2VA-Qwen2_5-VL / Qwen3-VL) is not wired into this class yet:
+its image preprocessing is :func:`.preprocessing.qwen_vl_pixel_values` and its key table
+``conversion.Layout(family="qwen_vl")``.
 
 Attributes other code relies on: ``.vlm`` (``InternVLForConditionalGeneration``), ``.sam2`` (``Sam2Model``),
 ``.text_hidden_fcs`` (Linear, ReLU, Linear, Dropout(0)), ``.tokenizer`` (a fast tokenizer), ``.config`` (the
@@ -68,7 +74,7 @@ def _grad_scope(module: nn.Module):
 
 
 class Sa2VA(nn.Module):
-    """Sa2VA (InternVL family with a Qwen2 LLM) as a composition of native transformers modules."""
+    """Sa2VA (InternVL family, Qwen2 or InternLM2 LLM) as a composition of native transformers modules."""
 
     def __init__(self, config: dict[str, Any], tokenizer: Any, attn_implementation: str = "sdpa") -> None:
         super().__init__()
