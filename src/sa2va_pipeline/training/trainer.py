@@ -259,7 +259,9 @@ def train(
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
     try:
         for step in range(start_step, total_steps):
-            if budget and step > start_step and time.monotonic() - started_at > budget:
+            # keep what the end needs inside the budget: the last validation's duration + the final save
+            reserve = (result.evaluations[-1].get("eval_seconds", 0.0) if result.evaluations else 0.0) + 2.0
+            if budget and step > start_step and time.monotonic() - started_at + reserve > budget:
                 log.warning("Time budget of %.0f s used up after %d of %d steps; stopping early.", budget, step, total_steps)
                 result.stopped_by_time = True
                 break
