@@ -93,15 +93,27 @@ def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
     # the trained-model folder rebuilds the same predictor
     images = [s["image"] for s in val]
     before = full.model.predict_proba(images, "blood vessel")
+    full.config.export_merged = True
     folder = save_trained_model(full, tmp_path / "model")
     assert {"adapter_config.json", "adapter_model.safetensors", "trained_weights.safetensors",
-            "base_weights.safetensors", "model_source.json", "training_summary.json"} <= {p.name for p in folder.iterdir()}
+            "base_weights.safetensors", "model_source.json", "training_summary.json", "merged"} <= {
+        p.name for p in folder.iterdir()
+    }
     source = json.loads((folder / "model_source.json").read_text())
     assert source["source"] == {"kind": "preset", "preset": "tiny", "overrides": {"sam2_image_size": 64}, "seed": 7}
     loaded = load_trained_model(folder, device="cpu", dtype=torch.float32)
     assert not any("lora_" in n for n, _ in loaded.named_parameters())
     after = loaded.predict_proba(images, "blood vessel")
     assert torch.allclose(before, after, atol=1e-5), float((before - after).abs().max())
+    # the merged export is an official-layout checkpoint that Sa2VA.from_pretrained loads
+    merged = Sa2VA.from_pretrained(folder / "merged").predict_proba(images, "blood vessel")
+    assert torch.allclose(before, merged, atol=1e-5), float((before - merged).abs().max())
+    # the adapter is plain peft: PeftModel reads it onto the InternVL model
+    from peft import PeftModel
+
+    base = Sa2VA.from_preset("tiny", seed=7, sam2_image_size=64)
+    peft_model = PeftModel.from_pretrained(base.vlm, str(folder))
+    assert any(".lora_A." in n for n, _ in peft_model.named_parameters())
 
 
 @pytest.mark.slow
