@@ -1,7 +1,8 @@
 """Native Sa2VA model library: ``from sa2va_pipeline.model import Sa2VA``.
 
 Modules: ``sa2va`` (the model), ``configs`` (official config <-> native configs, presets), ``conversion``
-(checkpoint key table), ``checkpoint`` (load/save), ``preprocessing`` (images/masks), ``prompts`` (questions,
+(checkpoint key table), ``checkpoint`` (load/save), ``preprocessing`` (images/masks), ``qwen_vl`` (Qwen-VL
+family prompt and M-RoPE positions), ``prompts`` (questions,
 answers, chat templates), ``tokenizer`` (the code-built tokenizer of the presets), ``losses``.
 torch/transformers are imported when ``Sa2VA`` is first used, so importing this package stays cheap.
 """

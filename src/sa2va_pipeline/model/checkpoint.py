@@ -88,17 +88,24 @@ def read_keys(files: list[Path]) -> list[str]:
 
 def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
     """Raise a clear error for Sa2VA checkpoints this library cannot load faithfully."""
-    from .configs import llm_type
+    from .configs import llm_type, model_family
 
-    arch = " ".join(config.get("architectures") or [])
     model_type = str(config.get("model_type", ""))
     llm_arch = " ".join((config.get("llm_config") or {}).get("architectures") or [])
-    text = f"{arch} {model_type} {llm_arch}".lower()
-    if any(k.startswith("model.") for k in keys) or re.search(r"qwen2(_|\.)?5.?vl|qwen3.?vl|qwen2.?vl", text):
-        family = "Qwen3-VL" if "qwen3" in text else "Qwen2.5-VL"
+    has_qwen_keys = any(k.startswith("model.") for k in keys)
+    if model_family(config) != "internvl":  # Sa2VA-Qwen2_5-VL / Qwen3-VL
+        if model_type != "sa2va_chat":
+            raise CheckpointError(f"{path}/config.json: model_type is {model_type!r}, expected 'sa2va_chat'.")
+        if not has_qwen_keys:
+            raise CheckpointError(
+                f"{path}: config.json describes a Sa2VA-Qwen-VL model but no weight is under 'model.*' "
+                "(the whole Qwen-VL model of the official layout)."
+            )
+        return
+    if has_qwen_keys:
         raise CheckpointError(
-            f"{path}: Sa2VA checkpoint of the {family} family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) "
-            "is not supported yet; use an InternVL-family checkpoint (Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*)."
+            f"{path}: weights under 'model.*' (the Sa2VA-Qwen2.5-VL / Qwen3-VL layout) but config.json describes "
+            "an InternVL-family model (no Qwen-VL text_config/vision_config); the config and weights do not match."
         )
     if model_type != "sa2va_chat":
         raise CheckpointError(f"{path}/config.json: model_type is {model_type!r}, expected 'sa2va_chat'.")

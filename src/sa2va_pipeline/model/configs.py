@@ -7,9 +7,14 @@ SAM2
 Hiera-L at 1024. Checkpoints written from our presets add a ``grounding_encoder_config`` entry
 (``image_size`` and the Hiera shape) that official loaders ignore.
 
-Presets: ``tiny`` (CPU default, DESIGN section 7), ``tiny-internlm2`` (tests), and the real shapes
-``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b`` (random weights, for
-benchmarks; 26B shapes from InternVL2.5-26B, not checked against the released file).
+Qwen-VL family configs (Sa2VA-Qwen2_5-VL / Qwen3-VL) are a Qwen2.5-VL / Qwen3-VL config with ``text_config``
+and ``vision_config`` (see the section at the end of this module).
+
+Presets: ``tiny`` (CPU default, DESIGN section 7), ``tiny-internlm2``, ``tiny-qwen2_5-vl``, ``tiny-qwen3-vl``
+(tests), and the real shapes ``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b``,
+``sa2va-qwen2_5-vl-3b``, ``sa2va-qwen3-vl-4b`` (random weights, for benchmarks; 26B shapes from
+InternVL2.5-26B and the Qwen-VL shapes from the base Qwen2.5-VL-3B / Qwen3-VL-4B configs, not checked
+against the released Sa2VA files).
 """
 
 from __future__ import annotations
@@ -199,7 +204,10 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     alone also sets the image size to 1024, as in the released checkpoints.
     """
     key = name.lower().replace("_", "-")
-    if key == "tiny":
+    qwen = qwen_vl_preset_config(key)
+    if qwen is not None:
+        cfg = qwen
+    elif key == "tiny":
         llm = _qwen2(128, 512, 2, 4, 2, vocab=0)  # vocab set from the code tokenizer
         llm.update(bos_token_id=None, eos_token_id=None)
         cfg = _tiny(_official(llm, dict(TINY_VISION), "qwen_chat"))
@@ -218,7 +226,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
         llm = _internlm2(6144, 16384, 48, 48, 8, INTERNLM2_REAL_VOCAB, rope_factor=3.0)
         cfg = _official(llm, dict(INTERNVIT_6B), "internlm2_chat")
     else:
-        raise ValueError(f"Unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise ValueError(f"Unknown preset {name!r}; known: {', '.join(PRESETS + QWEN_VL_PRESETS)}")
     hiera = overrides.pop("sam2_hiera", None)
     size = overrides.pop("sam2_image_size", None)
     if hiera is not None or size is not None:
@@ -234,14 +242,19 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     if "template" in overrides:
         cfg["template"] = overrides.pop("template")
     if "vocab_size" in overrides:
-        cfg["llm_config"]["vocab_size"] = int(overrides.pop("vocab_size"))
+        cfg["text_config" if "text_config" in cfg else "llm_config"]["vocab_size"] = int(
+            overrides.pop("vocab_size")
+        )
     if overrides:
         raise TypeError(f"Unknown preset overrides: {sorted(overrides)}")
     return cfg
 
 
 def llm_type(cfg: dict[str, Any]) -> str:
-    """ "qwen2" or "internlm2" for an InternVL-family config (from ``llm_config.architectures``)."""
+    """ "qwen2" or "internlm2" for an InternVL-family config (from ``llm_config.architectures``); the
+    Qwen-VL family gives its family name ("qwen2_5_vl" / "qwen3_vl")."""
+    if model_family(cfg) != "internvl":
+        return model_family(cfg)
     arch = " ".join((cfg.get("llm_config") or {}).get("architectures") or []).lower()
     if "internlm2" in arch:
         return "internlm2"
@@ -254,6 +267,8 @@ def conversion_layout(cfg: dict[str, Any]):
     """The :class:`~.conversion.Layout` (key table) of an official config."""
     from .conversion import Layout
 
+    if model_family(cfg) != "internvl":
+        return Layout(family="qwen_vl", llm=model_family(cfg))
     llm = cfg.get("llm_config") or {}
     return Layout(
         family="internvl",
@@ -373,6 +388,186 @@ def build_internvl_config(cfg: dict[str, Any], image_token_id: int, attn_impleme
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
+    config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Qwen-VL family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B). The official config is a transformers
+# Qwen2_5_VLConfig / Qwen3VLConfig (``text_config``, ``vision_config``, the vision token ids) with
+# ``model_type`` "sa2va_chat" and ``template``; the weights are a whole ForConditionalGeneration under
+# ``model.*``. Configs written from our presets add ``grounding_encoder_config`` and, for the tiny presets,
+# ``min_pixels``/``max_pixels`` (official code: 512 / 2048 * 28 * 28, the defaults here); official loaders
+# ignore both.
+QWEN_VL_AUTO_MAP = {
+    "AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+    "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+    "AutoModelForCausalLM": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+}
+QWEN_VL_VOCAB = 151936  # the padded embedding size of Qwen2.5-VL and Qwen3-VL
+# Qwen's vision token ids (identical in Qwen2.5-VL and Qwen3-VL tokenizers).
+QWEN_VL_TOKEN_IDS = {
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+}
+
+
+def _qwen_text(
+    family: str,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    mrope_section: list[int],
+    head_dim: int | None = None,
+) -> dict[str, Any]:
+    """``text_config`` of an official Qwen2.5-VL / Qwen3-VL config (transformers 4.57 layout)."""
+    text: dict[str, Any] = {
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "max_position_embeddings": 128000 if family == "qwen2_5_vl" else 262144,
+        "rms_norm_eps": 1e-6,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+    }
+    if family == "qwen2_5_vl":
+        text.update(
+            model_type="qwen2_5_vl_text",
+            rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": list(mrope_section)},
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=layers,
+        )
+    else:
+        text.update(
+            model_type="qwen3_vl_text",
+            head_dim=head_dim or hidden // heads,
+            rope_theta=5000000.0,
+            rope_scaling={
+                "rope_type": "default",
+                "mrope_section": list(mrope_section),
+                "mrope_interleaved": True,
+            },
+            attention_bias=False,
+        )
+    return text
+
+
+def _qwen_vision(family: str, depth: int, hidden: int, intermediate: int, heads: int, out_hidden: int,
+                 **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """``vision_config`` of an official Qwen2.5-VL / Qwen3-VL config."""
+    vision: dict[str, Any] = {
+        "model_type": family,
+        "depth": depth,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_heads": heads,
+        "out_hidden_size": out_hidden,
+        "in_channels": 3,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        vision.update(patch_size=14, hidden_act="silu", window_size=112, tokens_per_second=2)
+    else:
+        vision.update(patch_size=16, hidden_act="gelu_pytorch_tanh")
+    vision.update(extra)
+    return vision
+
+
+def _qwen_official(text: dict[str, Any], vision: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "architectures": ["Sa2VAChatModelQwen"],
+        "auto_map": dict(QWEN_VL_AUTO_MAP),
+        "model_type": "sa2va_chat",
+        "template": "qwen_chat",
+        "text_config": text,
+        "vision_config": vision,
+        **QWEN_VL_TOKEN_IDS,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
+
+
+QWEN_VL_PRESETS = ("tiny-qwen2_5-vl", "tiny-qwen3-vl", "sa2va-qwen2_5-vl-3b", "sa2va-qwen3-vl-4b")
+
+
+def qwen_vl_preset_config(key: str) -> dict[str, Any] | None:
+    """Official-format config of a Qwen-VL preset (``key`` lower-case with "-"), or None if not one."""
+    if key == "tiny-qwen2-5-vl":
+        text = _qwen_text("qwen2_5_vl", 64, 128, 2, 4, 2, 0, [2, 3, 3])
+        vision = _qwen_vision("qwen2_5_vl", 2, 32, 64, 2, 64, fullatt_block_indexes=[1])
+    elif key == "tiny-qwen3-vl":
+        text = _qwen_text("qwen3_vl", 64, 128, 2, 4, 2, 0, [4, 2, 2], head_dim=16)
+        vision = _qwen_vision("qwen3_vl", 3, 32, 64, 2, 64, num_position_embeddings=64,
+                              deepstack_visual_indexes=[0, 1])  # fmt: skip
+    elif key == "sa2va-qwen2-5-vl-3b":  # Qwen2.5-VL-3B-Instruct shapes
+        text = _qwen_text("qwen2_5_vl", 2048, 11008, 36, 16, 2, QWEN_VL_VOCAB, [16, 24, 24])
+        vision = _qwen_vision("qwen2_5_vl", 32, 1280, 3420, 16, 2048, fullatt_block_indexes=[7, 15, 23, 31])
+    elif key == "sa2va-qwen3-vl-4b":  # Qwen3-VL-4B-Instruct shapes
+        text = _qwen_text("qwen3_vl", 2560, 9728, 36, 32, 8, QWEN_VL_VOCAB, [24, 20, 20], head_dim=128)
+        vision = _qwen_vision("qwen3_vl", 24, 1024, 4096, 16, 2560, num_position_embeddings=2304,
+                              deepstack_visual_indexes=[5, 11, 17])  # fmt: skip
+    else:
+        return None
+    cfg = _qwen_official(text, vision)
+    if key.startswith("tiny"):
+        cfg = _tiny_qwen(cfg)
+    return cfg
+
+
+def _tiny_qwen(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg["grounding_encoder_config"] = {"image_size": 512, "hiera": copy.deepcopy(HIERA_TINY)}
+    cfg["torch_dtype"] = "float32"
+    cfg["text_config"].update(bos_token_id=None, eos_token_id=None)  # the code tokenizer has fewer ids
+    # fewer vision tokens on CPU: a 512x512 image becomes 448x448 = 256 merged tokens (official: 324)
+    cfg["min_pixels"], cfg["max_pixels"] = 32 * 28 * 28, 256 * 28 * 28
+    return cfg
+
+
+def model_family(cfg: dict[str, Any]) -> str:
+    """ "internvl", "qwen2_5_vl" or "qwen3_vl" of an official Sa2VA config."""
+    vision = cfg.get("vision_config") or {}
+    text = cfg.get("text_config") or {}
+    kinds = f"{vision.get('model_type', '')} {text.get('model_type', '')}".lower()
+    arch = " ".join(cfg.get("architectures") or []).lower()
+    if "qwen3_vl" in kinds or "deepstack_visual_indexes" in vision:
+        return "qwen3_vl"
+    if "qwen2_5_vl" in kinds or "qwen" in arch and "text_config" in cfg:
+        return "qwen2_5_vl"
+    return "internvl"
+
+
+def build_qwen_vl_config(cfg: dict[str, Any], attn_implementation: str = "sdpa"):
+    """A transformers ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` from an official Sa2VA-Qwen config.
+
+    ``tie_word_embeddings=False`` at both levels: Sa2VA checkpoints ship their own ``lm_head``.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+
+    family = model_family(cfg)
+    # deep copies: transformers edits rope dicts in place, which would change the config we write back
+    text = copy.deepcopy(cfg["text_config"])
+    vision = copy.deepcopy(cfg["vision_config"])
+    for sub in (text, vision):
+        sub.pop("model_type", None)
+        sub.pop("architectures", None)
+    text["tie_word_embeddings"] = False
+    ids = {k: cfg[k] for k in QWEN_VL_TOKEN_IDS if cfg.get(k) is not None}
+    cls = Qwen3VLConfig if family == "qwen3_vl" else Qwen2_5_VLConfig
+    config = cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation

@@ -3,11 +3,23 @@
 
 Families: InternVL with a Qwen2 LLM (Sa2VA-1B/4B, Sa2VA-InternVL3-*) and with an InternLM2 LLM loaded into
 native Llama (Sa2VA-8B/26B; BOS ``<s>`` starts every sequence, as InternLM2 training and the official
-``predict_forward`` do). The Qwen-VL family (Sa2VA-Qwen2_5-VL / Qwen3-VL) is not wired into this class yet:
-its image preprocessing is :func:`.preprocessing.qwen_vl_pixel_values` and its key table
-``conversion.Layout(family="qwen_vl")``.
+``predict_forward`` do); the Qwen-VL family (Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B) as transformers'
+``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` (``.family`` says which).
 
-Attributes other code relies on: ``.vlm`` (``InternVLForConditionalGeneration``), ``.sam2`` (``Sam2Model``),
+Qwen-VL prompts: training and prediction both use the training layout, qwen_chat without a system prompt,
+user turn ``<|vision_start|>`` + ``<|image_pad|>`` x N + ``<|vision_end|>`` + ``"\n"`` + question (N merged
+patches). The official ``predict_forward`` instead builds the prompt with the processor's
+``apply_chat_template`` (image and text as two content items: no ``"\n"`` between ``<|vision_end|>`` and the
+question, and Qwen2.5-VL's template inserts the default system prompt "You are a helpful assistant."), so its
+numbers differ slightly from ours; we follow the layout the model was trained on. Images: native-resolution
+patches (:func:`.preprocessing.qwen_vl_pixel_values`), M-RoPE positions from :func:`.qwen_vl.mrope_position_ids`,
+and the native forward with ``pixel_values`` + ``image_grid_thw`` (so Qwen3-VL's DeepStack runs as transformers
+implements it). Precomputed vision features are not supported for this family (``encode_vit`` raises
+``NotImplementedError``): the merger (the projector) sits inside the vision tower and DeepStack feeds
+intermediate layers; SAM2 features can still be cached (``encode_sam2``, batch key ``sam2_features``).
+
+Attributes other code relies on: ``.vlm`` (``InternVLForConditionalGeneration`` or the Qwen-VL
+ForConditionalGeneration), ``.sam2`` (``Sam2Model``),
 ``.text_hidden_fcs`` (Linear, ReLU, Linear, Dropout(0)), ``.tokenizer`` (a fast tokenizer), ``.config`` (the
 official ``config.json`` as a dict).
 
@@ -31,13 +43,26 @@ from torch import nn
 from . import losses as L
 from .configs import (
     build_internvl_config,
+    build_qwen_vl_config,
     build_sam2_config,
     conversion_layout,
     grounding_config,
     llm_type,
+    model_family,
     preset_config,
 )
-from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb, vit_pixel_values
+from .preprocessing import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    QWEN_VL_MAX_PIXELS,
+    QWEN_VL_MIN_PIXELS,
+    mask_to_tensor,
+    qwen_vl_pixel_values,
+    resize_masks_area,
+    sam2_pixel_values,
+    to_pil_rgb,
+    vit_pixel_values,
+)
 from .prompts import (
     IMG_CONTEXT_TOKEN,
     SEG_TOKEN,
@@ -46,6 +71,16 @@ from .prompts import (
     get_template,
     sample_answer,
     sample_question,
+)
+from .qwen_vl import (
+    IMAGE_PAD_TOKEN,
+    QWEN3_VL_MEAN,
+    QWEN3_VL_STD,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+    image_token_count,
+    mrope_position_ids,
+    qwen_vl_first_turn_input,
 )
 
 DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
@@ -74,16 +109,17 @@ def _grad_scope(module: nn.Module):
 
 
 class Sa2VA(nn.Module):
-    """Sa2VA (InternVL family, Qwen2 or InternLM2 LLM) as a composition of native transformers modules."""
+    """Sa2VA (InternVL family with a Qwen2 or InternLM2 LLM, or the Qwen-VL family) as a composition of native
+    transformers modules."""
 
     def __init__(self, config: dict[str, Any], tokenizer: Any, attn_implementation: str = "sdpa") -> None:
         super().__init__()
-        from transformers import InternVLForConditionalGeneration, Sam2Model
+        from transformers import Sam2Model
 
         self.config = config
         self.tokenizer = tokenizer
-        self.template = get_template(config["template"])
-        self.img_context_id = self._token_id(IMG_CONTEXT_TOKEN)
+        self.family = model_family(config)
+        self.template = get_template(config.get("template") or "qwen_chat")
         self.seg_id = self._token_id(SEG_TOKEN)
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self._token_id("<|endoftext|>")
@@ -95,8 +131,10 @@ class Sa2VA(nn.Module):
         self.sentencepiece_model: bytes | None = None
         self.sentencepiece_size = 0
 
-        vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
-        self.vlm = InternVLForConditionalGeneration(vlm_config)
+        if self.family == "internvl":
+            self._init_internvl(config, attn_implementation)
+        else:
+            self._init_qwen_vl(config, attn_implementation)
         grounding = grounding_config(config)
         self.sam2_image_size = int(grounding["image_size"])
         sam2_config = build_sam2_config(self.sam2_image_size, grounding["hiera"])
@@ -108,21 +146,56 @@ class Sa2VA(nn.Module):
             self.sam2.shared_image_embedding.positional_embedding.copy_(
                 self.sam2.prompt_encoder.shared_embedding.positional_embedding
             )
-        hidden = vlm_config.text_config.hidden_size
+        hidden = self.vlm.config.text_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(hidden, hidden),
             nn.ReLU(inplace=True),
             nn.Linear(hidden, self.sam2.hidden_dim),
             nn.Dropout(0.0),
         )
+        # SAM2 video/memory tensors of a loaded checkpoint: unused here, written back at export.
+        self.kept_aside: dict[str, torch.Tensor] = {}
+        self.source_dir: Path | None = None
+
+    def _init_internvl(self, config: dict[str, Any], attn_implementation: str) -> None:
+        from transformers import InternVLForConditionalGeneration
+
+        self.img_context_id = self._token_id(IMG_CONTEXT_TOKEN)
+        vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
+        self.vlm = InternVLForConditionalGeneration(vlm_config)
         self.image_size = int(config.get("force_image_size") or config["vision_config"]["image_size"])
         self.max_dynamic_patch = int(config.get("max_dynamic_patch", 12))
         self.use_thumbnail = bool(config.get("use_thumbnail", True))
         self.tokens_per_tile = vlm_config.image_seq_length
         self.downsample_ratio = float(config.get("downsample_ratio", 0.5))
-        # SAM2 video/memory tensors of a loaded checkpoint: unused here, written back at export.
-        self.kept_aside: dict[str, torch.Tensor] = {}
-        self.source_dir: Path | None = None
+
+    def _init_qwen_vl(self, config: dict[str, Any], attn_implementation: str) -> None:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+        self.img_context_id = self._token_id(IMAGE_PAD_TOKEN)
+        for token, key in ((IMAGE_PAD_TOKEN, "image_token_id"), (VISION_START_TOKEN, "vision_start_token_id"),
+                           (VISION_END_TOKEN, "vision_end_token_id")):  # fmt: skip
+            if config.get(key) is not None and int(config[key]) != self._token_id(token):
+                raise ValueError(
+                    f"config.json {key} is {config[key]} but the tokenizer has {token} = {self._token_id(token)}"
+                )
+        vlm_config = build_qwen_vl_config(config, attn_implementation)
+        vlm_config.image_token_id = self.img_context_id
+        cls = (
+            Qwen3VLForConditionalGeneration
+            if self.family == "qwen3_vl"
+            else Qwen2_5_VLForConditionalGeneration
+        )
+        self.vlm = cls(vlm_config)
+        vision = vlm_config.vision_config
+        self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
+        self.temporal_patch_size = int(vision.temporal_patch_size)
+        qwen3 = self.family == "qwen3_vl"
+        self.pixel_mean = QWEN3_VL_MEAN if qwen3 else OPENAI_CLIP_MEAN
+        self.pixel_std = QWEN3_VL_STD if qwen3 else OPENAI_CLIP_STD
+        # The official code passes 512 / 2048 * 28 * 28 for both families; tiny presets store smaller bounds.
+        self.min_pixels = int(config.get("min_pixels") or QWEN_VL_MIN_PIXELS)
+        self.max_pixels = int(config.get("max_pixels") or QWEN_VL_MAX_PIXELS)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,8 +210,10 @@ class Sa2VA(nn.Module):
         """Build a preset with deterministic random weights and a tokenizer built in code.
 
         Presets: ``tiny`` (CPU default; SAM2 at 512), ``tiny-internlm2`` (InternLM2 LLM as native Llama, code-
-        built sentencepiece tokenizer), and the real shapes ``sa2va-1b``, ``sa2va-internvl3-2b``, ``sa2va-4b``,
-        ``sa2va-8b``, ``sa2va-26b`` (random weights). Overrides: ``sam2_image_size``, ``sam2_hiera``
+        built sentencepiece tokenizer), ``tiny-qwen2_5-vl`` / ``tiny-qwen3-vl`` (Qwen-VL family, code-built
+        tokenizer with Qwen's vision tokens and Sa2VA's), and the real shapes ``sa2va-1b``,
+        ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b``, ``sa2va-qwen2_5-vl-3b``,
+        ``sa2va-qwen3-vl-4b`` (random weights). Overrides: ``sam2_image_size``, ``sam2_hiera``
         ("large": SAM2 Hiera-L at 1024, what official loaders expect), ``template``, ``vocab_size``.
         """
         from .tokenizer import build_preset_tokenizer
@@ -146,8 +221,13 @@ class Sa2VA(nn.Module):
         tiny = name.lower().startswith("tiny")
         config = preset_config(name, **overrides)
         tokenizer, sentencepiece = build_preset_tokenizer(llm_type(config), realistic_ids=not tiny)
+        text_key = "llm_config" if model_family(config) == "internvl" else "text_config"
         if tiny and "vocab_size" not in overrides:
-            config["llm_config"]["vocab_size"] = len(tokenizer)
+            config[text_key]["vocab_size"] = len(tokenizer)
+        if text_key == "text_config":  # vision token ids of the code tokenizer (the real ids when realistic)
+            for token, key in ((IMAGE_PAD_TOKEN, "image_token_id"), (VISION_START_TOKEN, "vision_start_token_id"),
+                               (VISION_END_TOKEN, "vision_end_token_id"), ("<|video_pad|>", "video_token_id")):  # fmt: skip
+                config[key] = int(tokenizer.convert_tokens_to_ids(token))
         device = torch.device(device)
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
@@ -185,7 +265,8 @@ class Sa2VA(nn.Module):
     def from_pretrained(
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> Sa2VA:
-        """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM)."""
+        """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM,
+        or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, path, device=device, dtype=dtype)
@@ -225,8 +306,21 @@ class Sa2VA(nn.Module):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ encoders
+    def _no_vit_cache(self) -> None:
+        if self.family != "internvl":
+            raise NotImplementedError(
+                f"Precomputed vision features are not supported for the {self.family} family: its projector "
+                "(the merger) is inside the vision tower"
+                + (" and DeepStack feeds intermediate layers" if self.family == "qwen3_vl" else "")
+                + ". Cache SAM2 features only (encode_sam2 / batch key 'sam2_features')."
+            )
+
     def encode_vit(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """InternViT output of tiles [T, 3, 448, 448] before pixel shuffle and projector: [T, 1024, C]."""
+        """InternViT output of tiles [T, 3, 448, 448] before pixel shuffle and projector: [T, 1024, C].
+
+        InternVL family only; the Qwen-VL family raises ``NotImplementedError`` (see the module docstring).
+        """
+        self._no_vit_cache()
         tower = self.vlm.model.vision_tower
         with _grad_scope(tower):
             out = tower(pixel_values=pixel_values.to(self.device, _dtype_of(tower)))
@@ -240,14 +334,19 @@ class Sa2VA(nn.Module):
             return list(out.fpn_hidden_states)
 
     def encode_images(self, pixel_values: torch.Tensor, sam2_pixel_values: torch.Tensor) -> dict[str, Any]:
-        """Both frozen encoders: ``{"vit_features": [T,1024,C], "sam2_features": [3 maps]}`` (cacheable)."""
+        """Both frozen encoders: ``{"vit_features": [T,1024,C], "sam2_features": [3 maps]}`` (cacheable).
+
+        InternVL family only (``NotImplementedError`` for Qwen-VL, whose SAM2 features :meth:`encode_sam2`
+        still caches)."""
+        self._no_vit_cache()
         return {
             "vit_features": self.encode_vit(pixel_values),
             "sam2_features": self.encode_sam2(sam2_pixel_values),
         }
 
     def project_vit(self, vit_features: torch.Tensor) -> torch.Tensor:
-        """Pixel shuffle + projector (mlp1): [T, 1024, C] -> [T, 256, hidden]."""
+        """Pixel shuffle + projector (mlp1): [T, 1024, C] -> [T, 256, hidden] (InternVL family)."""
+        self._no_vit_cache()
         t, n, c = vit_features.shape
         side = int(n**0.5)
         projector = self.vlm.model.multi_modal_projector
@@ -255,7 +354,51 @@ class Sa2VA(nn.Module):
         x = self.vlm.model.pixel_shuffle(x, scale_factor=self.downsample_ratio)
         return projector(x.reshape(t, -1, x.shape[-1]))
 
+    def qwen_vl_pixels(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen-VL input of one image: patches [n, 3 * T * P * P] and ``image_grid_thw`` [1, 3]."""
+        return qwen_vl_pixel_values(
+            image, self.patch_size, self.merge_size, self.temporal_patch_size, self.pixel_mean, self.pixel_std,
+            self.min_pixels, self.max_pixels,
+        )  # fmt: skip
+
+    def qwen_vl_image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> torch.Tensor:
+        """Vision tower output after its merger, as the LLM receives it: [image tokens, hidden] (Qwen-VL)."""
+        visual = self.vlm.model.visual
+        with _grad_scope(visual):
+            out = visual(
+                pixel_values.to(self.device, _dtype_of(visual)), grid_thw=image_grid_thw.to(self.device)
+            )
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
     # ------------------------------------------------------------------ LLM + mask decoder
+    def _qwen_vl_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_grid_thw: torch.Tensor,
+    ) -> torch.Tensor:
+        """Last-layer hidden states (after the final norm) of the native Qwen-VL forward with our M-RoPE ids."""
+        grid = image_grid_thw.to(input_ids.device)
+        n_tokens = int((input_ids == self.img_context_id).sum())
+        n_feats = sum(image_token_count(grid, self.merge_size))
+        if n_tokens != n_feats:
+            raise ValueError(
+                f"{n_tokens} {IMAGE_PAD_TOKEN} tokens in the batch but image_grid_thw gives {n_feats}"
+            )
+        positions = mrope_position_ids(input_ids, attention_mask, grid, self.img_context_id, self.merge_size)
+        out = self.vlm.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            pixel_values=pixel_values.to(input_ids.device, _dtype_of(self.vlm.model.visual)),
+            image_grid_thw=grid,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
     def _llm_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
     ) -> torch.Tensor:
@@ -324,6 +467,9 @@ class Sa2VA(nn.Module):
     ) -> dict[str, Any]:
         """Build a training batch from (image, mask(s), phrase(s)) samples.
 
+        InternVL family: ``pixel_values`` are 448 tiles and ``n_tiles`` counts them per sample; Qwen-VL family:
+        ``pixel_values`` are the patches of all images [sum n, 3 * T * P * P] and ``image_grid_thw`` [B, 3].
+
         A sample is a tuple ``(image, masks, phrases)`` or a dict with those keys; ``masks`` is one HxW mask
         or
         a list of them, ``phrases`` one string or a list (one per mask). Each object becomes one turn with one
@@ -333,7 +479,7 @@ class Sa2VA(nn.Module):
         """
         rng = rng if rng is not None else random.Random(0 if seed is None else seed)
         rows, tiles, sam2_inputs, gt_masks, object_image = [], [], [], [], []
-        n_tiles_per_sample = []
+        n_tiles_per_sample, grids = [], []
         for i, sample in enumerate(samples):
             image, masks, phrases = (
                 (sample["image"], sample["masks"], sample["phrases"]) if isinstance(sample, dict) else sample
@@ -343,9 +489,17 @@ class Sa2VA(nn.Module):
             if len(phrases) != len(masks) or not masks:
                 raise ValueError(f"Sample {i}: {len(masks)} masks but {len(phrases)} phrases")
             pil = to_pil_rgb(image)
-            pv = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+            if self.family == "internvl":
+                pv = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+                n_tiles_per_sample.append(pv.shape[0])
+                image_text = first_turn_input("{question}", pv.shape[0], self.tokens_per_tile)
+            else:
+                pv, grid = self.qwen_vl_pixels(pil)
+                grids.append(grid)
+                image_text = qwen_vl_first_turn_input(
+                    "{question}", image_token_count(grid, self.merge_size)[0]
+                )
             tiles.append(pv)
-            n_tiles_per_sample.append(pv.shape[0])
             sam2_inputs.append(sam2_pixel_values(pil, self.sam2_image_size, "exact"))
             mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
             if mask_stack.shape[-2:] != (pil.height, pil.width):
@@ -358,9 +512,7 @@ class Sa2VA(nn.Module):
             labels: list[int] = [L.IGNORE_INDEX] * len(ids)
             for turn, phrase in enumerate(phrases):
                 question = sample_question(phrase, rng)
-                text = (
-                    first_turn_input(question, pv.shape[0], self.tokens_per_tile) if turn == 0 else question
-                )
+                text = image_text.replace("{question}", question) if turn == 0 else question
                 reply = answer if answer is not None else sample_answer(rng)
                 prompt = self._encode(self.template.instruction.format(input=text))
                 out = self._encode(reply + self.template.suffix)
@@ -376,12 +528,17 @@ class Sa2VA(nn.Module):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             labels_t[r, : len(ids)] = torch.tensor(labels)
             attention[r, : len(ids)] = 1
+        images = (
+            {"n_tiles": torch.tensor(n_tiles_per_sample)}
+            if self.family == "internvl"
+            else {"image_grid_thw": torch.cat(grids)}
+        )
         return {
             "input_ids": input_ids,
             "labels": labels_t,
             "attention_mask": attention,
             "pixel_values": torch.cat(tiles),
-            "n_tiles": torch.tensor(n_tiles_per_sample),
+            **images,
             "sam2_pixel_values": torch.stack(sam2_inputs),
             "gt_masks": torch.cat(gt_masks),
             "object_image_index": torch.tensor(object_image),
@@ -402,6 +559,7 @@ class Sa2VA(nn.Module):
         """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``,
         ``total``.
 
+        Qwen-VL family: ``pixel_values`` + ``image_grid_thw`` as :meth:`collate` makes them (no ``vit_features``).
         Batch keys: ``input_ids``, ``labels``, ``attention_mask`` [B, T]; ``pixel_values`` [sum of tiles, 3,
         448,
         448] (tiles of sample 0 first) or precomputed ``vit_features`` [sum of tiles, 1024, C];
@@ -413,13 +571,22 @@ class Sa2VA(nn.Module):
         the official point sampling; "dense": every pixel) + LM cross-entropy x ``llm_weight``.
         """
         device = self.device
-        vit = batch.get("vit_features")
-        vit = self.encode_vit(batch["pixel_values"]) if vit is None else vit.to(device)
-        fpn = batch.get("sam2_features")
-        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device)
-        hidden = self._llm_hidden(input_ids, batch["attention_mask"].to(device), self.project_vit(vit))
+        attention = batch["attention_mask"].to(device)
+        if self.family == "internvl":
+            vit = batch.get("vit_features")
+            vit = self.encode_vit(batch["pixel_values"]) if vit is None else vit.to(device)
+        elif batch.get("vit_features") is not None:
+            self._no_vit_cache()
+        fpn = batch.get("sam2_features")
+        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
+        if self.family == "internvl":
+            hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+        else:
+            hidden = self._qwen_vl_hidden(
+                input_ids, attention, batch["pixel_values"], batch["image_grid_thw"]
+            )
         llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
         seg = self._seg_states(hidden, input_ids)
         gt = batch["gt_masks"].to(device)
@@ -436,8 +603,12 @@ class Sa2VA(nn.Module):
         return {"llm": llm, "mask_bce": bce, "mask_dice": dice, "total": total}
 
     # ------------------------------------------------------------------ inference
-    def _prompt_ids(self, question: str, answer: str, n_tiles: int) -> list[int]:
-        text = first_turn_input(question, n_tiles, self.tokens_per_tile)
+    def _prompt_ids(self, question: str, answer: str, n_images: int) -> list[int]:
+        """Prompt + answer ids; ``n_images`` = tiles (InternVL) or ``<|image_pad|>`` tokens (Qwen-VL)."""
+        if self.family == "internvl":
+            text = first_turn_input(question, n_images, self.tokens_per_tile)
+        else:
+            text = qwen_vl_first_turn_input(question, n_images)
         prompt = self._encode(self.template.instruction.format(input=text))
         return self.bos_ids + prompt + self._encode(answer)
 
@@ -455,7 +626,8 @@ class Sa2VA(nn.Module):
         ``images``: a PIL image / uint8 HxWx3 array, a list of them, or a [N, H, W, 3] uint8 array;
         ``phrases``: one phrase for all or one per
         image (lower-cased, trailing '.' stripped, as in training). The prompt is ``"<image>\\n" + question``
-        in the checkpoint's template, followed by the fixed ``answer``; the last-layer hidden state at the
+        in the checkpoint's template (Qwen-VL: the training layout, see the module docstring), followed by the
+        fixed ``answer``; the last-layer hidden state at the
         [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
         bilinear interpolation (align_corners False), then sigmoid; SAM2 normalisation uses the bf16-cast
         constants of the official inference code.
@@ -500,12 +672,18 @@ class Sa2VA(nn.Module):
         self, images: list, phrases: list[str], question_template: str, answer: str, object_score_gate: bool
     ) -> list[torch.Tensor]:
         device = self.device
-        tiles = [
-            vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail) for im in images
-        ]
+        if self.family == "internvl":
+            tiles = [
+                vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+                for im in images
+            ]
+            counts = [t.shape[0] for t in tiles]
+        else:
+            patches, grids = zip(*(self.qwen_vl_pixels(im) for im in images))
+            counts = image_token_count(torch.cat(grids), self.merge_size)
         rows = [
-            self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, t.shape[0])
-            for p, t in zip(phrases, tiles)
+            self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, n)
+            for p, n in zip(phrases, counts)
         ]
         length = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -515,8 +693,11 @@ class Sa2VA(nn.Module):
             attention[r, : len(ids)] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         sam2_inputs = torch.stack([sam2_pixel_values(im, self.sam2_image_size, "bf16") for im in images])
-        vit = self.encode_vit(torch.cat(tiles))
-        hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+        if self.family == "internvl":
+            vit = self.encode_vit(torch.cat(tiles))
+            hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+        else:
+            hidden = self._qwen_vl_hidden(input_ids, attention, torch.cat(patches), torch.cat(grids))
         seg = self._seg_states(hidden, input_ids)
         logits, _, object_score = self.decode_masks(
             self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg

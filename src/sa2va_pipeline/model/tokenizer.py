@@ -44,12 +44,16 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(realistic_ids: bool = False):
+def build_tokenizer(realistic_ids: bool = False, internvl_tokens: bool = True):
     """Build the code tokenizer as a transformers ``PreTrainedTokenizerFast``.
 
     Args:
         realistic_ids: pad the vocabulary so special tokens get the ids of the released Qwen2.5-based
-            Sa2VA checkpoints (``<|endoftext|>`` = 151643, ``<IMG_CONTEXT>`` = 151667, ``[SEG]`` = 151674).
+            Sa2VA checkpoints (``<|endoftext|>`` = 151643, ``<IMG_CONTEXT>`` = 151667, ``[SEG]`` = 151674;
+            ``<|vision_start|>`` = 151652, ``<|image_pad|>`` = 151655 as in Qwen2.5-VL / Qwen3-VL).
+        internvl_tokens: add InternVL's ``<img>``/``<IMG_CONTEXT>``... (InternVL family). The Qwen-VL family
+            has none: Sa2VA's tokens follow Qwen's specials directly (``[SEG]`` = 151665; Qwen3-VL's real
+            tokenizer has a few more specials such as ``<think>``, not built here).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -75,7 +79,7 @@ def build_tokenizer(realistic_ids: bool = False):
     tok = Tokenizer(model)
     tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    specials = QWEN_SPECIALS + INTERNVL_SPECIALS + SA2VA_ADDED_TOKENS
+    specials = QWEN_SPECIALS + (INTERNVL_SPECIALS if internvl_tokens else []) + SA2VA_ADDED_TOKENS
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -265,6 +269,8 @@ def read_sentencepiece_bytes(data: bytes) -> int:
 def build_preset_tokenizer(llm: str, realistic_ids: bool = False):
     """(tokenizer, sentencepiece model bytes or None) of a preset: byte-level BPE for Qwen2 LLMs; for
     InternLM2 a code-built sentencepiece model plus InternVL's and Sa2VA's added tokens, as in Sa2VA-8B."""
+    if llm in ("qwen2_5_vl", "qwen3_vl"):
+        return build_tokenizer(realistic_ids=realistic_ids, internvl_tokens=False), None
     if llm != "internlm2":
         return build_tokenizer(realistic_ids=realistic_ids), None
     import tempfile

@@ -1,0 +1,259 @@
+"""Qwen-VL family (Sa2VA-Qwen2_5-VL, Sa2VA-Qwen3-VL) on tiny presets: official layout, strict load, bit-identical
+round trip, prompt layout, M-RoPE positions, predict_proba, gradients, DeepStack, feature-cache policy."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sa2va_pipeline.model.checkpoint import CheckpointError
+from sa2va_pipeline.model.conversion import native_to_official, official_to_native
+from sa2va_pipeline.model.losses import IGNORE_INDEX
+from sa2va_pipeline.model.qwen_vl import mrope_position_ids
+
+PRESETS = {"qwen2_5_vl": "tiny-qwen2_5-vl", "qwen3_vl": "tiny-qwen3-vl"}
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module", params=sorted(PRESETS))
+def qwen(request, tmp_path_factory):
+    """(model, saved official-layout checkpoint dir) per family; tests must not mutate the model."""
+    from sa2va_pipeline.model import Sa2VA
+
+    torch.set_num_threads(2)
+    if request.param not in _CACHE:
+        model = Sa2VA.from_preset(PRESETS[request.param])
+        path = tmp_path_factory.mktemp(request.param)
+        model.save_pretrained(path)
+        _CACHE[request.param] = (model, path)
+    return _CACHE[request.param]
+
+
+def _perturb(saved, tmp_path, edit):
+    ckpt = tmp_path / "perturbed"
+    shutil.copytree(saved, ckpt)
+    state = load_file(str(ckpt / "model.safetensors"))
+    edit(state)
+    save_file(state, str(ckpt / "model.safetensors"))
+    return ckpt
+
+
+def test_official_layout_and_bit_identical_round_trip(qwen, tmp_path, make_image):
+    from sa2va_pipeline.model import Sa2VA
+
+    model, saved = qwen
+    state = load_file(str(saved / "model.safetensors"))
+    assert {k.split(".")[0] for k in state} == {"model", "grounding_encoder", "text_hidden_fcs"}
+    assert {"model.lm_head.weight", "model.model.language_model.embed_tokens.weight",
+            "text_hidden_fcs.2.weight",
+            "grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.3.weight"} <= set(state)  # fmt: skip
+    config = json.loads((saved / "config.json").read_text())
+    assert any(k.startswith("model.model.visual.merger.") for k in state)
+    assert config["model_type"] == "sa2va_chat" and config["architectures"] == ["Sa2VAChatModelQwen"]
+    assert config["image_token_id"] == model.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    loaded = Sa2VA.from_pretrained(saved)
+    assert loaded.family == model.family and type(loaded.vlm) is type(model.vlm)
+    reference = model.state_dict()
+    assert loaded.state_dict().keys() == reference.keys()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+    assert loaded.vlm.lm_head.weight.data_ptr() != loaded.vlm.get_input_embeddings().weight.data_ptr()
+    loaded.save_pretrained(tmp_path / "again")
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert again.keys() == state.keys()
+    assert all(torch.equal(state[k], again[k]) and state[k].dtype == again[k].dtype for k in state)
+    image = make_image(5, 128, 96)
+    assert torch.equal(loaded.predict_proba(image, "vessel"), model.predict_proba(image, "vessel"))
+
+
+def test_legacy_key_layout_loads_too(qwen, tmp_path):
+    """Checkpoints saved by older transformers (``model.visual.*``, ``model.model.layers.*``) load the same."""
+    from sa2va_pipeline.model import Sa2VA
+
+    model, saved = qwen
+
+    def legacy(state):
+        for key in [k for k in state if k.startswith("model.model.")]:
+            rest = key[len("model.model.") :]
+            new = (
+                "model.visual." + rest[len("visual.") :]
+                if rest.startswith("visual.")
+                else "model.model." + rest[len("language_model.") :]
+            )
+            state[new] = state.pop(key)
+
+    loaded = Sa2VA.from_pretrained(_perturb(saved, tmp_path, legacy))
+    reference = model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("model.model.language_model.norm.weight"), r"missing keys.*vlm\.model\.language_model\.norm\.weight"),
+        (lambda s: s.update({"model.model.visual.extra.weight": torch.zeros(2)}), r"unexpected keys.*visual\.extra\.weight"),
+        (lambda s: s.update({"text_hidden_fcs.2.weight": s["text_hidden_fcs.2.weight"][:100]}), r"mis-shaped keys: text_hidden_fcs\.2\.weight"),
+    ],
+)  # fmt: skip
+def test_strict_load_names_the_problem(qwen, tmp_path, edit, message):
+    from sa2va_pipeline.model import Sa2VA
+
+    with pytest.raises(CheckpointError, match=message):
+        Sa2VA.from_pretrained(_perturb(qwen[1], tmp_path, edit))
+
+
+def test_config_and_weights_of_different_families_are_refused(qwen, tmp_path):
+    from sa2va_pipeline.model import Sa2VA
+
+    ckpt = _perturb(qwen[1], tmp_path, lambda s: [s.pop(k) for k in [k for k in s if k.startswith("model.")]])
+    with pytest.raises(CheckpointError, match=r"no weight is under 'model\.\*'"):
+        Sa2VA.from_pretrained(ckpt)
+
+
+def test_collate_uses_the_training_prompt_layout(qwen, make_image, make_mask):
+    model, _ = qwen
+    samples = [(make_image(0, 96, 128), make_mask(0, 96, 128), "Vessel."),
+               (make_image(1, 64, 64), [make_mask(1, 64, 64), make_mask(2, 64, 64)], ["vessel", "artery"])]  # fmt: skip
+    batch = model.collate(samples, rng=random.Random(0), answer="Sure, [SEG].")
+    tok = model.tokenizer
+    grid = batch["image_grid_thw"]
+    n_tokens = (grid.prod(-1) // model.merge_size**2).tolist()
+    assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum()) and "n_tiles" not in batch
+    for row, n_turns in ((0, 1), (1, 2)):
+        ids = batch["input_ids"][row][: int(batch["attention_mask"][row].sum())]
+        text = tok.decode(ids)
+        head = "<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n_tokens[row] + "<|vision_end|>\n"
+        assert text.startswith(head) and "system" not in text and "vessel." not in text
+        assert text.count("<|im_start|>assistant\nSure, [SEG].<|im_end|>\n") == n_turns
+        labels = batch["labels"][row]
+        assert labels[labels != IGNORE_INDEX].tolist() == tok.encode("Sure, [SEG].<|im_end|>") * n_turns
+    assert batch["gt_masks"].shape[0] == 3 and batch["object_image_index"].tolist() == [0, 1, 1]
+
+
+def test_mrope_positions_equal_the_models_own(qwen, make_image, make_mask):
+    model, _ = qwen
+    samples = [(make_image(0, 96, 160), make_mask(0, 96, 160), "vessel"),
+               (make_image(1, 64, 64), make_mask(1, 64, 64), "artery")]  # fmt: skip
+    batch = model.collate(samples, seed=0)
+    ids, attention, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    assert attention.min() == 0  # padding is exercised
+    ours = mrope_position_ids(ids, attention, grid, model.img_context_id, model.merge_size)
+    kwargs = {"image_grid_thw": grid, "attention_mask": attention}
+    if "mm_token_type_ids" in inspect.signature(model.vlm.model.get_rope_index).parameters:
+        kwargs["mm_token_type_ids"] = (ids == model.img_context_id).int()
+    theirs, _ = model.vlm.model.get_rope_index(ids, **kwargs)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="image tokens"):
+        mrope_position_ids(ids, attention, grid[:1], model.img_context_id, model.merge_size)
+
+
+def test_predict_proba_shape_range_and_batch_matches_single(qwen, make_image):
+    model, _ = qwen
+    images = [make_image(0, 128, 128), make_image(1, 96, 160)]
+    phrases = ["blood vessel", "artery"]
+    batched = model.predict_proba(images, phrases, batch_size=2)
+    assert [tuple(p.shape) for p in batched] == [(128, 128), (96, 160)]
+    for image, phrase, expected in zip(images, phrases, batched):
+        assert (
+            expected.dtype == torch.float32 and 0.0 <= float(expected.min()) <= float(expected.max()) <= 1.0
+        )
+        single = model.predict_proba(image, phrase)
+        assert single.shape[0] == 1 and torch.allclose(single[0], expected, atol=1e-5)
+
+
+def _recipe_trainable(model) -> None:
+    model.requires_grad_(False)
+    for module in (model.vlm.model.visual.merger, model.sam2.mask_decoder, model.text_hidden_fcs,
+                   model.vlm.model.language_model, model.vlm.lm_head):  # fmt: skip
+        module.requires_grad_(True)
+
+
+@pytest.mark.parametrize("family", sorted(PRESETS))
+def test_gradients_reach_exactly_the_recipe_parts(family, make_image, make_mask):
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset(PRESETS[family])
+    _recipe_trainable(model)
+    batch = model.collate([(make_image(0, 96, 128), make_mask(0, 96, 128), "vessel"),
+                           (make_image(1, 64, 64), make_mask(1, 64, 64), "vessel")], seed=0)  # fmt: skip
+    out = model.training_forward(batch)
+    assert set(out) == {"llm", "mask_bce", "mask_dice", "total"} and torch.isfinite(out["total"])
+    out["total"].backward()
+    merger = next(n for n, _ in model.named_parameters() if n.startswith("vlm.model.visual.merger."))
+    for name in (merger, "sam2.mask_decoder.conv_s0.weight",
+                 "sam2.mask_decoder.conv_s1.weight", "text_hidden_fcs.0.weight", "text_hidden_fcs.2.weight",
+                 "vlm.lm_head.weight", "vlm.model.language_model.embed_tokens.weight",
+                 "vlm.model.language_model.layers.0.self_attn.q_proj.weight",
+                 "vlm.model.language_model.layers.1.mlp.down_proj.weight"):  # fmt: skip
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    for name, param in model.named_parameters():
+        if name.startswith(("sam2.vision_encoder", "sam2.prompt_encoder", "vlm.model.visual.blocks",
+                            "vlm.model.visual.patch_embed", "vlm.model.visual.deepstack")):  # fmt: skip
+            assert param.grad is None, name
+
+
+def test_vision_feature_cache_is_refused_but_sam2_cache_works(qwen, make_image, make_mask):
+    model, _ = qwen
+    batch = model.collate([(make_image(0, 64, 64), make_mask(0, 64, 64), "vessel")], seed=0)
+    with pytest.raises(NotImplementedError, match="Cache SAM2 features only"):
+        model.encode_vit(batch["pixel_values"])
+    with pytest.raises(NotImplementedError):
+        model.encode_images(batch["pixel_values"], batch["sam2_pixel_values"])
+    with torch.no_grad():
+        direct = model.training_forward(batch, generator=torch.Generator().manual_seed(0))
+        cached = dict(batch, sam2_features=model.encode_sam2(batch["sam2_pixel_values"]))
+        del cached["sam2_pixel_values"]
+        again = model.training_forward(cached, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(NotImplementedError):
+            model.training_forward(dict(batch, vit_features=torch.zeros(1)))
+    assert all(torch.allclose(direct[k], again[k], atol=1e-6) for k in direct)
+
+
+def test_qwen3_deepstack_reaches_the_llm(qwen, make_image):
+    model, _ = qwen
+    if model.family != "qwen3_vl":
+        pytest.skip("DeepStack is Qwen3-VL only")
+    image = make_image(3, 64, 64)
+    before = model.predict_proba(image, "vessel")
+    bias = model.vlm.model.visual.deepstack_merger_list[0].linear_fc2.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.add_(5.0)
+        assert not torch.allclose(model.predict_proba(image, "vessel"), before, atol=1e-4)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+
+
+@pytest.mark.parametrize(
+    ("name", "hidden", "layers", "vision_hidden", "deepstack"),
+    [("sa2va-qwen2_5-vl-3b", 2048, 36, 1280, 0), ("sa2va-qwen3-vl-4b", 2560, 36, 1024, 3)],
+)
+def test_real_size_presets_have_released_shapes(name, hidden, layers, vision_hidden, deepstack):
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset(name, device="meta")
+    text = model.vlm.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (hidden, layers, 151936)
+    assert model.vlm.config.vision_config.hidden_size == vision_hidden
+    assert [p for p in model.vlm.model.visual.merger.parameters()][-1].shape == (hidden,)  # last bias
+    assert len(getattr(model.vlm.model.visual, "deepstack_merger_list", [])) == deepstack
+    assert model.vlm.lm_head.weight is not model.vlm.model.language_model.embed_tokens.weight
+    tok = model.tokenizer
+    assert tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]) == [
+        151652,
+        151653,
+        151655,
+    ]
+    assert model.img_context_id == model.vlm.config.image_token_id == 151655
+    assert model.sam2_image_size == 1024 and model.min_pixels == 512 * 28 * 28
+    native = model.state_dict()
+    back, kept, unknown = official_to_native(native_to_official(native, {}, model.layout), model.layout)
+    assert not unknown and not kept and set(back) == set(native)
