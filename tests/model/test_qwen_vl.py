@@ -257,3 +257,25 @@ def test_real_size_presets_have_released_shapes(name, hidden, layers, vision_hid
     native = model.state_dict()
     back, kept, unknown = official_to_native(native_to_official(native, {}, model.layout), model.layout)
     assert not unknown and not kept and set(back) == set(native)
+
+
+def test_training_layout_finds_the_qwen_vl_parts(qwen):
+    from sa2va_pipeline.training.config import TrainableParts
+    from sa2va_pipeline.training.parameter_groups import find_layout, group_of, set_trainable_parts
+
+    model, _ = qwen
+    layout = find_layout(model)
+    assert (layout.projector, layout.vision_tower) == ("vlm.model.visual.merger.", "vlm.model.visual.")
+    groups = {name: group_of(name, layout) for name, _ in model.named_parameters()}
+    assert {g for n, g in groups.items() if n.startswith("vlm.model.visual.merger.")} == {"projector"}
+    assert groups["vlm.model.visual.blocks.0.attn.qkv.weight"] == "vision_tower"
+    if model.family == "qwen3_vl":  # DeepStack mergers belong to the (frozen) tower
+        assert groups["vlm.model.visual.deepstack_merger_list.0.linear_fc1.weight"] == "vision_tower"
+    original = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        set_trainable_parts(model, layout, TrainableParts())
+        trainable = {groups[n] for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"embeddings", "projector", "text_hidden_fcs", "mask_decoder"}
+    finally:
+        for name, param in model.named_parameters():
+            param.requires_grad_(original[name])

@@ -56,7 +56,8 @@ class ModelLayout:
 
 
 def find_layout(model: nn.Module) -> ModelLayout:
-    """Locate the parts of a native Sa2VA model (``model.vlm`` = transformers InternVL, SAM2, text_hidden_fcs)."""
+    """Locate the parts of a native Sa2VA model (``model.vlm`` = transformers InternVL or Qwen-VL, SAM2,
+    text_hidden_fcs)."""
     names = {name for name, _ in model.named_modules()}
 
     def first(*candidates: str) -> str:
@@ -74,8 +75,10 @@ def find_layout(model: nn.Module) -> ModelLayout:
         llm=first("vlm.model.language_model"),
         embed_tokens=first("vlm.model.language_model.embed_tokens"),
         lm_head=first("vlm.lm_head"),
-        projector=first("vlm.model.multi_modal_projector"),
-        vision_tower=first("vlm.model.vision_tower"),
+        # InternVL: mlp1 / InternViT; Qwen-VL: the merger inside the vision tower / the tower (projector wins:
+        # group_of checks it first)
+        projector=first("vlm.model.multi_modal_projector", "vlm.model.visual.merger"),
+        vision_tower=first("vlm.model.vision_tower", "vlm.model.visual"),
         sam2=sam2,
         mask_decoder=first(sam2 + "mask_decoder"),
         sam2_image_encoder=first(sam2 + "vision_encoder"),
