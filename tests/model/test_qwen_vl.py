@@ -215,18 +215,21 @@ def test_vision_feature_cache_is_refused_but_sam2_cache_works(qwen, make_image, 
     assert all(torch.allclose(direct[k], again[k], atol=1e-6) for k in direct)
 
 
-def test_qwen3_deepstack_reaches_the_llm(qwen, make_image):
+def test_qwen3_deepstack_reaches_the_llm(qwen, make_image, make_mask):
     model, _ = qwen
     if model.family != "qwen3_vl":
         pytest.skip("DeepStack is Qwen3-VL only")
-    image = make_image(3, 64, 64)
-    before = model.predict_proba(image, "vessel")
+    batch = model.collate([(make_image(3, 64, 64), make_mask(3, 64, 64), "vessel")], seed=0)
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+    is_seg = batch["input_ids"] == model.seg_id
     bias = model.vlm.model.visual.deepstack_merger_list[0].linear_fc2.bias
     saved = bias.detach().clone()
     try:
         with torch.no_grad():
-            bias.add_(5.0)
-        assert not torch.allclose(model.predict_proba(image, "vessel"), before, atol=1e-4)
+            before = model._qwen_vl_hidden(*args)[1][is_seg]
+            bias.add_(1.0)
+            after = model._qwen_vl_hidden(*args)[1][is_seg]
+        assert (after - before).abs().max() > 1e-3  # the [SEG] state sees the DeepStack features
     finally:
         with torch.no_grad():
             bias.copy_(saved)
@@ -279,3 +282,19 @@ def test_training_layout_finds_the_qwen_vl_parts(qwen):
     finally:
         for name, param in model.named_parameters():
             param.requires_grad_(original[name])
+
+
+def test_seg_state_is_post_norm_for_qwen2_5_and_pre_norm_for_qwen3(qwen, make_image, make_mask):
+    """As the official code gets ``hidden_states[-1]`` under transformers 4.57 (checked against 4.57.1)."""
+    model, _ = qwen
+    batch = model.collate([(make_image(0, 64, 64), make_mask(0, 64, 64), "vessel")], seed=0)
+    with torch.no_grad():
+        post, seg_source = model._qwen_vl_hidden(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"]
+        )
+    assert model.seg_hidden_prenorm == (model.family == "qwen3_vl")
+    if model.seg_hidden_prenorm:
+        assert not torch.allclose(seg_source, post)
+        assert torch.allclose(model.language_model.norm(seg_source), post, atol=1e-6)
+    else:
+        assert seg_source is post

@@ -14,7 +14,8 @@ question, and Qwen2.5-VL's template inserts the default system prompt "You are a
 numbers differ slightly from ours; we follow the layout the model was trained on. Images: native-resolution
 patches (:func:`.preprocessing.qwen_vl_pixel_values`), M-RoPE positions from :func:`.qwen_vl.mrope_position_ids`,
 and the native forward with ``pixel_values`` + ``image_grid_thw`` (so Qwen3-VL's DeepStack runs as transformers
-implements it). Precomputed vision features are not supported for this family (``encode_vit`` raises
+implements it). The [SEG] state is the last layer after the final norm, except for Qwen3-VL, where the official
+code (transformers 4.57) gets the last decoder layer's output before the final norm (``seg_hidden_prenorm``). Precomputed vision features are not supported for this family (``encode_vit`` raises
 ``NotImplementedError``): the merger (the projector) sits inside the vision tower and DeepStack feeds
 intermediate layers; SAM2 features can still be cached (``encode_sam2``, batch key ``sam2_features``).
 
@@ -196,6 +197,11 @@ class Sa2VA(nn.Module):
         # The official code passes 512 / 2048 * 28 * 28 for both families; tiny presets store smaller bounds.
         self.min_pixels = int(config.get("min_pixels") or QWEN_VL_MIN_PIXELS)
         self.max_pixels = int(config.get("max_pixels") or QWEN_VL_MAX_PIXELS)
+        # The official Sa2VA takes ``hidden_states[-1]`` of the ForConditionalGeneration output (training and
+        # predict_forward). Under the transformers it was trained with (4.57), that is the state after the final
+        # norm for Qwen2.5-VL but the last decoder layer's output BEFORE the final norm for Qwen3-VL (its
+        # hidden states are recorded at the decoder layers); checked numerically against 4.57.1. We reproduce it.
+        self.seg_hidden_prenorm = self.family == "qwen3_vl"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -380,7 +386,9 @@ class Sa2VA(nn.Module):
         pixel_values: torch.Tensor,
         image_grid_thw: torch.Tensor,
     ) -> torch.Tensor:
-        """Last-layer hidden states (after the final norm) of the native Qwen-VL forward with our M-RoPE ids."""
+        """Hidden states of the native Qwen-VL forward with our M-RoPE ids: (after the final norm, for the LM
+        loss; the [SEG] source: the same for Qwen2.5-VL, the last decoder layer's output BEFORE the final norm
+        for Qwen3-VL, see ``seg_hidden_prenorm``)."""
         grid = image_grid_thw.to(input_ids.device)
         n_tokens = int((input_ids == self.img_context_id).sum())
         n_feats = sum(image_token_count(grid, self.merge_size))
@@ -389,15 +397,25 @@ class Sa2VA(nn.Module):
                 f"{n_tokens} {IMAGE_PAD_TOKEN} tokens in the batch but image_grid_thw gives {n_feats}"
             )
         positions = mrope_position_ids(input_ids, attention_mask, grid, self.img_context_id, self.merge_size)
-        out = self.vlm.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            pixel_values=pixel_values.to(input_ids.device, _dtype_of(self.vlm.model.visual)),
-            image_grid_thw=grid,
-            use_cache=False,
+        captured: list[torch.Tensor] = []
+        hook = (
+            self.language_model.norm.register_forward_hook(lambda _m, args, _out: captured.append(args[0]))
+            if self.seg_hidden_prenorm
+            else None
         )
-        return out.last_hidden_state
+        try:
+            out = self.vlm.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                pixel_values=pixel_values.to(input_ids.device, _dtype_of(self.vlm.model.visual)),
+                image_grid_thw=grid,
+                use_cache=False,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        return out.last_hidden_state, (captured[-1] if captured else out.last_hidden_state)
 
     def _llm_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
@@ -584,11 +602,11 @@ class Sa2VA(nn.Module):
         if self.family == "internvl":
             hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
         else:
-            hidden = self._qwen_vl_hidden(
+            hidden, seg_source = self._qwen_vl_hidden(
                 input_ids, attention, batch["pixel_values"], batch["image_grid_thw"]
             )
         llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
-        seg = self._seg_states(hidden, input_ids)
+        seg = self._seg_states(hidden if self.family == "internvl" else seg_source, input_ids)
         gt = batch["gt_masks"].to(device)
         if seg.shape[0] != gt.shape[0]:
             raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")
@@ -628,7 +646,8 @@ class Sa2VA(nn.Module):
         image (lower-cased, trailing '.' stripped, as in training). The prompt is ``"<image>\\n" + question``
         in the checkpoint's template (Qwen-VL: the training layout, see the module docstring), followed by the
         fixed ``answer``; the last-layer hidden state at the
-        [SEG] input position drives the mask decoder. Logits go S/4 -> S (SAM2 input) -> original size by
+        [SEG] input position drives the mask decoder (after the final norm; Qwen3-VL: before it, as the official
+        code gets it). Logits go S/4 -> S (SAM2 input) -> original size by
         bilinear interpolation (align_corners False), then sigmoid; SAM2 normalisation uses the bf16-cast
         constants of the official inference code.
 
@@ -697,7 +716,7 @@ class Sa2VA(nn.Module):
             vit = self.encode_vit(torch.cat(tiles))
             hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
         else:
-            hidden = self._qwen_vl_hidden(input_ids, attention, torch.cat(patches), torch.cat(grids))
+            _, hidden = self._qwen_vl_hidden(input_ids, attention, torch.cat(patches), torch.cat(grids))
         seg = self._seg_states(hidden, input_ids)
         logits, _, object_score = self.decode_masks(
             self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg
