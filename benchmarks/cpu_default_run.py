@@ -61,6 +61,24 @@ def _load_average() -> str:
         return "?"
 
 
+SECTION = "## cpu_default_run.py: default `kedro run`, fresh clone"
+
+
+def _append_row(row: str) -> None:
+    """Add ``row`` at the end of this benchmark's table in RESULTS.md (other sections may follow it)."""
+    if not RESULTS.exists():
+        RESULTS.write_text(f"# Benchmark results\n\n{SECTION}\n\n{HEADER}")
+    lines = RESULTS.read_text().splitlines(keepends=True)
+    if not any(line.startswith(SECTION) for line in lines):
+        lines += [f"\n{SECTION}\n\n", HEADER]
+    start = next(i for i, line in enumerate(lines) if line.startswith(SECTION))
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines.insert(end, row)
+    RESULTS.write_text("".join(lines))
+
+
 def main() -> int:
     """Run the benchmark; returns the process exit code (kedro's)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,10 +146,7 @@ def main() -> int:
             f"{fmt(trained)} | {numbers['val_best_threshold'] or 'n/a'} | "
             f"{fmt(numbers['frozen_threshold_val_dice'])} | {fmt(test_dice)} | {notes} |\n"
         )
-        if not RESULTS.exists():
-            RESULTS.write_text("# Benchmark results\n\n## cpu_default_run.py: default `kedro run`, fresh clone\n\n" + HEADER)
-        with RESULTS.open("a") as fh:
-            fh.write(row)
+        _append_row(row)
         print(f"[bench] appended to {RESULTS}")
     if args.keep:
         print(f"[bench] clone kept at {clone}")
