@@ -196,6 +196,13 @@ def test_gradients_reach_exactly_the_recipe_parts(family, make_image, make_mask)
         if name.startswith(("sam2.vision_encoder", "sam2.prompt_encoder", "vlm.model.visual.blocks",
                             "vlm.model.visual.patch_embed", "vlm.model.visual.deepstack")):  # fmt: skip
             assert param.grad is None, name
+    # mixed precision as on GPU: frozen parts in bf16, trainable parts in fp32, no autocast
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    mixed = model.training_forward(batch)
+    mixed["total"].backward()
+    assert torch.isfinite(mixed["total"]) and abs(float(mixed["total"]) - float(out["total"])) < 0.5
 
 
 def test_vision_feature_cache_is_refused_but_sam2_cache_works(qwen, make_image, make_mask):

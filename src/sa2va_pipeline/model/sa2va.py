@@ -103,6 +103,12 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
+def _cast_inputs_to_own_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: floating tensor inputs in the module's parameter dtype."""
+    dtype = _dtype_of(module)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
 def _grad_scope(module: nn.Module):
     """Autograd only if the module has a trainable parameter (and grad mode is on)."""
     trainable = any(p.requires_grad for p in module.parameters())
@@ -188,6 +194,11 @@ class Sa2VA(nn.Module):
             else Qwen2_5_VLForConditionalGeneration
         )
         self.vlm = cls(vlm_config)
+        # Mixed precision (frozen tower in bf16, trainable merger in fp32, no autocast): the mergers cast their
+        # input to their own dtype, as project_vit does for InternVL's projector.
+        visual = self.vlm.model.visual
+        for merger in [visual.merger, *getattr(visual, "deepstack_merger_list", [])]:
+            merger.register_forward_pre_hook(_cast_inputs_to_own_dtype)
         vision = vlm_config.vision_config
         self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
