@@ -10,13 +10,14 @@ so downstream nodes can point at the files instead of copying their bytes. Local
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
+
+from .staging import staged_folder
 
 
 @dataclass(frozen=True)
@@ -60,24 +61,17 @@ class FileFolderDataset(AbstractVersionedDataset[Mapping[str, FileContent], File
 
     def save(self, data: Mapping[str, FileContent]) -> None:
         """Write every entry (calling callables one at a time) into a new version folder."""
-        target = Path(str(self._get_save_path()))
-        staging = target.with_name(target.name + ".partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        try:
+        with staged_folder(Path(str(self._get_save_path()))) as staging:
             for name, content in data.items():
                 rel = PurePosixPath(name)
                 if rel.is_absolute() or ".." in rel.parts:
-                    raise DatasetError(f"FileFolderDataset: file name {name!r} must be relative, without '..'")
+                    raise DatasetError(
+                        f"FileFolderDataset: file name {name!r} must be relative, without '..'"
+                    )
                 payload = content() if callable(content) else content
                 out = staging / rel
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_bytes(payload)
-            staging.mkdir(parents=True, exist_ok=True)  # an empty mapping still makes a version
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self._clear_version_cache()
 
     def _exists(self) -> bool:

@@ -10,20 +10,21 @@ the device and dtype themselves and nothing heavy is built on load.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
+from .staging import staged_folder
+
 
 class TrainedModelDataset(AbstractVersionedDataset[Any, Path]):
     """A fine-tuned model folder. Example catalog entry::
 
-        trained_model:
-          type: sa2va_pipeline.datasets.trained_model.TrainedModelDataset
-          filepath: data/06_models/trained_model
-          versioned: true
+    trained_model:
+      type: sa2va_pipeline.datasets.trained_model.TrainedModelDataset
+      filepath: data/06_models/trained_model
+      versioned: true
     """
 
     def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None):
@@ -44,18 +45,8 @@ class TrainedModelDataset(AbstractVersionedDataset[Any, Path]):
         """Write the trained model into a new version folder (atomically)."""
         from sa2va_pipeline.training.artifacts import save_trained_model
 
-        target = Path(str(self._get_save_path()))
-        staging = target.with_name(target.name + ".partial")
-        if staging.exists():
-            shutil.rmtree(staging)
-        try:
+        with staged_folder(Path(str(self._get_save_path()))) as staging:
             save_trained_model(data, staging)
-            if target.exists():  # unversioned entries are overwritten as a whole
-                shutil.rmtree(target)
-            staging.rename(target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self._clear_version_cache()
 
     def _exists(self) -> bool:
