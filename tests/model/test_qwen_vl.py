@@ -306,3 +306,27 @@ def test_seg_state_is_post_norm_for_qwen2_5_and_pre_norm_for_qwen3(qwen, make_im
         assert torch.allclose(model.language_model.norm(seg_source), post, atol=1e-6)
     else:
         assert seg_source is post
+
+
+def test_tied_checkpoint_without_lm_head_loads_untied_and_exports_lm_head(qwen, tmp_path):
+    from sa2va_pipeline.model import Sa2VA
+
+    saved = qwen[1]
+    ckpt = _perturb(saved, tmp_path, lambda s: s.pop("model.lm_head.weight"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(config))
+    loaded = Sa2VA.from_pretrained(ckpt)
+    embed = loaded.vlm.get_input_embeddings().weight
+    assert (
+        torch.equal(loaded.vlm.lm_head.weight, embed)
+        and loaded.vlm.lm_head.weight.data_ptr() != embed.data_ptr()
+    )
+    loaded.save_pretrained(tmp_path / "out")
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(out["model.lm_head.weight"], out["model.model.language_model.embed_tokens.weight"])
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["tie_word_embeddings"] is False and written["text_config"]["tie_word_embeddings"] is False
+    untied = _perturb(saved, tmp_path / "b", lambda s: s.pop("model.lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys.*vlm\.lm_head\.weight"):
+        Sa2VA.from_pretrained(untied)

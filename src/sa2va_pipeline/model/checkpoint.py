@@ -189,6 +189,7 @@ def load_pretrained(
     for f in files:
         state.update(load_file(str(f), device="cpu"))
     native, kept, unknown = official_to_native(state, model.layout)
+    _untie_qwen_vl_lm_head(model, native, config)
     expected = model.state_dict()
     missing = [k for k in expected if k not in native]
     unexpected = unknown + [k for k in native if k not in expected]
@@ -222,6 +223,23 @@ def load_pretrained(
         model.sentencepiece_model = (path / "tokenizer.model").read_bytes()
         model.sentencepiece_size = read_sentencepiece_bytes(model.sentencepiece_model)
     return model.to(device).eval()
+
+
+def _untie_qwen_vl_lm_head(model: Sa2VA, native: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """A Qwen-VL checkpoint whose config ties the output embedding (as the base Qwen2.5-VL-3B / Qwen3-VL-4B
+    do) and that ships no ``lm_head`` gets an untied copy of ``embed_tokens``; its config is marked untied, so
+    an export writes ``lm_head`` and official loaders do not re-tie trained weights."""
+    head, embed = "vlm.lm_head.weight", "vlm.model.language_model.embed_tokens.weight"
+    tied = bool(config.get("tie_word_embeddings")) or bool(
+        (config.get("text_config") or {}).get("tie_word_embeddings")
+    )
+    if model.family == "internvl" or not tied or head in native or embed not in native:
+        return
+    native[head] = native[embed].clone()
+    model.config = copy.deepcopy(model.config)
+    model.config["tie_word_embeddings"] = False
+    if isinstance(model.config.get("text_config"), dict):
+        model.config["text_config"]["tie_word_embeddings"] = False
 
 
 # ---------------------------------------------------------------------------------------------- writing
