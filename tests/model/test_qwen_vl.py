@@ -264,6 +264,7 @@ def test_real_size_presets_have_released_shapes(name, hidden, layers, vision_hid
         151655,
     ]
     assert model.img_context_id == model.vlm.config.image_token_id == 151655
+    assert model.seg_id == (151669 if deepstack else 151665)  # after Qwen3's <think>... / Qwen2.5's specials
     assert model.sam2_image_size == 1024 and model.min_pixels == 512 * 28 * 28
     native = model.state_dict()
     back, kept, unknown = official_to_native(native_to_official(native, {}, model.layout), model.layout)

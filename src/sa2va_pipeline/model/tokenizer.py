@@ -23,6 +23,8 @@ QWEN_SPECIALS = [
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]
+# Qwen3 (Qwen3-VL) adds these after Qwen2.5's 22 specials (ids 151665..151668).
+QWEN3_SPECIALS = ["<tool_response>", "</tool_response>", "<think>", "</think>"]
 INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
 QWEN_FIRST_SPECIAL_ID = 151643
 
@@ -44,7 +46,7 @@ def _corpus() -> list[str]:
     return texts
 
 
-def build_tokenizer(realistic_ids: bool = False, internvl_tokens: bool = True):
+def build_tokenizer(realistic_ids: bool = False, internvl_tokens: bool = True, qwen3_tokens: bool = False):
     """Build the code tokenizer as a transformers ``PreTrainedTokenizerFast``.
 
     Args:
@@ -52,8 +54,9 @@ def build_tokenizer(realistic_ids: bool = False, internvl_tokens: bool = True):
             Sa2VA checkpoints (``<|endoftext|>`` = 151643, ``<IMG_CONTEXT>`` = 151667, ``[SEG]`` = 151674;
             ``<|vision_start|>`` = 151652, ``<|image_pad|>`` = 151655 as in Qwen2.5-VL / Qwen3-VL).
         internvl_tokens: add InternVL's ``<img>``/``<IMG_CONTEXT>``... (InternVL family). The Qwen-VL family
-            has none: Sa2VA's tokens follow Qwen's specials directly (``[SEG]`` = 151665; Qwen3-VL's real
-            tokenizer has a few more specials such as ``<think>``, not built here).
+            has none: Sa2VA's tokens follow Qwen's specials directly.
+        qwen3_tokens: add Qwen3's ``<tool_response>``... ``</think>`` after Qwen2.5's specials (Qwen3-VL), so
+            Sa2VA's ``[SEG]`` gets 151669 instead of 151665 with ``realistic_ids``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -79,7 +82,12 @@ def build_tokenizer(realistic_ids: bool = False, internvl_tokens: bool = True):
     tok = Tokenizer(model)
     tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
-    specials = QWEN_SPECIALS + (INTERNVL_SPECIALS if internvl_tokens else []) + SA2VA_ADDED_TOKENS
+    specials = (
+        QWEN_SPECIALS
+        + (QWEN3_SPECIALS if qwen3_tokens else [])
+        + (INTERNVL_SPECIALS if internvl_tokens else [])
+        + SA2VA_ADDED_TOKENS
+    )
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -270,7 +278,8 @@ def build_preset_tokenizer(llm: str, realistic_ids: bool = False):
     """(tokenizer, sentencepiece model bytes or None) of a preset: byte-level BPE for Qwen2 LLMs; for
     InternLM2 a code-built sentencepiece model plus InternVL's and Sa2VA's added tokens, as in Sa2VA-8B."""
     if llm in ("qwen2_5_vl", "qwen3_vl"):
-        return build_tokenizer(realistic_ids=realistic_ids, internvl_tokens=False), None
+        qwen3 = llm == "qwen3_vl"
+        return build_tokenizer(realistic_ids=realistic_ids, internvl_tokens=False, qwen3_tokens=qwen3), None
     if llm != "internlm2":
         return build_tokenizer(realistic_ids=realistic_ids), None
     import tempfile
