@@ -331,3 +331,15 @@ def test_tied_checkpoint_without_lm_head_loads_untied_and_exports_lm_head(qwen, 
     untied = _perturb(saved, tmp_path / "b", lambda s: s.pop("model.lm_head.weight"))
     with pytest.raises(CheckpointError, match=r"missing keys.*vlm\.lm_head\.weight"):
         Sa2VA.from_pretrained(untied)
+
+
+def test_image_features_are_what_the_llm_receives(qwen, make_image):
+    model, _ = qwen
+    pv, grid = model.qwen_vl_pixels(make_image(4, 64, 96))
+    with torch.no_grad():
+        ours = model.qwen_vl_image_features(pv, grid)
+        native = model.vlm.model.get_image_features(pv, grid)
+    native = native.pooler_output if hasattr(native, "pooler_output") else native
+    native = torch.cat(list(native)) if isinstance(native, (tuple, list)) else native
+    assert ours.shape == (int(grid.prod()) // model.merge_size**2, model.vlm.config.text_config.hidden_size)
+    assert torch.equal(ours, native)

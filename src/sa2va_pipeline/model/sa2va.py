@@ -387,7 +387,11 @@ class Sa2VA(nn.Module):
             out = visual(
                 pixel_values.to(self.device, _dtype_of(visual)), grid_thw=image_grid_thw.to(self.device)
             )
-        return out if isinstance(out, torch.Tensor) else out.pooler_output
+        # transformers 5.x: an output object (pooler_output = after the merger); 4.x: a tensor, or for Qwen3-VL
+        # a (merged, deepstack features) tuple
+        if isinstance(out, torch.Tensor):
+            return out
+        return out[0] if isinstance(out, tuple) else out.pooler_output
 
     # ------------------------------------------------------------------ LLM + mask decoder
     def _qwen_vl_hidden(
