@@ -66,6 +66,19 @@ def test_collate_is_deterministic_with_seed(tiny, make_image, make_mask):
     assert torch.equal(a["input_ids"], b["input_ids"])
 
 
+def test_collate_custom_questions_and_skipped_pixels(tiny, make_image, make_mask):
+    samples = [(make_image(0), make_mask(0), "vessel")] * 2
+    full = tiny.collate(samples, seed=7)
+    lean = tiny.collate(samples, seed=7, skip_pixels=("vit", "sam2"))
+    # cached features replace the pixels: same tokens, labels and tile counts, no pixel tensors built
+    assert "pixel_values" not in lean and "sam2_pixel_values" not in lean
+    for key in ("input_ids", "labels", "n_tiles", "gt_masks"):
+        assert torch.equal(full[key], lean[key])
+    custom = tiny.collate(samples, seed=7, questions=["Please segment {class_name} now."])
+    text = tiny.tokenizer.decode(custom["input_ids"][0])
+    assert "Please segment vessel now." in text
+
+
 def test_lm_loss_at_labels_equals_full_logits():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

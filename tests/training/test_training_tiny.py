@@ -121,3 +121,14 @@ def test_tiny_gradient_reach_fails_when_parts_are_frozen(tmp_path):
     params = _params(tmp_path, trainable={"mask_decoder": False, "text_hidden_fcs": False}, eval={"at_start": False})
     with pytest.raises(GradientReachError, match="mask_decoder .*text_hidden_fcs"):
         run_training(_samples(4, 0), [], params, progress=False)
+
+
+def test_custom_prompt_forms_are_validated():
+    from sa2va_pipeline.training.config import load_training_config
+
+    base = {"model": {"preset": "tiny"}, "recipe": "tiny"}
+    ok = load_training_config({**base, "prompt": {"questions": ["Please segment {class_name}."], "answers": ["[SEG]."]}})
+    assert ok.prompt.questions == ["Please segment {class_name}."]
+    for bad in ({"questions": ["Segment it."]}, {"answers": ["Sure."]}, {"questions": []}):
+        with pytest.raises(ValueError, match="training.prompt"):
+            load_training_config({**base, "prompt": bad})

@@ -9,6 +9,7 @@ a turn is ``INSTRUCTION.format(input=...)`` (not trained), then ``answer + SUFFI
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMG_START_TOKEN = "<img>"
@@ -108,9 +109,10 @@ def first_turn_input(question: str, n_tiles: int, tokens_per_tile: int = 256) ->
     return text.replace(IMAGE_PLACEHOLDER, image_token_string(n_tiles, tokens_per_tile))
 
 
-def sample_question(phrase: str, rng: random.Random) -> str:
-    """Draw one question form from SEG_QUESTIONS (as the list is) and fill in the phrase."""
-    return rng.choice(SEG_QUESTIONS).format(class_name=clean_phrase(phrase))
+def sample_question(phrase: str, rng: random.Random, forms: Sequence[str] | None = None) -> str:
+    """Draw one question form from ``forms`` (default SEG_QUESTIONS, as the list is) and fill in the phrase
+    (``{class_name}``)."""
+    return rng.choice(list(forms) if forms else SEG_QUESTIONS).format(class_name=clean_phrase(phrase))
 
 
 def sample_answer(rng: random.Random) -> str:

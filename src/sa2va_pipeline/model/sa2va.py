@@ -31,7 +31,9 @@ parameters requires grad, so freezing them (``requires_grad_(False)``) is all it
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ from .preprocessing import (
     qwen_vl_pixel_values,
     resize_masks_area,
     sam2_pixel_values,
+    tile_grid,
     to_pil_rgb,
     vit_pixel_values,
 )
@@ -497,8 +500,15 @@ class Sa2VA(nn.Module):
         rng: random.Random | None = None,
         seed: int | None = None,
         answer: str | None = None,
+        questions: Sequence[str] | None = None,
+        skip_pixels: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Build a training batch from (image, mask(s), phrase(s)) samples.
+
+        ``questions``: question forms with ``{class_name}`` to draw from (default: the official SEG_QUESTIONS).
+        ``skip_pixels``: encoder inputs not to build because the caller supplies cached features instead
+        (``"vit"``: no ``pixel_values``, InternVL family only; ``"sam2"``: no ``sam2_pixel_values``); this skips
+        the image resizing, the bulk of collate's CPU time.
 
         InternVL family: ``pixel_values`` are 448 tiles and ``n_tiles`` counts them per sample; Qwen-VL family:
         ``pixel_values`` are the patches of all images [sum n, 3 * T * P * P] and ``image_grid_thw`` [B, 3].
@@ -523,17 +533,25 @@ class Sa2VA(nn.Module):
                 raise ValueError(f"Sample {i}: {len(masks)} masks but {len(phrases)} phrases")
             pil = to_pil_rgb(image)
             if self.family == "internvl":
-                pv = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
-                n_tiles_per_sample.append(pv.shape[0])
-                image_text = first_turn_input("{question}", pv.shape[0], self.tokens_per_tile)
+                if "vit" in skip_pixels:
+                    grid_w, grid_h = tile_grid(pil.width, pil.height, 1, self.max_dynamic_patch, self.image_size)
+                    n = grid_w * grid_h + (1 if self.use_thumbnail and grid_w * grid_h > 1 else 0)
+                    pv = None
+                else:
+                    pv = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+                    n = pv.shape[0]
+                n_tiles_per_sample.append(n)
+                image_text = first_turn_input("{question}", n, self.tokens_per_tile)
             else:
                 pv, grid = self.qwen_vl_pixels(pil)
                 grids.append(grid)
                 image_text = qwen_vl_first_turn_input(
                     "{question}", image_token_count(grid, self.merge_size)[0]
                 )
-            tiles.append(pv)
-            sam2_inputs.append(sam2_pixel_values(pil, self.sam2_image_size, "exact"))
+            if pv is not None:
+                tiles.append(pv)
+            if "sam2" not in skip_pixels:
+                sam2_inputs.append(sam2_pixel_values(pil, self.sam2_image_size, "exact"))
             mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
             if mask_stack.shape[-2:] != (pil.height, pil.width):
                 raise ValueError(
@@ -544,7 +562,7 @@ class Sa2VA(nn.Module):
             ids: list[int] = list(self.bos_ids)
             labels: list[int] = [L.IGNORE_INDEX] * len(ids)
             for turn, phrase in enumerate(phrases):
-                question = sample_question(phrase, rng)
+                question = sample_question(phrase, rng, questions)
                 text = image_text.replace("{question}", question) if turn == 0 else question
                 reply = answer if answer is not None else sample_answer(rng)
                 prompt = self._encode(self.template.instruction.format(input=text))
@@ -566,16 +584,19 @@ class Sa2VA(nn.Module):
             if self.family == "internvl"
             else {"image_grid_thw": torch.cat(grids)}
         )
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": labels_t,
             "attention_mask": attention,
-            "pixel_values": torch.cat(tiles),
             **images,
-            "sam2_pixel_values": torch.stack(sam2_inputs),
             "gt_masks": torch.cat(gt_masks),
             "object_image_index": torch.tensor(object_image),
         }
+        if tiles:
+            batch["pixel_values"] = torch.cat(tiles)
+        if sam2_inputs:
+            batch["sam2_pixel_values"] = torch.stack(sam2_inputs)
+        return batch
 
     def training_forward(
         self,
@@ -685,16 +706,22 @@ class Sa2VA(nn.Module):
         results: list[torch.Tensor] = []
         was_training = self.training
         self.eval()  # deterministic even mid-training (LoRA dropout)
+        # Image preprocessing (PIL resizes, mostly outside the GIL) runs on a thread pool, one chunk ahead of
+        # the model, so a GPU is not left waiting for one CPU thread.
+        workers = max(1, min(8, os.cpu_count() or 1))
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), ThreadPoolExecutor(workers) as pool:
+
+                def submit(start: int) -> list[Future]:
+                    return [pool.submit(self._preprocess_image, im) for im in images[start : start + batch_size]]
+
+                pending = submit(0)
                 for start in range(0, len(images), batch_size):
-                    chunk = [to_pil_rgb(im) for im in images[start : start + batch_size]]
+                    prepared = [f.result() for f in pending]
+                    if start + batch_size < len(images):
+                        pending = submit(start + batch_size)
                     results += self._predict_chunk(
-                        chunk,
-                        phrases[start : start + batch_size],
-                        question_template,
-                        answer,
-                        object_score_gate,
+                        prepared, phrases[start : start + batch_size], question_template, answer, object_score_gate
                     )
         finally:
             self.train(was_training)
@@ -702,18 +729,31 @@ class Sa2VA(nn.Module):
             return torch.stack(results)
         return results
 
+    def _preprocess_image(self, image: Any) -> dict[str, Any]:
+        """CPU inputs of one image for prediction: its size, LLM-side pixels and SAM2 pixels."""
+        pil = to_pil_rgb(image)
+        out: dict[str, Any] = {"size": (pil.height, pil.width)}
+        if self.family == "internvl":
+            out["tiles"] = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+        else:
+            out["patches"], out["grid"] = self.qwen_vl_pixels(pil)
+        out["sam2"] = sam2_pixel_values(pil, self.sam2_image_size, "bf16")
+        return out
+
     def _predict_chunk(
-        self, images: list, phrases: list[str], question_template: str, answer: str, object_score_gate: bool
+        self,
+        prepared: list[dict[str, Any]],
+        phrases: list[str],
+        question_template: str,
+        answer: str,
+        object_score_gate: bool,
     ) -> list[torch.Tensor]:
         device = self.device
         if self.family == "internvl":
-            tiles = [
-                vit_pixel_values(im, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
-                for im in images
-            ]
+            tiles = [p["tiles"] for p in prepared]
             counts = [t.shape[0] for t in tiles]
         else:
-            patches, grids = zip(*(self.qwen_vl_pixels(im) for im in images))
+            patches, grids = [p["patches"] for p in prepared], [p["grid"] for p in prepared]
             counts = image_token_count(torch.cat(grids), self.merge_size)
         rows = [
             self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, n)
@@ -726,7 +766,7 @@ class Sa2VA(nn.Module):
             input_ids[r, : len(ids)] = torch.tensor(ids)
             attention[r, : len(ids)] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        sam2_inputs = torch.stack([sam2_pixel_values(im, self.sam2_image_size, "bf16") for im in images])
+        sam2_inputs = torch.stack([p["sam2"] for p in prepared])
         if self.family == "internvl":
             vit = self.encode_vit(torch.cat(tiles))
             hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
@@ -734,7 +774,7 @@ class Sa2VA(nn.Module):
             _, hidden = self._qwen_vl_hidden(input_ids, attention, torch.cat(patches), torch.cat(grids))
         seg = self._seg_states(hidden, input_ids)
         logits, _, object_score = self.decode_masks(
-            self.encode_sam2(sam2_inputs), torch.arange(len(images)), seg
+            self.encode_sam2(sam2_inputs), torch.arange(len(prepared)), seg
         )
         if object_score_gate:
             logits = torch.where(
@@ -743,7 +783,7 @@ class Sa2VA(nn.Module):
         logits = F.interpolate(
             logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear", align_corners=False
         )
-        sizes = [(im.height, im.width) for im in images]
+        sizes = [p["size"] for p in prepared]
         if len(set(sizes)) == 1:
             probs = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
             return [p.cpu() for p in probs]

@@ -204,4 +204,14 @@ def load_training_config(params: dict[str, Any]) -> TrainingConfig:
             "training.trainable.embeddings must be full | new_tokens | frozen, "
             f"got {config.trainable.embeddings!r}"
         )
+    _check_prompt_forms(config.prompt.questions, "{class_name}", "training.prompt.questions")
+    _check_prompt_forms(config.prompt.answers, "[SEG]", "training.prompt.answers")
     return config
+
+
+def _check_prompt_forms(forms: str | list[str], needle: str, name: str) -> None:
+    """``official`` or a non-empty list of forms that each contain ``needle`` exactly once."""
+    if forms == "official":
+        return
+    if isinstance(forms, str) or not forms or any(str(f).count(needle) != 1 for f in forms):
+        raise ValueError(f"{name} must be 'official' or a list of forms each containing {needle} once, got {forms!r}")

@@ -92,9 +92,13 @@ def image_digest(image: Any) -> str:
     return digest.hexdigest()
 
 
-def cacheable_parts(vision_tower_trains: bool, sam2_encoder_trains: bool) -> tuple[str, ...]:
-    """The parts whose encoder is frozen (only those may be cached)."""
-    return tuple(p for p, trains in (("vit", vision_tower_trains), ("sam2", sam2_encoder_trains)) if not trains)
+def cacheable_parts(
+    vision_tower_trains: bool, sam2_encoder_trains: bool, family: str = "internvl"
+) -> tuple[str, ...]:
+    """The parts whose encoder is frozen (only those may be cached). In the Qwen-VL families the trainable
+    merger sits inside the vision tower, so only SAM2 is cacheable there."""
+    vit_trains = vision_tower_trains or family != "internvl"
+    return tuple(p for p, trains in (("vit", vit_trains), ("sam2", sam2_encoder_trains)) if not trains)
 
 
 def cache_key(model: Any, part: str, storage_dtype: str, compute_dtype: str) -> dict[str, Any]:

@@ -111,11 +111,6 @@ def run_training(
         from sa2va_pipeline.training.distributed import worker_config
 
         config = worker_config(config, distributed, Path(scratch.name))
-    if config.prompt.questions != "official":
-        raise ValueError(
-            "training.prompt.questions: only 'official' is supported for now (Sa2VA.collate draws from the "
-            "official list); custom answers are supported through training.prompt.answers."
-        )
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     device = resolve_device(config.device)
@@ -144,7 +139,13 @@ def run_training(
             samples = shard(samples, distributed)
             if distributed.rank:  # other prompts than rank 0 (which draws as a single device would)
                 rng = random.Random(rng.getrandbits(64) + distributed.rank)
-        batch = model.collate(samples, rng=rng, answer=_prompt_answer(config, rng))
+        batch = model.collate(
+            samples,
+            rng=rng,
+            answer=_prompt_answer(config, rng),
+            questions=None if config.prompt.questions == "official" else config.prompt.questions,
+            skip_pixels=cache.parts if cache is not None else (),  # cached features replace those pixels
+        )
         return cache.attach(batch, [s["image"] for s in samples]) if cache is not None else batch
 
     def loss_fn(m: Sa2VA, batch: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +195,7 @@ def _feature_cache(
     settings = config.feature_cache
     if not settings.enabled:
         return None
-    parts = cacheable_parts(config.trainable.vision_tower, config.trainable.sam2_image_encoder)
+    parts = cacheable_parts(config.trainable.vision_tower, config.trainable.sam2_image_encoder, model.family)
     if not parts:
         log.info("training.feature_cache is on but both encoders train: nothing to cache")
         return None
