@@ -243,7 +243,7 @@ def _untie_qwen_vl_lm_head(model: Sa2VA, native: dict[str, torch.Tensor], config
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _peft_wrappers(model: torch.nn.Module) -> list[str]:
+def peft_wrappers(model: torch.nn.Module) -> list[str]:
     """Names of the outermost peft layer wrappers (LoRA layers, modules_to_save, trainable tokens)."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -259,6 +259,15 @@ def _peft_wrappers(model: torch.nn.Module) -> list[str]:
     return names
 
 
+def unwrap_merged(module: torch.nn.Module) -> torch.nn.Module:
+    """Merge a peft wrapper's deltas (LoRA, trainable tokens, modules_to_save) into its base layer and return
+    that plain layer (the wrapper is consumed)."""
+    if hasattr(module, "unload_and_optionally_merge_module"):
+        return module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
+    module.merge(safe_merge=True)
+    return module.get_base_layer()
+
+
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with every peft wrapper merged and removed; the live model is not changed.
 
@@ -266,13 +275,8 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     prefixes (``base_model.model.``) are dropped, so the keys are those of the plain native model.
     """
     state = model.state_dict()
-    for name in _peft_wrappers(model):
-        module = copy.deepcopy(model.get_submodule(name))
-        if hasattr(module, "unload_and_optionally_merge_module"):
-            plain = module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
-        else:
-            module.merge(safe_merge=True)
-            plain = module.get_base_layer()
+    for name in peft_wrappers(model):
+        plain = unwrap_merged(copy.deepcopy(model.get_submodule(name)))
         for key in [k for k in state if k.startswith(name + ".")]:
             del state[key]
         state.update({f"{name}.{k}": v for k, v in plain.state_dict().items()})

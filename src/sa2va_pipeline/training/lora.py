@@ -118,29 +118,11 @@ def load_adapter(vlm: nn.Module, directory: Path) -> None:
 
 def merge_lora(vlm: nn.Module) -> None:
     """Fold every LoRA layer / trainable-token delta into its base weight and remove the peft wrappers."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from sa2va_pipeline.model.checkpoint import peft_wrappers, unwrap_merged
 
-    wrapped = [
-        name
-        for name, mod in vlm.named_modules()
-        if isinstance(mod, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and hasattr(mod, "base_layer")
-        or isinstance(mod, AuxiliaryTrainingWrapper)
-    ]
-    # outermost first: a wrapper's inner modules disappear with it
-    done: list[str] = []
-    for name in wrapped:
-        if any(name.startswith(d + ".") for d in done):
-            continue
-        module = vlm.get_submodule(name)
+    for name in peft_wrappers(vlm):  # outermost wrappers only: their inner modules go with them
         parent_name, _, child = name.rpartition(".")
         parent = vlm.get_submodule(parent_name) if parent_name else vlm
-        if hasattr(module, "unload_and_optionally_merge_module"):
-            replacement = module.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None)
-        else:
-            module.merge(safe_merge=True)
-            replacement = module.get_base_layer()
-        setattr(parent, child, replacement)
-        done.append(name)
+        setattr(parent, child, unwrap_merged(vlm.get_submodule(name)))
     if hasattr(vlm, "peft_config"):
         del vlm.peft_config
