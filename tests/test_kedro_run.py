@@ -4,13 +4,11 @@ tracking off), in a temporary copy of the project with a tiny sample and a two-s
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[1]
 RUNTIME = {
     "sample_data": {"n_videos": 4, "frames_per_video": 2, "size": 128, "n_new_images": 2},
     "training": {
@@ -27,20 +25,10 @@ def _latest(folder: Path, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_default_pipeline_runs_end_to_end(tmp_path, monkeypatch):
+def test_default_pipeline_runs_end_to_end(kedro_project):
     from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
 
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(PROJECT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "data").mkdir()
-    (project / "src").mkdir()  # the package is imported from the installed project
-    monkeypatch.chdir(project)  # catalog paths are relative to the project root
-    bootstrap_project(project)
-
+    project = kedro_project
     with KedroSession.create(project_path=project, env="test", runtime_params=RUNTIME) as session:
         session.run(pipeline_names=["__default__"])  # every pipeline of the chain
 

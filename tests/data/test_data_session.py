@@ -4,13 +4,11 @@ temporary copy of the project: the second run must not overwrite any version of 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-PROJECT = Path(__file__).resolve().parents[2]
 VERSIONED = [
     "data/08_reporting/ingestion_report.csv",
     "data/03_primary/ingested_samples",
@@ -35,19 +33,8 @@ def _run(project: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_runs_keep_every_version(tmp_path, monkeypatch):
-    from kedro.framework.startup import bootstrap_project
-
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copy(PROJECT / "pyproject.toml", project / "pyproject.toml")
-    shutil.copytree(PROJECT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    (project / "data").mkdir()
-    (project / "src").mkdir()  # the package itself is imported from the installed project
-    monkeypatch.chdir(project)  # catalog paths are relative to the project root
-    bootstrap_project(project)
-
+def test_two_runs_keep_every_version(kedro_project):
+    project = kedro_project
     _run(project)
     first = {rel: _tree_digest(project / rel) for rel in VERSIONED}
     assert all(len({k.split("/")[0] for k in d}) == 1 for d in first.values()), first
