@@ -223,10 +223,10 @@ def test_vision_feature_cache_is_refused_but_sam2_cache_works(qwen, make_image, 
     assert all(torch.allclose(direct[k], again[k], atol=1e-6) for k in direct)
 
 
+@pytest.mark.parametrize("qwen", ["qwen3_vl"], indirect=True)  # DeepStack is Qwen3-VL only
 def test_qwen3_deepstack_reaches_the_llm(qwen, make_image, make_mask):
     model, _ = qwen
-    if model.family != "qwen3_vl":
-        pytest.skip("DeepStack is Qwen3-VL only")
+    assert model.family == "qwen3_vl"
     batch = model.collate([(make_image(3, 64, 64), make_mask(3, 64, 64), "vessel")], seed=0)
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
     is_seg = batch["input_ids"] == model.seg_id
