@@ -34,19 +34,14 @@ PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
 def prepared_inputs(model: Any, images: list) -> dict[str, Any]:
     """What ``predict_proba`` builds on the CPU for a chunk, moved to the GPU."""
     from sa2va_pipeline.model.prompts import clean_phrase
-    from sa2va_pipeline.model.sa2va import DEFAULT_ANSWER, DEFAULT_QUESTION
+    from sa2va_pipeline.model.sa2va import DEFAULT_ANSWER, DEFAULT_QUESTION, pad_rows
     from sa2va_pipeline.model.preprocessing import sam2_pixel_values, to_pil_rgb, vit_pixel_values
 
     pils = [to_pil_rgb(im) for im in images]
     tiles = [vit_pixel_values(p, model.image_size, model.max_dynamic_patch, model.use_thumbnail) for p in pils]
     question = DEFAULT_QUESTION.format(phrase=clean_phrase("blood vessel"))
     rows = [model._prompt_ids(question, DEFAULT_ANSWER, t.shape[0]) for t in tiles]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), model.pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(row)
-        attention[r, : len(row)] = 1
+    ids, attention = pad_rows(rows, model.pad_id)
     sam2 = torch.stack([sam2_pixel_values(p, model.sam2_image_size, "bf16") for p in pils])
     return G.to_device({"input_ids": ids, "attention_mask": attention, "tiles": torch.cat(tiles).to(torch.bfloat16),
                         "sam2": sam2.to(torch.bfloat16)})

@@ -118,6 +118,17 @@ def _grad_scope(module: nn.Module):
     return torch.set_grad_enabled(torch.is_grad_enabled() and trainable)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows to the longest one: (tensor [B, T] filled with ``value``, attention mask [B, T])."""
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+    return out, attention
+
+
 class Sa2VA(nn.Module):
     """Sa2VA (InternVL family with a Qwen2 or InternLM2 LLM, or the Qwen-VL family) as a composition of native
     transformers modules."""
@@ -571,14 +582,8 @@ class Sa2VA(nn.Module):
                 ids += prompt + out + sep
                 labels += [L.IGNORE_INDEX] * len(prompt) + out + [L.IGNORE_INDEX] * len(sep)
             rows.append((ids, labels))
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels_t = torch.full((len(rows), length), L.IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, (ids, labels) in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            labels_t[r, : len(ids)] = torch.tensor(labels)
-            attention[r, : len(ids)] = 1
+        input_ids, attention = pad_rows([ids for ids, _ in rows], self.pad_id)
+        labels_t, _ = pad_rows([labels for _, labels in rows], L.IGNORE_INDEX)
         images = (
             {"n_tiles": torch.tensor(n_tiles_per_sample)}
             if self.family == "internvl"
@@ -759,13 +764,7 @@ class Sa2VA(nn.Module):
             self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, n)
             for p, n in zip(phrases, counts)
         ]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.tensor(ids)
-            attention[r, : len(ids)] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
+        input_ids, attention = (t.to(device) for t in pad_rows(rows, self.pad_id))
         sam2_inputs = torch.stack([p["sam2"] for p in prepared])
         if self.family == "internvl":
             vit = self.encode_vit(torch.cat(tiles))
