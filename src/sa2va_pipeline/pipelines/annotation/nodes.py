@@ -14,11 +14,11 @@ log = logging.getLogger(__name__)
 
 def build_annotations(
     manifest: pd.DataFrame, phrase: str, params: dict[str, Any]
-) -> tuple[list[dict[str, Any]], pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+) -> dict[str, Any]:
     """Write annotations.json entries from the ingested masks, or take the user's file
     (``params["annotations_path"]``), with ``phrase`` as the text of every object, and measure the polygon round-trip Dice of every sample.
 
-    Returns the entries, the report (versioned entry and MLflow copy) and the metrics.
+    Returns ``annotations`` (the entries), ``report`` and ``metrics``.
     """
     user_entries = None
     if params.get("annotations_path"):
@@ -49,4 +49,8 @@ def build_annotations(
     }
     log.info("annotation: %d entries, polygon round-trip Dice mean %.6f, min %.6f",
              metrics["entries"], metrics["dice_mean"], metrics["dice_min"])
-    return entries, report, report, {k: {"value": float(v), "step": 0} for k, v in metrics.items()}
+    return {
+        "annotations": entries,
+        "report": report,
+        "metrics": {k: {"value": float(v), "step": 0} for k, v in metrics.items()},
+    }

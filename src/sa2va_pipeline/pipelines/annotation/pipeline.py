@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Pipeline, node
 
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import build_annotations
 
 
@@ -10,9 +11,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                build_annotations,
+                with_mlflow_copies(build_annotations, "report"),
                 inputs=["ingestion_manifest", "params:phrase", "params:annotation"],
-                outputs=["annotations", "annotation_report", "annotation_report_mlflow", "annotation_metrics"],
+                outputs=outputs_with_copies(
+                    {"annotations": "annotations", "report": "annotation_report", "metrics": "annotation_metrics"},
+                    "report",
+                ),
                 name="build_annotations",
             )
         ]

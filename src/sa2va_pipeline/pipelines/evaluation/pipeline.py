@@ -8,8 +8,8 @@ from functools import partial
 
 from kedro.pipeline import Pipeline, node
 
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
-from .mlflow_copies import outputs_with_copies, with_mlflow_copies
 
 SPLITS = ("val", "test")
 

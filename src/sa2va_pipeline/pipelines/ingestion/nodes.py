@@ -17,12 +17,11 @@ log = logging.getLogger(__name__)
 
 def ingest_raw_data(
     sample_ready: dict[str, Any], raw_dir: str, params: dict[str, Any], group_regex: str
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], pd.DataFrame, dict[str, dict[str, float]]]:
+) -> dict[str, Any]:
     """Check every file of ``raw_dir`` and plan the normalised sample folder.
 
-    ``sample_ready`` only orders this node after ``sample_data``. Returns the report (twice: the
-    versioned entry and the copy logged to MLflow), the lazy file mapping for the folder dataset, the
-    per-sample records and the metrics.
+    ``sample_ready`` only orders this node after ``sample_data``. Returns ``report``, ``files`` (the lazy
+    file mapping for the folder dataset), ``records`` (one row per sample) and ``metrics``.
     """
     if sample_ready.get("status") != "ready":
         log.info("ingestion: synthetic sample not (re)generated (%s)", sample_ready.get("status"))
@@ -45,7 +44,7 @@ def ingest_raw_data(
     if counts["rejected"]:
         log.warning("ingestion rejected %d file(s): see data/08_reporting/ingestion_report.csv", counts["rejected"])
     metrics = {k: {"value": float(v), "step": 0} for k, v in counts.items()}
-    return result.report, result.report, result.files, result.records, metrics
+    return {"report": result.report, "files": result.files, "records": result.records, "metrics": metrics}
 
 
 def build_manifest(records: pd.DataFrame, samples: FileFolder) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Pipeline, node
 
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import build_manifest, ingest_raw_data
 
 
@@ -10,12 +11,17 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                ingest_raw_data,
+                with_mlflow_copies(ingest_raw_data, "report"),
                 inputs=["sample_ready", "params:raw_dir", "params:ingestion", "params:split.group_regex"],
-                outputs=[
-                    "ingestion_report", "ingestion_report_mlflow", "ingested_samples", "ingestion_records",
-                    "ingestion_metrics",
-                ],
+                outputs=outputs_with_copies(
+                    {
+                        "report": "ingestion_report",
+                        "files": "ingested_samples",
+                        "records": "ingestion_records",
+                        "metrics": "ingestion_metrics",
+                    },
+                    "report",
+                ),
                 name="ingest_raw_data",
             ),
             node(

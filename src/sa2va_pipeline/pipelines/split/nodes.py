@@ -14,10 +14,10 @@ log = logging.getLogger(__name__)
 
 def split_samples(
     manifest: pd.DataFrame, params: dict[str, Any]
-) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, dict[str, float]]]:
+) -> dict[str, Any]:
     """Assign every accepted sample to train/val/test by group (or from the user's split file).
 
-    Returns the split manifest (versioned entry and MLflow copy) and the split sizes as metrics.
+    Returns ``manifest`` (the split manifest) and ``metrics`` (the split sizes).
     """
     table = split_manifest(
         manifest,
@@ -28,4 +28,4 @@ def split_samples(
     )
     sizes = split_sizes(table)
     log.info("split: %s", ", ".join(f"{k}={v}" for k, v in sizes.items()))
-    return table, table, {k: {"value": float(v), "step": 0} for k, v in sizes.items()}
+    return {"manifest": table, "metrics": {k: {"value": float(v), "step": 0} for k, v in sizes.items()}}

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Pipeline, node
 
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import split_samples
 
 
@@ -10,9 +11,9 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                split_samples,
+                with_mlflow_copies(split_samples, "manifest"),
                 inputs=["ingestion_manifest", "params:split"],
-                outputs=["split_manifest", "split_manifest_mlflow", "split_metrics"],
+                outputs=outputs_with_copies({"manifest": "split_manifest", "metrics": "split_metrics"}, "manifest"),
                 name="split_samples",
             )
         ]

@@ -2,7 +2,7 @@
 
 from kedro.pipeline import Pipeline, node
 
-from ..evaluation.mlflow_copies import outputs_with_copies, with_mlflow_copies
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 

@@ -58,7 +58,7 @@ def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, A
     """Fine-tune Sa2VA on the train split, validating on val; returns the model, its summary and plot.
 
     Outputs: ``model`` (the in-memory trained model, written by ``TrainedModelDataset``), ``summary``
-    (JSON) and ``loss_curve`` (figure), each also under ``<key>_mlflow`` for its MLflow copy.
+    (JSON) and ``loss_curve`` (figure).
     """
     started_at = time.monotonic()
     from sa2va_pipeline.data.samples import load_samples
@@ -77,9 +77,6 @@ def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, A
     figure = loss_curve_figure(trained.result.history, trained.result.evaluations)
     return {
         "model": trained,
-        "model_mlflow": trained,
         "summary": summary,
-        "summary_mlflow": summary,
         "loss_curve": figure,
-        "loss_curve_mlflow": figure,
     }

@@ -2,6 +2,7 @@
 
 from kedro.pipeline import Pipeline, node
 
+from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 
@@ -10,16 +11,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                nodes.train_model,
+                with_mlflow_copies(nodes.train_model, "model", "summary", "loss_curve"),
                 inputs=["split_manifest", "params:phrase", "params:training"],
-                outputs={
-                    "model": "trained_model",
-                    "model_mlflow": "trained_model_mlflow",
-                    "summary": "training_summary",
-                    "summary_mlflow": "training_summary_mlflow",
-                    "loss_curve": "training_loss_curve",
-                    "loss_curve_mlflow": "training_loss_curve_mlflow",
-                },
+                outputs=outputs_with_copies(
+                    {"model": "trained_model", "summary": "training_summary", "loss_curve": "training_loss_curve"},
+                    "model", "summary", "loss_curve",
+                ),
                 name="train_model",
             )
         ]

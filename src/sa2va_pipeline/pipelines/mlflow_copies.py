@@ -3,8 +3,7 @@
 kedro-mlflow's ``MlflowArtifactDataset`` fails on a versioned inner dataset (VersionAlreadyExistsError),
 so each table, JSON and figure has a versioned local entry and a non-versioned ``*_mlflow`` entry.
 Node functions return dicts; :func:`with_mlflow_copies` adds ``<key>_mlflow`` for the keys named, so the
-node functions themselves stay free of catalog concerns. Used by the threshold, evaluation and inference
-pipelines.
+node functions themselves stay free of catalog concerns. Every pipeline that logs artefacts uses it.
 """
 
 from __future__ import annotations
