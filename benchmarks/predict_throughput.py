@@ -5,7 +5,8 @@ batch size, measured in the same run:
 - ``predict_proba``: the whole call (PIL preprocessing on the CPU, the batched forward, upsampling to the
   original size, probabilities back on the CPU);
 - ``model``: the GPU part alone on preprocessed inputs already on the GPU (ViT, projector, LLM, SAM2 encoder,
-  mask decoder, the two bilinear upsamplings, sigmoid).
+  mask decoder, the two bilinear upsamplings, sigmoid); also with the SAM2 encoder on a second CUDA stream;
+- the host-side preprocessing rate (one thread and ``predict_proba``'s pool).
 Plus, at the largest batch: FLOPs per image per component (``FlopCounterMode``), the time of each component,
 and so the floor (FLOPs / measured matmul rate) and the gap; ``--profile`` adds a torch.profiler table.
 
@@ -74,6 +75,35 @@ class Parts:
     def all(self):
         return self.decode(self.sam2(), self.llm(self.vit()))
 
+    def all_two_streams(self):
+        """Experiment: the SAM2 encoder on a side CUDA stream, concurrently with the ViT and the LLM."""
+        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fpn = self.sam2()
+        seg = self.llm(self.vit())
+        main.wait_stream(side)
+        for f in fpn:
+            f.record_stream(main)
+        return self.decode(fpn, seg)
+
+
+def host_preprocessing_rate(model: Any, images: list) -> dict[str, float]:
+    """Images/s of ``predict_proba``'s host-side work (PIL resizes to uint8), on one thread and on its pool."""
+    import os
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    for im in images[:16]:
+        model._preprocess_image(im)
+    one = 16 / (time.perf_counter() - t0)
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(model._preprocess_image, images))
+        pooled = len(images) / (time.perf_counter() - t0)
+    return {"one_thread": one, "pool": pooled}
+
 
 def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, out_dir: Path) -> list[dict[str, Any]]:
     from sa2va_pipeline.model import Sa2VA
@@ -81,9 +111,11 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     rows: list[dict[str, Any]] = []
     model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16).eval()
     if args.compile:
-        model.sam2.vision_encoder = torch.compile(model.sam2.vision_encoder)
-        model.vlm.model.vision_tower = torch.compile(model.vlm.model.vision_tower)
+        model.compile_for_inference()
     data = [im for im, _ in G.frames(max(args.n_images, max(args.batch_sizes)), seed=2)]
+    host_rate = host_preprocessing_rate(model, data[:64])
+    print(f"[{preset}] host preprocessing: {host_rate['one_thread']:.1f} img/s on one thread, "
+          f"{host_rate['pool']:.1f} img/s on the pool", flush=True)
     for b in args.batch_sizes:
         try:
             G.reset_peak()
@@ -91,12 +123,14 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                 x = prepared_inputs(model, data[:b])
                 parts = Parts(model, x)
                 model_s, _ = G.time_it(parts.all, warmup=2, min_iters=3, min_seconds=args.min_seconds)
+                streams_s, _ = G.time_it(parts.all_two_streams, warmup=2, min_iters=3, min_seconds=args.min_seconds)
             model_peak = G.peak_gb()
             n = (args.n_images // b) * b
             e2e_s, _ = G.time_it(lambda: model.predict_proba(data[:n], "blood vessel", batch_size=b), warmup=1,
                                  min_iters=1, min_seconds=args.min_seconds)
             row = {"preset": preset, "batch": b, "model_img_per_s": b / model_s,
-                   "predict_proba_img_per_s": n / e2e_s, "peak_gb": G.peak_gb(), "model_peak_gb": model_peak}
+                   "two_streams_img_per_s": b / streams_s, "predict_proba_img_per_s": n / e2e_s,
+                   "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": bool(args.compile), **host_rate}
         except Exception as error:
             if not G.is_oom(error):
                 raise
@@ -138,17 +172,19 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | batch | predict_proba img/s (end to end) | model img/s (GPU part) | peak GB |",
-             "|---|---|---|---|---|"]
+    lines = ["| preset | compiled | batch | predict_proba img/s (end to end) | model img/s (GPU part) | "
+             "GPU part, SAM2 on a side stream | host preprocessing img/s (pool) | peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
     comps = []
     for r in rows:
         if r.get("path") == "components":
             comps.append(r)
         elif "error" in r:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['error']} | | |")
+            lines.append(f"| {r['preset']} | | {r['batch']} | {r['error']} | | | | |")
         else:
-            lines.append(f"| {r['preset']} | {r['batch']} | {r['predict_proba_img_per_s']:.1f} | "
-                         f"{r['model_img_per_s']:.1f} | {r['peak_gb']:.1f} |")
+            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | "
+                         f"{r['predict_proba_img_per_s']:.1f} | {r['model_img_per_s']:.1f} | "
+                         f"{r['two_streams_img_per_s']:.1f} | {r['pool']:.0f} | {r['peak_gb']:.1f} |")
     lines += ["", "Components at the largest batch (floor = counted FLOPs / measured matmul rate):", "",
               "| preset | batch | component | TFLOP/img | ms/img | floor ms/img | achieved TFLOP/s |",
               "|---|---|---|---|---|---|---|"]
@@ -164,9 +200,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default=",".join(PRESETS))
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
-    parser.add_argument("--n-images", type=int, default=64, help="images per end-to-end predict_proba call")
+    parser.add_argument("--n-images", type=int, default=192, help="images per end-to-end predict_proba call")
     parser.add_argument("--min-seconds", type=float, default=1.0)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
+    parser.add_argument("--compile", action="store_true", help="Sa2VA.compile_for_inference() first")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--results", type=Path, default=G.RESULTS)
     parser.add_argument("--json", type=Path, default=None)

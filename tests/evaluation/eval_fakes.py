@@ -20,15 +20,18 @@ PHRASE = "blood vessel"
 
 
 class FakeModel:
-    """Stands in for ``Sa2VA``: ``predict_proba`` returns red / 255 as float32 [N, H, W]."""
+    """Stands in for ``Sa2VA``: ``iter_predict_proba`` yields red / 255 as float32 [H, W] maps, recording the
+    size of each chunk of ``batch_size`` it "runs"."""
 
     def __init__(self, calls: list):
         self.calls = calls
 
-    def predict_proba(self, images, phrases, question_template=None, answer=None, batch_size=8):
-        assert len(images) == len(phrases) <= batch_size
-        self.calls.append(len(images))
-        return np.stack([np.asarray(im)[..., 0].astype(np.float32) / 255.0 for im in images])
+    def iter_predict_proba(self, images, phrases, question_template=None, answer=None, batch_size=8):
+        assert len(images) == len(phrases)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            self.calls.append(len(chunk))
+            yield from (np.asarray(im)[..., 0].astype(np.float32) / 255.0 for im in chunk)
 
 
 def make_frame(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:

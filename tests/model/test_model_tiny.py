@@ -211,3 +211,31 @@ def test_mixed_precision_frozen_bf16_trainable_fp32_without_autocast(fresh_tiny,
     assert torch.isfinite(model.training_forward(cached)["total"])
     probs = model.predict_proba(make_image(1), "vessel")
     assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
+
+
+def test_iter_predict_proba_streams_every_image_in_order_across_chunks(tiny, make_image):
+    images = [make_image(10), make_image(11, 300, 600), make_image(12), make_image(13), make_image(14, 200, 100)]
+    phrases = ["blood vessel", "vessel", "artery", "vein", "catheter"]
+    streamed = tiny.iter_predict_proba(images, phrases, batch_size=2)  # chunks of 2, 2 and 1
+    assert not isinstance(streamed, (list, torch.Tensor))  # a generator: maps are handed over one by one
+    streamed = list(streamed)
+    assert [tuple(p.shape) for p in streamed] == [im.shape[:2] for im in images]
+    one_pass = tiny.predict_proba(images, phrases, batch_size=len(images))
+    for got, expected in zip(streamed, one_pass):
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_predict_proba_rejects_a_question_that_adds_a_seg_token(tiny, make_image):
+    with pytest.raises(ValueError, match=r"2 \[SEG\] tokens for 1 images"):
+        tiny.predict_proba(make_image(0), "vessel", question_template="[SEG] Segment the {phrase}.")
+
+
+@pytest.mark.slow
+def test_compiled_prediction_matches_eager(make_image):
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset("tiny", sam2_image_size=256, seed=5)
+    images = [make_image(20, 256, 256), make_image(21, 256, 256)]
+    eager = model.predict_proba(images, "vessel", batch_size=2)
+    compiled = model.compile_for_inference().predict_proba(images, "vessel", batch_size=2)
+    assert torch.allclose(compiled, eager, atol=1e-5)

@@ -138,9 +138,10 @@ def predict_probability_maps(
     """Run ``predict_proba`` (e.g. ``Sa2VA.predict_proba``) over samples in batches; no text generation.
 
     Args:
-        predict_proba: callable ``(images, phrases, **prompt_kwargs, batch_size=...) -> [N, H, W]``.
+        predict_proba: callable ``(images, phrases, **prompt_kwargs, batch_size=...)`` returning or
+            yielding one [H, W] map per image (e.g. ``Sa2VA.iter_predict_proba``).
         samples: dicts with ``id``, ``image`` (HxWx3 uint8) and ``phrases`` (the first phrase is used).
-        batch_size: images per call.
+        batch_size: images per forward pass.
         storage_dtype: ``uint8`` or ``float16`` (see :func:`quantise`).
         prompt_kwargs: extra keyword arguments (question template, answer); ``None`` values are dropped
             so the model's own defaults apply.
@@ -149,26 +150,29 @@ def predict_probability_maps(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     kwargs = {k: v for k, v in (prompt_kwargs or {}).items() if v is not None}
+    images = [s["image"] for s in samples]
+    phrases = [s["phrases"][0] if isinstance(s["phrases"], (list, tuple)) else s["phrases"] for s in samples]
+    # One call over all samples: the model pipelines its chunks (preprocessing, GPU, copies back), and a
+    # streaming predictor (Sa2VA.iter_predict_proba) hands maps over one by one, so only the quantised maps
+    # are kept. A [N, H, W] tensor/array or a list of [H, W] maps (frames of different sizes) works too.
     maps: dict[str, np.ndarray] = {}
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        images = [s["image"] for s in batch]
-        phrases = [
-            s["phrases"][0] if isinstance(s["phrases"], (list, tuple)) else s["phrases"] for s in batch
-        ]
-        probs = predict_proba(images, phrases, batch_size=batch_size, **kwargs)
-        if len(probs) != len(batch):
-            raise ValueError(f"predict_proba returned {len(probs)} maps for {len(batch)} images")
-        # A [N, H, W] tensor/array, or a list of [H, W] tensors when the frames differ in size.
-        for sample, prob in zip(batch, probs):
-            prob = _to_numpy(prob)
-            if prob.shape != sample["image"].shape[:2]:
-                raise ValueError(
-                    f"sample {sample['id']}: probability map {prob.shape} does not match image "
-                    f"{sample['image'].shape[:2]}; predict_proba must return maps at the original size"
-                )
-            maps[str(sample["id"])] = quantise(prob, storage_dtype)
-        logger.info("Predicted probability maps for %d/%d images", len(maps), len(samples))
+    predicted = iter(predict_proba(images, phrases, batch_size=batch_size, **kwargs))
+    for sample in samples:
+        prob = next(predicted, None)
+        if prob is None:
+            raise ValueError(f"predict_proba returned {len(maps)} maps for {len(samples)} images")
+        prob = _to_numpy(prob)
+        if prob.shape != sample["image"].shape[:2]:
+            raise ValueError(
+                f"sample {sample['id']}: probability map {prob.shape} does not match image "
+                f"{sample['image'].shape[:2]}; predict_proba must return maps at the original size"
+            )
+        maps[str(sample["id"])] = quantise(prob, storage_dtype)
+        if len(maps) % (batch_size * 8) == 0:
+            logger.info("Predicted probability maps for %d/%d images", len(maps), len(samples))
+    if next(predicted, None) is not None:
+        raise ValueError(f"predict_proba returned more maps than the {len(samples)} images")
+    logger.info("Predicted probability maps for %d images", len(maps))
     meta = dict(metadata or {})
     meta.setdefault("storage_dtype", storage_dtype)
     meta.setdefault("ids", list(maps))
@@ -194,3 +198,16 @@ def resolve_dtype(dtype: str, device: str) -> Any:
         return getattr(torch, dtype)
     except AttributeError as err:
         raise ValueError(f"unknown torch dtype {dtype!r} (try float32, bfloat16, float16 or auto)") from err
+
+
+def load_prediction_model(model_dir: str | os.PathLike, prediction: dict[str, Any]) -> Any:
+    """The trained model ready to predict, as the ``prediction`` parameters say: ``device``, ``dtype`` and
+    ``compile`` (``torch.compile`` the encoders and LLM layers: worth it on a GPU for hundreds of images)."""
+    from sa2va_pipeline.training.artifacts import load_trained_model
+
+    device = resolve_device(prediction.get("device", "auto"))
+    model = load_trained_model(model_dir, device, resolve_dtype(prediction.get("dtype", "auto"), device))
+    logger.info("Prediction model on %s%s", device, ", compiled" if prediction.get("compile", False) else "")
+    if prediction.get("compile", False):
+        model.compile_for_inference()
+    return model

@@ -4,7 +4,7 @@
 (identity: resolved directory, Kedro version folder, file fingerprint) for the same samples, phrase,
 prompt and encoding; only otherwise does it load the model and predict. Samples and masks are always
 read through ``sa2va_pipeline.data.samples.load_samples``, the model through
-``sa2va_pipeline.training.artifacts.load_trained_model`` (both imported when called).
+``probabilities.load_prediction_model`` (``training.artifacts.load_trained_model``, imported when called).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from .probabilities import (
     ProbabilityMaps,
     cache_key,
     is_reusable,
+    load_prediction_model,
     model_identity,
     predict_probability_maps,
-    resolve_device,
-    resolve_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -88,13 +87,10 @@ def predict_split_probabilities(
             len(stored),
         )
         return stored
-    from sa2va_pipeline.training.artifacts import load_trained_model
-
-    device = resolve_device(prediction.get("device", "auto"))
-    model = load_trained_model(model_dir, device, resolve_dtype(prediction.get("dtype", "auto"), device))
-    logger.info("Predicting %s probability maps for %d images on %s", split, len(samples), device)
+    logger.info("Predicting %s probability maps for %d images", split, len(samples))
+    model = load_prediction_model(model_dir, prediction)
     return predict_probability_maps(
-        model.predict_proba,
+        model.iter_predict_proba,
         samples,
         batch_size=int(prediction.get("batch_size", 8)),
         storage_dtype=storage_dtype,

@@ -11,6 +11,7 @@ Matches the official inference code:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -91,33 +92,65 @@ def dynamic_preprocess(
     return tiles
 
 
-def _normalize(array: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    tensor = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True)).permute(2, 0, 1).float() / 255.0
-    return (tensor - mean[:, None, None]) / std[:, None, None]
+def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 ``(x / 255 - mean) / std``, on the pixels' device.
+
+    The same float32 operations in the same order on any device, so normalising on the GPU gives the
+    bits the CPU gives (prediction uploads uint8 pixels, a quarter of the bytes, and normalises there).
+    """
+    x = pixels.float() / 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    return (x - m) / s
+
+
+def _hwc_to_chw(array: np.ndarray) -> torch.Tensor:
+    if not array.flags.writeable:  # np.asarray(PIL image) is read-only; torch wants writable memory
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array)).movedim(-1, -3)
+
+
+def sam2_constants(
+    constants: Literal["exact", "bf16"] = "exact",
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """SAM2 mean/std: exact (training) or cast to bf16 and back (the official inference code)."""
+    if constants == "exact":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if constants == "bf16":
+        mean, std = (
+            tuple(torch.tensor(v).to(torch.bfloat16).float().tolist()) for v in (IMAGENET_MEAN, IMAGENET_STD)
+        )
+        return mean, std
+    raise ValueError(f"constants must be 'exact' or 'bf16', got {constants!r}")
+
+
+def vit_tiles_uint8(
+    image: Image.Image | np.ndarray, image_size: int = 448, max_num: int = 12, use_thumbnail: bool = True
+) -> np.ndarray:
+    """InternVL tiles of one image, not yet normalised: uint8 [n_tiles, image_size, image_size, 3]."""
+    tiles = dynamic_preprocess(to_pil_rgb(image), 1, max_num, image_size, use_thumbnail)
+    # The official transform resizes each tile to (image_size, image_size) again: a no-op on these tiles.
+    return np.stack([np.asarray(t) for t in tiles])
 
 
 def vit_pixel_values(
     image: Image.Image | np.ndarray, image_size: int = 448, max_num: int = 12, use_thumbnail: bool = True
 ) -> torch.Tensor:
     """InternVL input of one image: float32 [n_tiles, 3, image_size, image_size]."""
-    pil = to_pil_rgb(image)
-    tiles = dynamic_preprocess(pil, 1, max_num, image_size, use_thumbnail)
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    # The official transform resizes each tile to (image_size, image_size) again: a no-op on these tiles.
-    return torch.stack([_normalize(np.asarray(t), mean, std) for t in tiles])
+    tiles = vit_tiles_uint8(image, image_size, max_num, use_thumbnail)
+    return normalize(_hwc_to_chw(tiles), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def sam2_uint8(image: Image.Image | np.ndarray, size: int = 1024) -> np.ndarray:
+    """SAM2 input of one image, not yet normalised: uint8 [size, size, 3] (PIL bicubic, aspect not kept)."""
+    return np.asarray(to_pil_rgb(image).resize((size, size), Image.BICUBIC))
 
 
 def sam2_pixel_values(
     image: Image.Image | np.ndarray, size: int = 1024, constants: Literal["exact", "bf16"] = "exact"
 ) -> torch.Tensor:
     """SAM2 input of one image: float32 [3, size, size]; aspect ratio is not kept (as the official code)."""
-    pil = to_pil_rgb(image).resize((size, size), Image.BICUBIC)
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    if constants == "bf16":
-        mean, std = mean.to(torch.bfloat16).float(), std.to(torch.bfloat16).float()
-    elif constants != "exact":
-        raise ValueError(f"constants must be 'exact' or 'bf16', got {constants!r}")
-    return _normalize(np.asarray(pil), mean, std)
+    return normalize(_hwc_to_chw(sam2_uint8(image, size)), *sam2_constants(constants))
 
 
 def mask_to_tensor(mask: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
@@ -181,6 +214,38 @@ def smart_resize(
     return h, w
 
 
+def qwen_vl_patches_uint8(
+    image: Image.Image | np.ndarray | str | Path,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = QWEN_VL_MIN_PIXELS,
+    max_pixels: int = QWEN_VL_MAX_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-VL patches of one image, not yet normalised: uint8 [gh * gw, 3 * T * P * P] and
+    ``image_grid_thw`` [1, 3] (see :func:`qwen_vl_pixel_values`)."""
+    pil = to_pil_rgb(image)
+    factor = patch_size * merge_size
+    h, w = smart_resize(pil.height, pil.width, factor, min_pixels, max_pixels)
+    pixels = _hwc_to_chw(np.asarray(pil.resize((w, h), Image.BICUBIC)))  # [3, h, w]
+    frames = pixels[None].expand(temporal_patch_size, -1, -1, -1)  # one image = T identical frames
+    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
+    patches = frames.reshape(1, temporal_patch_size, 3, gh // m, m, p, gw // m, m, p)
+    patches = patches.permute(
+        0, 3, 6, 4, 7, 2, 1, 5, 8
+    )  # grid_t, row blocks, col blocks, in-block, C, T, P, P
+    flat = patches.reshape(gh * gw, 3 * temporal_patch_size * p * p).contiguous()
+    return flat, torch.tensor([[1, gh, gw]])
+
+
+def normalize_qwen_vl_patches(
+    patches: torch.Tensor, mean: Sequence[float], std: Sequence[float], patch_size: int
+) -> torch.Tensor:
+    """uint8 patches [n, 3 * T * P * P] (channel-major rows) -> normalised float32 patches, same shape."""
+    n = patches.shape[0]
+    return normalize(patches.reshape(n, 3, -1, patch_size), mean, std).reshape(n, -1)
+
+
 def qwen_vl_pixel_values(
     image: Image.Image | np.ndarray | str | Path,
     patch_size: int = 14,
@@ -196,16 +261,7 @@ def qwen_vl_pixel_values(
     Qwen2.5-VL: patch 14, CLIP mean/std; Qwen3-VL: patch 16, mean/std 0.5. The image takes
     ``gh * gw / merge_size**2`` ``<|image_pad|>`` tokens.
     """
-    pil = to_pil_rgb(image)
-    factor = patch_size * merge_size
-    h, w = smart_resize(pil.height, pil.width, factor, min_pixels, max_pixels)
-    resized = pil.resize((w, h), Image.BICUBIC)
-    pixels = _normalize(np.asarray(resized), torch.tensor(mean), torch.tensor(std))  # [3, h, w]
-    frames = pixels[None].expand(temporal_patch_size, -1, -1, -1)  # one image = T identical frames
-    gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
-    patches = frames.reshape(1, temporal_patch_size, 3, gh // m, m, p, gw // m, m, p)
-    patches = patches.permute(
-        0, 3, 6, 4, 7, 2, 1, 5, 8
-    )  # grid_t, row blocks, col blocks, in-block, C, T, P, P
-    flat = patches.reshape(gh * gw, 3 * temporal_patch_size * p * p).contiguous()
-    return flat, torch.tensor([[1, gh, gw]])
+    patches, grid = qwen_vl_patches_uint8(
+        image, patch_size, merge_size, temporal_patch_size, min_pixels, max_pixels
+    )
+    return normalize_qwen_vl_patches(patches, mean, std, patch_size), grid

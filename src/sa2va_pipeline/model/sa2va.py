@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +55,25 @@ from .configs import (
     preset_config,
 )
 from .preprocessing import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     QWEN_VL_MAX_PIXELS,
     QWEN_VL_MIN_PIXELS,
     mask_to_tensor,
+    normalize,
+    normalize_qwen_vl_patches,
+    qwen_vl_patches_uint8,
     qwen_vl_pixel_values,
     resize_masks_area,
+    sam2_constants,
     sam2_pixel_values,
+    sam2_uint8,
     tile_grid,
     to_pil_rgb,
     vit_pixel_values,
+    vit_tiles_uint8,
 )
 from .prompts import (
     IMG_CONTEXT_TOKEN,
@@ -86,6 +94,7 @@ from .qwen_vl import (
     mrope_position_ids,
     qwen_vl_first_turn_input,
 )
+from .sam2_attention import use_lean_attention
 
 DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
 DEFAULT_ANSWER = "Sure, [SEG]."
@@ -161,6 +170,7 @@ class Sa2VA(nn.Module):
         sam2_config = build_sam2_config(self.sam2_image_size, grounding["hiera"])
         sam2_config._attn_implementation = attn_implementation
         self.sam2 = Sam2Model(sam2_config)
+        use_lean_attention(self.sam2)  # same outputs, without transformers' unused attention matmul
         with (
             torch.no_grad()
         ):  # one gaussian matrix in SAM2: the image-wide positional grid uses the prompt encoder's
@@ -447,17 +457,28 @@ class Sa2VA(nn.Module):
         return out.last_hidden_state, (captured[-1] if captured else out.last_hidden_state)
 
     def _llm_hidden(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_embeds: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Last-layer hidden states (after the final norm), image tokens replaced by projected features."""
+        """Last-layer hidden states (after the final norm), image tokens replaced by projected features.
+
+        ``image_positions``: flat indices of the ``<IMG_CONTEXT>`` tokens, already checked against the feature
+        count on the host (prediction does this to avoid a GPU sync); ``None``: found and checked here.
+        """
         embeds = self.vlm.get_input_embeddings()(input_ids)
-        is_image = input_ids == self.img_context_id
-        n_tokens, n_feats = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
-        if n_tokens != n_feats:
-            raise ValueError(f"{n_tokens} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
-        embeds = embeds.masked_scatter(
-            is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        )
+        features = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if image_positions is None:
+            is_image = input_ids == self.img_context_id
+            n_tokens, n_feats = int(is_image.sum()), image_embeds.shape[0] * image_embeds.shape[1]
+            if n_tokens != n_feats:
+                raise ValueError(f"{n_tokens} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
+            embeds = embeds.masked_scatter(is_image[..., None], features)
+        else:
+            embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_positions, features)
+            embeds = embeds.reshape(*input_ids.shape, -1)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state
 
@@ -500,9 +521,17 @@ class Sa2VA(nn.Module):
         best = iou.argmax(dim=-1)
         return masks[torch.arange(n, device=masks.device), best], iou, object_score.reshape(n)
 
-    def _seg_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Hidden states at [SEG] input positions (row-major order) -> text_hidden_fcs -> [N, 256]."""
-        return self.text_hidden_fcs(hidden[input_ids == self.seg_id].to(_dtype_of(self.text_hidden_fcs)))
+    def _seg_states(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, seg_positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states at [SEG] input positions (row-major order) -> text_hidden_fcs -> [N, 256].
+
+        ``seg_positions``: their flat indices when the caller found them on the host (no GPU sync)."""
+        if seg_positions is None:
+            states = hidden[input_ids == self.seg_id]
+        else:
+            states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, seg_positions)
+        return self.text_hidden_fcs(states.to(_dtype_of(self.text_hidden_fcs)))
 
     # ------------------------------------------------------------------ training
     def collate(
@@ -545,7 +574,9 @@ class Sa2VA(nn.Module):
             pil = to_pil_rgb(image)
             if self.family == "internvl":
                 if "vit" in skip_pixels:
-                    grid_w, grid_h = tile_grid(pil.width, pil.height, 1, self.max_dynamic_patch, self.image_size)
+                    grid_w, grid_h = tile_grid(
+                        pil.width, pil.height, 1, self.max_dynamic_patch, self.image_size
+                    )
                     n = grid_w * grid_h + (1 if self.use_thumbnail and grid_w * grid_h > 1 else 0)
                     pv = None
                 else:
@@ -671,6 +702,21 @@ class Sa2VA(nn.Module):
         prompt = self._encode(self.template.instruction.format(input=text))
         return self.bos_ids + prompt + self._encode(answer)
 
+    def compile_for_inference(self) -> Sa2VA:
+        """``torch.compile`` the SAM2 image encoder, the InternVL vision tower and each LLM decoder layer, in
+        place; returns ``self``.
+
+        For GPU prediction over many images: the first chunk pays the compilation (about a minute for the real
+        sizes), later ones run fused kernels (SAM2's layer norms, window copies and GELUs are memory-bound in
+        eager mode; see benchmarks/RESULTS.md). A new batch size or prompt length recompiles once.
+        """
+        self.sam2.vision_encoder.compile()
+        if self.family == "internvl":
+            self.vlm.model.vision_tower.compile()
+        for layer in self.language_model.layers:
+            layer.compile()
+        return self
+
     def predict_proba(
         self,
         images: Any,
@@ -698,7 +744,32 @@ class Sa2VA(nn.Module):
         inference nor training applies it. Off by default (faithful); the option exists for experiments only.
 
         Returns a float32 tensor [N, H, W] when all images share one size, else a list of [H, W] tensors.
-        Runs in chunks of ``batch_size`` images, each one batched forward pass.
+        Runs in chunks of ``batch_size`` images, each one batched forward pass (see :meth:`iter_predict_proba`,
+        which yields the maps one by one instead of holding them all).
+        """
+        results = list(
+            self.iter_predict_proba(images, phrases, question_template, answer, batch_size, object_score_gate)
+        )
+        if results and len({tuple(r.shape) for r in results}) == 1:
+            return torch.stack(results)
+        return results
+
+    def iter_predict_proba(
+        self,
+        images: Any,
+        phrases: str | Sequence[str],
+        question_template: str = DEFAULT_QUESTION,
+        answer: str = DEFAULT_ANSWER,
+        batch_size: int = 8,
+        object_score_gate: bool = False,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`predict_proba` as a stream: one float32 [H, W] map per image, in input order.
+
+        A pipeline, so that neither the GPU nor the CPU waits on the other: a thread pool resizes the next
+        chunk's images (PIL, outside the GIL) while the current chunk runs; pixels travel as uint8 (a quarter of
+        the bytes) through pinned memory and are normalised on the device (bit-identical to the CPU); token
+        positions are found on the host, so no step waits for the GPU; and a chunk's maps come back to the host
+        while the next chunk already computes.
         """
         if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
             images = [np.asarray(im) for im in images]  # a [N, H, W, C] uint8 batch
@@ -708,73 +779,114 @@ class Sa2VA(nn.Module):
             raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
         if answer.count(SEG_TOKEN) != 1:
             raise ValueError(f"The answer must contain exactly one {SEG_TOKEN}: {answer!r}")
-        results: list[torch.Tensor] = []
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         was_training = self.training
         self.eval()  # deterministic even mid-training (LoRA dropout)
-        # Image preprocessing (PIL resizes, mostly outside the GIL) runs on a thread pool, one chunk ahead of
-        # the model, so a GPU is not left waiting for one CPU thread.
         workers = max(1, min(8, os.cpu_count() or 1))
         try:
-            with torch.inference_mode(), ThreadPoolExecutor(workers) as pool:
+            with ThreadPoolExecutor(workers, thread_name_prefix="sa2va-preprocess") as pool:
 
                 def submit(start: int) -> list[Future]:
-                    return [pool.submit(self._preprocess_image, im) for im in images[start : start + batch_size]]
+                    return [
+                        pool.submit(self._preprocess_image, im) for im in images[start : start + batch_size]
+                    ]
 
-                pending = submit(0)
+                pending, in_flight = submit(0), None
                 for start in range(0, len(images), batch_size):
                     prepared = [f.result() for f in pending]
                     if start + batch_size < len(images):
                         pending = submit(start + batch_size)
-                    results += self._predict_chunk(
-                        prepared, phrases[start : start + batch_size], question_template, answer, object_score_gate
-                    )
+                    with torch.inference_mode():
+                        launched = self._launch_chunk(
+                            prepared, phrases[start : start + batch_size], question_template, answer,
+                            object_score_gate,
+                        )  # fmt: skip
+                    if in_flight is not None:
+                        yield from in_flight.collect()
+                    in_flight = launched
+                if in_flight is not None:
+                    yield from in_flight.collect()
         finally:
             self.train(was_training)
-        if len({tuple(r.shape) for r in results}) == 1:
-            return torch.stack(results)
-        return results
 
     def _preprocess_image(self, image: Any) -> dict[str, Any]:
-        """CPU inputs of one image for prediction: its size, LLM-side pixels and SAM2 pixels."""
+        """Host-side inputs of one image for prediction (thread-pool work): its size and uint8 pixels."""
         pil = to_pil_rgb(image)
         out: dict[str, Any] = {"size": (pil.height, pil.width)}
         if self.family == "internvl":
-            out["tiles"] = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+            out["tiles"] = vit_tiles_uint8(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
         else:
-            out["patches"], out["grid"] = self.qwen_vl_pixels(pil)
-        out["sam2"] = sam2_pixel_values(pil, self.sam2_image_size, "bf16")
+            out["patches"], out["grid"] = qwen_vl_patches_uint8(
+                pil,
+                self.patch_size,
+                self.merge_size,
+                self.temporal_patch_size,
+                self.min_pixels,
+                self.max_pixels,
+            )
+        out["sam2"] = sam2_uint8(pil, self.sam2_image_size)[None]
         return out
 
-    def _predict_chunk(
+    def _upload(self, arrays: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Concatenate uint8 arrays along dim 0 into (pinned, on a GPU) host memory and start the copy."""
+        first = arrays[0]
+        shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
+        host = torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        np.concatenate([np.asarray(a) for a in arrays], axis=0, out=host.numpy())
+        return host.to(self.device, non_blocking=True)
+
+    def _launch_chunk(
         self,
         prepared: list[dict[str, Any]],
         phrases: list[str],
         question_template: str,
         answer: str,
         object_score_gate: bool,
-    ) -> list[torch.Tensor]:
+    ) -> _PendingMaps:
+        """Queue one chunk's forward pass on the device without waiting for it; :meth:`_PendingMaps.collect`
+        waits and returns the maps."""
         device = self.device
         if self.family == "internvl":
-            tiles = [p["tiles"] for p in prepared]
-            counts = [t.shape[0] for t in tiles]
+            counts = [p["tiles"].shape[0] for p in prepared]
         else:
-            patches, grids = [p["patches"] for p in prepared], [p["grid"] for p in prepared]
-            counts = image_token_count(torch.cat(grids), self.merge_size)
+            grids = torch.cat([p["grid"] for p in prepared])
+            counts = image_token_count(grids, self.merge_size)
         rows = [
             self._prompt_ids(question_template.format(phrase=clean_phrase(p)), answer, n)
             for p, n in zip(phrases, counts)
         ]
-        input_ids, attention = (t.to(device) for t in pad_rows(rows, self.pad_id))
-        sam2_inputs = torch.stack([p["sam2"] for p in prepared])
+        ids_host, attention_host = pad_rows(rows, self.pad_id)
+        seg_positions = (ids_host.reshape(-1) == self.seg_id).nonzero()[:, 0]
+        if len(seg_positions) != len(prepared):  # the answer has one [SEG]; a question template may add more
+            raise ValueError(
+                f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
+            )
+        input_ids, attention = ids_host.to(device), attention_host.to(device)
+        sam2_pixels = normalize(self._upload([p["sam2"] for p in prepared]).movedim(-1, -3),
+                                *sam2_constants("bf16"))  # fmt: skip
+        fpn = self.encode_sam2(sam2_pixels)
         if self.family == "internvl":
-            vit = self.encode_vit(torch.cat(tiles))
-            hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+            tiles = normalize(
+                self._upload([p["tiles"] for p in prepared]).movedim(-1, -3), IMAGENET_MEAN, IMAGENET_STD
+            )
+            image_positions = (ids_host.reshape(-1) == self.img_context_id).nonzero()[:, 0]
+            if len(image_positions) != sum(counts) * self.tokens_per_tile:
+                raise ValueError(
+                    f"{len(image_positions)} <IMG_CONTEXT> tokens for {sum(counts)} tiles: check the question template"
+                )
+            image_embeds = self.project_vit(self.encode_vit(tiles))
+            hidden = self._llm_hidden(input_ids, attention, image_embeds, image_positions.to(device))
         else:
-            _, hidden = self._qwen_vl_hidden(input_ids, attention, torch.cat(patches), torch.cat(grids))
-        seg = self._seg_states(hidden, input_ids)
-        logits, _, object_score = self.decode_masks(
-            self.encode_sam2(sam2_inputs), torch.arange(len(prepared)), seg
-        )
+            patches = normalize_qwen_vl_patches(
+                self._upload([p["patches"] for p in prepared]),
+                self.pixel_mean,
+                self.pixel_std,
+                self.patch_size,
+            )
+            _, hidden = self._qwen_vl_hidden(input_ids, attention, patches, grids)
+        seg = self._seg_states(hidden, input_ids, seg_positions.to(device))
+        logits, _, object_score = self.decode_masks(fpn, torch.arange(len(prepared)), seg)
         if object_score_gate:
             logits = torch.where(
                 object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE)
@@ -783,12 +895,40 @@ class Sa2VA(nn.Module):
             logits[:, None].float(), size=(self.sam2_image_size,) * 2, mode="bilinear", align_corners=False
         )
         sizes = [p["size"] for p in prepared]
-        if len(set(sizes)) == 1:
-            probs = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
-            return [p.cpu() for p in probs]
-        return [
-            F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False)
-            .sigmoid()[0, 0]
-            .cpu()
-            for i, s in enumerate(sizes)
-        ]
+        uniform = len(set(sizes)) == 1
+        if uniform:
+            maps = [
+                F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
+            ]
+        else:
+            maps = [
+                F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False).sigmoid()[0, 0]
+                for i, s in enumerate(sizes)
+            ]
+        return _PendingMaps.start(maps, stacked=uniform)
+
+
+class _PendingMaps:
+    """Probability maps of one chunk on their way to the host (an async copy into pinned memory on a GPU)."""
+
+    def __init__(self, host: list[torch.Tensor], stacked: bool, event: Any) -> None:
+        self.host, self.stacked, self.event = host, stacked, event
+
+    @classmethod
+    def start(cls, maps: list[torch.Tensor], stacked: bool) -> _PendingMaps:
+        """Start copying ``maps`` (one [B, H, W] tensor when ``stacked``, else [H, W] tensors) to the host."""
+        if maps[0].device.type != "cuda":
+            return cls(maps, stacked, None)
+        host = [torch.empty(m.shape, dtype=m.dtype, pin_memory=True) for m in maps]
+        for h, m in zip(host, maps):
+            h.copy_(m, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, stacked, event)
+
+    def collect(self) -> list[torch.Tensor]:
+        """Wait for the copy; one [H, W] map per image (own memory, so pinned buffers are recycled)."""
+        if self.event is not None:
+            self.event.synchronize()
+        maps = list(self.host[0]) if self.stacked else self.host
+        return [m.clone() for m in maps]

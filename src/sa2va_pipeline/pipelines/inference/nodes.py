@@ -18,10 +18,9 @@ from sa2va_pipeline.evaluation.new_images import output_names, read_image_folder
 from sa2va_pipeline.evaluation.overlays import add_legend_strip, error_overlay, overlay_grid_figure
 from sa2va_pipeline.evaluation.probabilities import (
     binarize,
+    load_prediction_model,
     predict_probability_maps,
     quantise,
-    resolve_device,
-    resolve_dtype,
 )
 
 logger = logging.getLogger(__name__)
@@ -54,15 +53,10 @@ def segment_new_images(
     outputs: dict[str, bytes] = {}
     panels = []
     if folder.images:
-        from sa2va_pipeline.training.artifacts import load_trained_model
-
-        device = resolve_device(prediction.get("device", "auto"))
-        model = load_trained_model(
-            trained_model, device, resolve_dtype(prediction.get("dtype", "auto"), device)
-        )
+        model = load_prediction_model(trained_model, prediction)
         samples = [{"id": name, "image": image, "phrases": [phrase]} for name, image in folder.images.items()]
         maps = predict_probability_maps(
-            model.predict_proba,
+            model.iter_predict_proba,
             samples,
             batch_size=int(prediction.get("batch_size", 8)),
             storage_dtype="float16",  # keep full precision here: these maps are written once, as PNGs
