@@ -5,7 +5,7 @@ batch size, measured in the same run:
 - ``predict_proba``: the whole call (PIL preprocessing on the CPU, the batched forward, upsampling to the
   original size, probabilities back on the CPU);
 - ``model``: the GPU part alone on preprocessed inputs already on the GPU (ViT, projector, LLM, SAM2 encoder,
-  mask decoder, the two bilinear upsamplings, sigmoid); also with the SAM2 encoder on a second CUDA stream;
+  mask decoder, the two bilinear upsamplings, sigmoid);
 - the host-side preprocessing rate (one thread and ``predict_proba``'s pool).
 Plus, at the largest batch: FLOPs per image per component (``FlopCounterMode``), the time of each component,
 and so the floor (FLOPs / measured matmul rate) and the gap; ``--profile`` adds a torch.profiler table.
@@ -60,7 +60,7 @@ class Parts:
 
     def llm(self, image_embeds):
         m = self.model
-        hidden = m._llm_hidden(self.x["input_ids"], self.x["attention_mask"], image_embeds)
+        hidden = m._llm_hidden(self.x["input_ids"], image_embeds)
         return m._seg_states(hidden, self.x["input_ids"])
 
     def sam2(self):
@@ -74,18 +74,6 @@ class Parts:
 
     def all(self):
         return self.decode(self.sam2(), self.llm(self.vit()))
-
-    def all_two_streams(self):
-        """Experiment: the SAM2 encoder on a side CUDA stream, concurrently with the ViT and the LLM."""
-        side, main = torch.cuda.Stream(), torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            fpn = self.sam2()
-        seg = self.llm(self.vit())
-        main.wait_stream(side)
-        for f in fpn:
-            f.record_stream(main)
-        return self.decode(fpn, seg)
 
 
 def host_preprocessing_rate(model: Any, images: list) -> dict[str, float]:
@@ -111,7 +99,7 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     rows: list[dict[str, Any]] = []
     model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16).eval()
     if args.compile:
-        model.compile_for_inference()
+        model.compile_for_inference(mode=args.compile_mode)
     data = [im for im, _ in G.frames(max(args.n_images, max(args.batch_sizes)), seed=2)]
     host_rate = host_preprocessing_rate(model, data[:64])
     print(f"[{preset}] host preprocessing: {host_rate['one_thread']:.1f} img/s on one thread, "
@@ -123,13 +111,12 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                 x = prepared_inputs(model, data[:b])
                 parts = Parts(model, x)
                 model_s, _ = G.time_it(parts.all, warmup=2, min_iters=3, min_seconds=args.min_seconds)
-                streams_s, _ = G.time_it(parts.all_two_streams, warmup=2, min_iters=3, min_seconds=args.min_seconds)
             model_peak = G.peak_gb()
             n = (args.n_images // b) * b
             e2e_s, _ = G.time_it(lambda: model.predict_proba(data[:n], "blood vessel", batch_size=b), warmup=1,
                                  min_iters=1, min_seconds=args.min_seconds)
             row = {"preset": preset, "batch": b, "model_img_per_s": b / model_s,
-                   "two_streams_img_per_s": b / streams_s, "predict_proba_img_per_s": n / e2e_s,
+                   "predict_proba_img_per_s": n / e2e_s,
                    "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": bool(args.compile), **host_rate}
         except Exception as error:
             if not G.is_oom(error):
@@ -173,18 +160,18 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| preset | compiled | batch | predict_proba img/s (end to end) | model img/s (GPU part) | "
-             "GPU part, SAM2 on a side stream | host preprocessing img/s (pool) | peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "host preprocessing img/s (pool) | peak GB |",
+             "|---|---|---|---|---|---|---|"]
     comps = []
     for r in rows:
         if r.get("path") == "components":
             comps.append(r)
         elif "error" in r:
-            lines.append(f"| {r['preset']} | | {r['batch']} | {r['error']} | | | | |")
+            lines.append(f"| {r['preset']} | | {r['batch']} | {r['error']} | | | |")
         else:
             lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | "
                          f"{r['predict_proba_img_per_s']:.1f} | {r['model_img_per_s']:.1f} | "
-                         f"{r['two_streams_img_per_s']:.1f} | {r['pool']:.0f} | {r['peak_gb']:.1f} |")
+                         f"{r['pool']:.0f} | {r['peak_gb']:.1f} |")
     lines += ["", "Components at the largest batch (floor = counted FLOPs / measured matmul rate):", "",
               "| preset | batch | component | TFLOP/img | ms/img | floor ms/img | achieved TFLOP/s |",
               "|---|---|---|---|---|---|---|"]
@@ -203,6 +190,7 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=192, help="images per end-to-end predict_proba call")
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="Sa2VA.compile_for_inference() first")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--results", type=Path, default=G.RESULTS)
     parser.add_argument("--json", type=Path, default=None)

@@ -97,7 +97,7 @@ def test_training_forward_lm_loss_matches_full_logits(tiny, make_image, make_mas
     with torch.no_grad():
         out = tiny.training_forward(batch)
         vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
-        hidden = tiny._llm_hidden(batch["input_ids"], batch["attention_mask"], vit)
+        hidden = tiny._llm_hidden(batch["input_ids"], vit)
         logits = tiny.vlm.lm_head(hidden)
         full = F.cross_entropy(
             logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
@@ -214,7 +214,13 @@ def test_mixed_precision_frozen_bf16_trainable_fp32_without_autocast(fresh_tiny,
 
 
 def test_iter_predict_proba_streams_every_image_in_order_across_chunks(tiny, make_image):
-    images = [make_image(10), make_image(11, 300, 600), make_image(12), make_image(13), make_image(14, 200, 100)]
+    images = [
+        make_image(10),
+        make_image(11, 300, 600),
+        make_image(12),
+        make_image(13),
+        make_image(14, 200, 100),
+    ]
     phrases = ["blood vessel", "vessel", "artery", "vein", "catheter"]
     streamed = tiny.iter_predict_proba(images, phrases, batch_size=2)  # chunks of 2, 2 and 1
     assert not isinstance(streamed, (list, torch.Tensor))  # a generator: maps are handed over one by one
@@ -239,3 +245,22 @@ def test_compiled_prediction_matches_eager(make_image):
     eager = model.predict_proba(images, "vessel", batch_size=2)
     compiled = model.compile_for_inference().predict_proba(images, "vessel", batch_size=2)
     assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+def test_llm_hidden_without_padding_mask_equals_masked_forward_at_real_tokens(tiny, make_image, make_mask):
+    # right padding + causal attention: the padding mask changes nothing where outputs are read
+    samples = [(make_image(0), make_mask(0), "vessel"), (make_image(1), make_mask(1), "left coronary artery")]
+    batch = tiny.collate(samples, seed=2)
+    assert batch["attention_mask"].sum(1).tolist()[0] < batch["input_ids"].shape[1]  # row 0 is padded
+    with torch.no_grad():
+        vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
+        ours = tiny._llm_hidden(batch["input_ids"], vit)
+        embeds = tiny.vlm.get_input_embeddings()(batch["input_ids"])
+        embeds = embeds.masked_scatter(
+            (batch["input_ids"] == tiny.img_context_id)[..., None], vit.reshape(-1, embeds.shape[-1])
+        )
+        masked = tiny.language_model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours[real], masked[real], atol=1e-5)

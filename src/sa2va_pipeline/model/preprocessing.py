@@ -98,7 +98,9 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     The same float32 operations in the same order on any device, so normalising on the GPU gives the
     bits the CPU gives (prediction uploads uint8 pixels, a quarter of the bytes, and normalises there).
     """
-    x = pixels.float() / 255.0
+    # A tensor divisor, not the Python scalar 255: CUDA turns division by a CPU scalar into multiplication by
+    # its reciprocal, which rounds differently from the CPU's true division (and the official ToTensor).
+    x = pixels.float() / torch.tensor(255.0, device=pixels.device)
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
     return (x - m) / s

@@ -459,11 +459,15 @@ class Sa2VA(nn.Module):
     def _llm_hidden(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
         image_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last-layer hidden states (after the final norm), image tokens replaced by projected features.
+
+        Rows are right-padded (:func:`pad_rows`) and attention is causal, so no real token ever attends to a
+        padding token: the padding mask would change nothing where outputs are read (answer labels, [SEG]).
+        Leaving it out lets SDPA run its causal flash kernel and spares transformers' host-side check of the
+        mask (a GPU sync). Hidden states at padding positions are meaningless and never used.
 
         ``image_positions``: flat indices of the ``<IMG_CONTEXT>`` tokens, already checked against the feature
         count on the host (prediction does this to avoid a GPU sync); ``None``: found and checked here.
@@ -479,7 +483,7 @@ class Sa2VA(nn.Module):
         else:
             embeds = embeds.reshape(-1, embeds.shape[-1]).index_copy(0, image_positions, features)
             embeds = embeds.reshape(*input_ids.shape, -1)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        out = self.language_model(inputs_embeds=embeds, use_cache=False)
         return out.last_hidden_state
 
     def decode_masks(
@@ -672,7 +676,7 @@ class Sa2VA(nn.Module):
         fpn = batch.get("sam2_features")
         fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
         if self.family == "internvl":
-            hidden = self._llm_hidden(input_ids, attention, self.project_vit(vit))
+            hidden = self._llm_hidden(input_ids, self.project_vit(vit))
         else:
             hidden, seg_source = self._qwen_vl_hidden(
                 input_ids, attention, batch["pixel_values"], batch["image_grid_thw"]
@@ -702,19 +706,20 @@ class Sa2VA(nn.Module):
         prompt = self._encode(self.template.instruction.format(input=text))
         return self.bos_ids + prompt + self._encode(answer)
 
-    def compile_for_inference(self) -> Sa2VA:
+    def compile_for_inference(self, mode: str | None = None) -> Sa2VA:
         """``torch.compile`` the SAM2 image encoder, the InternVL vision tower and each LLM decoder layer, in
         place; returns ``self``.
 
         For GPU prediction over many images: the first chunk pays the compilation (about a minute for the real
         sizes), later ones run fused kernels (SAM2's layer norms, window copies and GELUs are memory-bound in
-        eager mode; see benchmarks/RESULTS.md). A new batch size or prompt length recompiles once.
+        eager mode; see benchmarks/RESULTS.md). A new batch size or prompt length recompiles once. ``mode``:
+        ``torch.compile``'s (default: its default).
         """
-        self.sam2.vision_encoder.compile()
+        self.sam2.vision_encoder.compile(mode=mode)
         if self.family == "internvl":
-            self.vlm.model.vision_tower.compile()
+            self.vlm.model.vision_tower.compile(mode=mode)
         for layer in self.language_model.layers:
-            layer.compile()
+            layer.compile(mode=mode)
         return self
 
     def predict_proba(
@@ -847,6 +852,10 @@ class Sa2VA(nn.Module):
         """Queue one chunk's forward pass on the device without waiting for it; :meth:`_PendingMaps.collect`
         waits and returns the maps."""
         device = self.device
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:  # through pinned memory: no wait for the GPU
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
         if self.family == "internvl":
             counts = [p["tiles"].shape[0] for p in prepared]
         else:
@@ -862,7 +871,7 @@ class Sa2VA(nn.Module):
             raise ValueError(
                 f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
             )
-        input_ids, attention = ids_host.to(device), attention_host.to(device)
+        input_ids = to_device(ids_host)
         sam2_pixels = normalize(self._upload([p["sam2"] for p in prepared]).movedim(-1, -3),
                                 *sam2_constants("bf16"))  # fmt: skip
         fpn = self.encode_sam2(sam2_pixels)
@@ -876,7 +885,7 @@ class Sa2VA(nn.Module):
                     f"{len(image_positions)} <IMG_CONTEXT> tokens for {sum(counts)} tiles: check the question template"
                 )
             image_embeds = self.project_vit(self.encode_vit(tiles))
-            hidden = self._llm_hidden(input_ids, attention, image_embeds, image_positions.to(device))
+            hidden = self._llm_hidden(input_ids, image_embeds, to_device(image_positions))
         else:
             patches = normalize_qwen_vl_patches(
                 self._upload([p["patches"] for p in prepared]),
@@ -884,9 +893,9 @@ class Sa2VA(nn.Module):
                 self.pixel_std,
                 self.patch_size,
             )
-            _, hidden = self._qwen_vl_hidden(input_ids, attention, patches, grids)
-        seg = self._seg_states(hidden, input_ids, seg_positions.to(device))
-        logits, _, object_score = self.decode_masks(fpn, torch.arange(len(prepared)), seg)
+            _, hidden = self._qwen_vl_hidden(input_ids, to_device(attention_host), patches, grids)
+        seg = self._seg_states(hidden, input_ids, to_device(seg_positions))
+        logits, _, object_score = self.decode_masks(fpn, torch.arange(len(prepared), device=device), seg)
         if object_score_gate:
             logits = torch.where(
                 object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE)
