@@ -30,10 +30,11 @@ for im in images:
     assert torch.equal(vit.cpu(), vit_pixel_values(im)), "ViT pixels differ"
 print("on-device normalisation: bit-identical to the CPU for", [im.shape[:2] for im in images])
 
+torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions as on the CPU (cuDNN defaults to TF32)
 cpu = Sa2VA.from_preset("tiny", seed=3)
 gpu = Sa2VA.from_preset("tiny", seed=3, device="cuda")
 expected = cpu.predict_proba(images, "vessel", batch_size=2)
 got = list(gpu.iter_predict_proba(images, "vessel", batch_size=2))
 diff = max(float((a - b.cpu()).abs().max()) for a, b in zip(expected, got))
 print(f"tiny preset fp32, GPU pipeline vs CPU: max |p difference| {diff:.2e}")
-assert diff < 1e-3
+assert diff < 1e-4

@@ -792,20 +792,27 @@ class Sa2VA(nn.Module):
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="sa2va-preprocess") as pool:
 
-                def submit(start: int) -> list[Future]:
-                    return [
-                        pool.submit(self._preprocess_image, im) for im in images[start : start + batch_size]
+                def submit(start: int) -> tuple[list[Future], torch.Tensor]:
+                    chunk = images[start : start + batch_size]
+                    # the workers write the SAM2 frames (most of the bytes) straight into upload memory
+                    size = self.sam2_image_size
+                    sam2_host = torch.empty(
+                        (len(chunk), size, size, 3), dtype=torch.uint8, pin_memory=self.device.type == "cuda"
+                    )
+                    futures = [
+                        pool.submit(self._preprocess_image, im, sam2_host[i]) for i, im in enumerate(chunk)
                     ]
+                    return futures, sam2_host
 
                 pending, in_flight = submit(0), None
                 for start in range(0, len(images), batch_size):
-                    prepared = [f.result() for f in pending]
+                    prepared, sam2_host = [f.result() for f in pending[0]], pending[1]
                     if start + batch_size < len(images):
                         pending = submit(start + batch_size)
                     with torch.inference_mode():
                         launched = self._launch_chunk(
-                            prepared, phrases[start : start + batch_size], question_template, answer,
-                            object_score_gate,
+                            prepared, sam2_host, phrases[start : start + batch_size], question_template,
+                            answer, object_score_gate,
                         )  # fmt: skip
                     if in_flight is not None:
                         yield from in_flight.collect()
@@ -815,8 +822,9 @@ class Sa2VA(nn.Module):
         finally:
             self.train(was_training)
 
-    def _preprocess_image(self, image: Any) -> dict[str, Any]:
-        """Host-side inputs of one image for prediction (thread-pool work): its size and uint8 pixels."""
+    def _preprocess_image(self, image: Any, sam2_out: torch.Tensor) -> dict[str, Any]:
+        """Host-side inputs of one image for prediction (thread-pool work): its size and uint8 LLM-side pixels;
+        the uint8 SAM2 frame is written into ``sam2_out`` [S, S, 3]."""
         pil = to_pil_rgb(image)
         out: dict[str, Any] = {"size": (pil.height, pil.width)}
         if self.family == "internvl":
@@ -830,7 +838,7 @@ class Sa2VA(nn.Module):
                 self.min_pixels,
                 self.max_pixels,
             )
-        out["sam2"] = sam2_uint8(pil, self.sam2_image_size)[None]
+        sam2_out.numpy()[...] = sam2_uint8(pil, self.sam2_image_size)
         return out
 
     def _upload(self, arrays: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
@@ -844,6 +852,7 @@ class Sa2VA(nn.Module):
     def _launch_chunk(
         self,
         prepared: list[dict[str, Any]],
+        sam2_host: torch.Tensor,
         phrases: list[str],
         question_template: str,
         answer: str,
@@ -854,7 +863,9 @@ class Sa2VA(nn.Module):
         device = self.device
 
         def to_device(t: torch.Tensor) -> torch.Tensor:  # through pinned memory: no wait for the GPU
-            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+            if device.type != "cuda":
+                return t
+            return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
         if self.family == "internvl":
             counts = [p["tiles"].shape[0] for p in prepared]
@@ -872,8 +883,7 @@ class Sa2VA(nn.Module):
                 f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
             )
         input_ids = to_device(ids_host)
-        sam2_pixels = normalize(self._upload([p["sam2"] for p in prepared]).movedim(-1, -3),
-                                *sam2_constants("bf16"))  # fmt: skip
+        sam2_pixels = normalize(to_device(sam2_host).movedim(-1, -3), *sam2_constants("bf16"))
         fpn = self.encode_sam2(sam2_pixels)
         if self.family == "internvl":
             tiles = normalize(
@@ -882,7 +892,8 @@ class Sa2VA(nn.Module):
             image_positions = (ids_host.reshape(-1) == self.img_context_id).nonzero()[:, 0]
             if len(image_positions) != sum(counts) * self.tokens_per_tile:
                 raise ValueError(
-                    f"{len(image_positions)} <IMG_CONTEXT> tokens for {sum(counts)} tiles: check the question template"
+                    f"{len(image_positions)} <IMG_CONTEXT> tokens for {sum(counts)} tiles: check the question "
+                    "template"
                 )
             image_embeds = self.project_vit(self.encode_vit(tiles))
             hidden = self._llm_hidden(input_ids, image_embeds, to_device(image_positions))
