@@ -7,6 +7,10 @@ A checkpoint is a directory ``step_<N>/`` holding
     state.json              step, total steps, the data position, python/numpy RNG scalars, history, ...
 It is written into a hidden temporary directory next to its final place and renamed when complete, so a
 crash mid-write never leaves a directory that looks like a checkpoint. Only ``step_*`` directories count.
+
+Under FSDP (``training.strategy: fsdp``) parameters and AdamW moments are sharded DTensors: saving gathers
+each one to a full tensor (a collective, so every rank calls :func:`save_checkpoint`, in the same order)
+and only the writing rank keeps and writes it. The files are the same as a single-device run's.
 """
 
 from __future__ import annotations
@@ -83,8 +87,26 @@ def restore_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> No
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer, names: list[list[str]]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Flatten AdamW state to ``{"<param name>::<key>": tensor}`` plus JSON-able param-group settings."""
+def full_cpu(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
+    """``tensor`` whole, detached, contiguous, on the CPU; None when ``keep`` is False.
+
+    A sharded DTensor (FSDP) is gathered first: a collective that every rank must call, including those that
+    do not keep the result (``keep=False``), which is why this is called even where nothing is written.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().contiguous() if keep else None
+
+
+def optimizer_to_flat(
+    optimizer: torch.optim.Optimizer, names: list[list[str]], keep: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten AdamW state to ``{"<param name>::<key>": tensor}`` plus JSON-able param-group settings.
+
+    ``keep=False`` (ranks that do not write under FSDP): take part in the gathers, return no tensors.
+    """
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -93,7 +115,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer, names: list[list[str]]) 
         for name, param in zip(group_names, group["params"]):
             for key, value in optimizer.state.get(param, {}).items():
                 value = value if torch.is_tensor(value) else torch.tensor(value)
-                tensors[f"{name}{SEP}{key}"] = value.detach().cpu().contiguous()
+                full = full_cpu(value, keep)
+                if full is not None:
+                    tensors[f"{name}{SEP}{key}"] = full
         groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"})
     return tensors, {"param_groups": groups, "names": names}
 
@@ -130,16 +154,27 @@ def save_checkpoint(
     optimizer_names: list[list[str]],
     state: dict[str, Any],
     keep_last: int = 2,
-) -> Path:
-    """Write ``root/step_<N>`` atomically and prune older checkpoints beyond ``keep_last``."""
+    write: bool = True,
+) -> Path | None:
+    """Write ``root/step_<N>`` atomically and prune older checkpoints beyond ``keep_last``.
+
+    ``write=False`` (the other ranks of a multi-device run): only take part in the gathers of sharded
+    tensors, touch no file, return None.
+    """
     from safetensors.torch import save_file
 
+    if not write:
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                full_cpu(p, keep=False)
+        optimizer_to_flat(optimizer, optimizer_names, keep=False)
+        return None
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: full_cpu(p) for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = optimizer_to_flat(optimizer, optimizer_names)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))

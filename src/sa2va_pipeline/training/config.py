@@ -17,6 +17,8 @@ from typing import Any, Literal
 from sa2va_pipeline.training.feature_cache import FeatureCacheSettings
 
 EmbeddingMode = Literal["full", "new_tokens", "frozen"]
+# Multi-device strategies (training/distributed.py): DDP replicas, or FSDP2 sharding of weights and states.
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -120,7 +122,9 @@ class TrainingConfig:
     recipe: str = "tiny"  # the resolved recipe name (never "auto" here)
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    devices: int = 1  # worker processes, one per GPU (DDP; see training/distributed.py); 1 = this process
+    devices: int = 1  # worker processes, one per GPU (see training/distributed.py); 1 = this process
+    strategy: str = "ddp"  # with devices > 1: ddp (replicas, gradients all-reduced) | fsdp (FSDP2, sharded)
+    compile: bool = False  # torch.compile each LLM decoder layer (GPU throughput; compiles once per shape)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
     prefetch: int = 2  # steps whose batches are built ahead on background threads (0: build in the loop)
@@ -197,6 +201,13 @@ def load_training_config(params: dict[str, Any]) -> TrainingConfig:
     merged = _deep_merge(params, recipes.get(name, {}))
     merged["recipe"] = name
     config = _build(TrainingConfig, merged, "training.")
+    if config.strategy not in STRATEGIES:
+        raise ValueError(
+            f"training.strategy must be one of {' | '.join(STRATEGIES)} (used with training.devices > 1), "
+            f"got {config.strategy!r}"
+        )
+    if not isinstance(config.compile, bool):
+        raise TypeError(f"training.compile must be true or false, got {config.compile!r}")
     if config.mask_loss not in ("points", "dense"):
         raise ValueError(f"training.mask_loss must be 'points' or 'dense', got {config.mask_loss!r}")
     if config.trainable.embeddings not in ("full", "new_tokens", "frozen"):

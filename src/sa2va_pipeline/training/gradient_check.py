@@ -3,6 +3,9 @@
 Earlier attempts trained through a no-grad inference path for hours without changing a weight. This check
 runs once, around the first optimiser step: before the step it reads each group's gradient norm, after
 the step it compares per-tensor checksums with those taken before it.
+
+Under FSDP parameters and gradients are sharded DTensors: each rank sums its own shard and one all-reduce
+per call adds the shards up, so every rank sees the same global numbers (and raises together).
 """
 
 from __future__ import annotations
@@ -27,12 +30,41 @@ class GradientReport:
     frozen_changed: list[str] = field(default_factory=list)
 
 
-def _checksum(t: torch.Tensor) -> tuple[float, float]:
+def _local_sums(tensors: list[torch.Tensor | None]) -> tuple[list[tuple[float, float]], list[bool]]:
+    """(sum, sum of squares) in float64 of each tensor (zeros for None), and which ones are sharded."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    sums, sharded = [], []
+    with torch.no_grad():
+        for t in tensors:
+            is_dtensor = isinstance(t, DTensor)
+            local = t.to_local() if is_dtensor else t
+            if local is None:
+                sums.append((0.0, 0.0))
+            else:
+                t64 = local.detach().double()
+                sums.append((float(t64.sum()), float((t64 * t64).sum())))
+            sharded.append(is_dtensor)
+    return sums, sharded
+
+
+def _global_sums(tensors: list[torch.Tensor | None]) -> list[tuple[float, float]]:
+    """:func:`_local_sums` with the shards of sharded tensors added up over ranks (one all-reduce)."""
     import torch
 
-    with torch.no_grad():
-        t64 = t.detach().double()
-        return float(t64.sum()), float((t64 * t64).sum())
+    sums, sharded = _local_sums(tensors)
+    rows = [i for i, s in enumerate(sharded) if s]
+    if rows:
+        import torch.distributed as dist
+
+        # NCCL reduces on the GPU only; gloo on the CPU
+        device = tensors[rows[0]].device if dist.get_backend() == "nccl" else torch.device("cpu")
+        packed = torch.tensor([sums[i] for i in rows], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        for i, row in zip(rows, packed.cpu().tolist()):
+            sums[i] = (row[0], row[1])
+    return sums
 
 
 class GradientReachCheck:
@@ -46,24 +78,25 @@ class GradientReachCheck:
 
     def before_step(self) -> None:
         """Record gradient norms of trainable groups and checksums of every tensor."""
-        for group, params in self.params_by_group.items():
-            total, any_trainable = 0.0, False
-            for name, p in params:
-                self._sums[name] = _checksum(p)
-                if p.requires_grad:
-                    any_trainable = True
-                    if p.grad is not None:
-                        total += float(p.grad.detach().double().pow(2).sum())
-            if any_trainable:
-                self.report.grad_norm[group] = total**0.5
+        named = [(group, name, p) for group, params in self.params_by_group.items() for name, p in params]
+        weights = _global_sums([p for _, _, p in named])
+        grads = _global_sums([p.grad if p.requires_grad else None for _, _, p in named])
+        totals: dict[str, float] = {}
+        for (group, name, p), checksum, (_, grad_sq) in zip(named, weights, grads):
+            self._sums[name] = checksum
+            if p.requires_grad:
+                totals[group] = totals.get(group, 0.0) + grad_sq
+        self.report.grad_norm = {group: total**0.5 for group, total in totals.items()}
 
     def after_step(self) -> GradientReport:
         """Compare checksums; raise :class:`GradientReachError` when a required group got no gradient or
         did not change, or a frozen tensor changed."""
+        named = [(group, name, p) for group, params in self.params_by_group.items() for name, p in params]
+        now = dict(zip([name for _, name, _ in named], _global_sums([p for _, _, p in named])))
         for group, params in self.params_by_group.items():
             changed = False
             for name, p in params:
-                moved = _checksum(p) != self._sums[name]
+                moved = now[name] != self._sums[name]
                 if p.requires_grad:
                     changed |= moved
                 elif moved:

@@ -9,7 +9,6 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.training.artifacts import TrainedModel
@@ -93,11 +92,10 @@ def run_training(
     ``val_samples``; returns the trained model with its provenance and history.
 
     ``params`` is ``params:training`` (or an already resolved :class:`TrainingConfig`). With
-    ``training.devices`` > 1 the run is spread over that many worker processes (``distributed.py``) and this
-    call returns rank 0's model; ``distributed`` is how a worker calls back in.
+    ``training.devices`` > 1 the run is spread over that many worker processes (``distributed.py``, DDP or
+    FSDP per ``training.strategy``) and this call returns rank 0's model; ``distributed`` is how a worker
+    calls back in.
     """
-    import tempfile
-
     import torch
 
     started_at = time.monotonic() if started_at is None else started_at
@@ -106,14 +104,16 @@ def run_training(
         from sa2va_pipeline.training.distributed import run_training_distributed
 
         return run_training_distributed(train_samples, val_samples, params, config, log_metrics)
-    scratch = tempfile.TemporaryDirectory(prefix="sa2va-rank-") if distributed is not None else None
     if distributed is not None:
         from sa2va_pipeline.training.distributed import worker_config
 
-        config = worker_config(config, distributed, Path(scratch.name))
+        config = worker_config(config, distributed)
+    fsdp = distributed is not None and config.strategy == "fsdp"
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     device = resolve_device(config.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     seed_everything(config.seed)
     amp_dtype = autocast_dtype(config.precision, device)
     # bf16 training on GPU: frozen weights in bf16 (half the memory and bandwidth), trainable ones fp32.
@@ -130,7 +130,23 @@ def run_training(
     if log_metrics is not None:
         log_metrics({f"params_trainable.{c['group']}": float(c["trainable"]) for c in prepared.counts}, 0)
 
+    # filled before sharding: rank 0 runs the encoders alone, which a sharded model cannot do
     cache = _feature_cache(model, config, train_samples, amp_dtype, distributed)
+    params_by_group = prepared.params_by_group
+    skeleton = None
+    if fsdp:
+        from sa2va_pipeline.training.distributed import fsdp_shard, unsharded_skeleton
+        from sa2va_pipeline.training.parameter_groups import named_parameters_by_group
+
+        skeleton = unsharded_skeleton(model) if distributed.is_main else None
+        units = fsdp_shard(model, distributed)
+        log.info("FSDP: %d shard groups + the root", len(units))
+        # fully_shard replaced every parameter by a sharded one: the optimiser and the checks need the new
+        # ones (and dropping the old ones frees their memory)
+        params_by_group = named_parameters_by_group(model, prepared.layout)
+        prepared.params_by_group = {}
+    if config.compile:
+        compile_llm_layers(model, prepared.layout)
 
     def make_batch(samples: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
         if distributed is not None:
@@ -152,7 +168,11 @@ def run_training(
         out = m.training_forward(batch, mask_loss=config.mask_loss)
         return {LOSS_NAMES.get(k, k): v for k, v in out.items()}
 
-    if distributed is not None:
+    if fsdp:
+        from sa2va_pipeline.training.distributed import fsdp_loss_fn
+
+        loss_fn = fsdp_loss_fn(loss_fn, distributed)
+    elif distributed is not None:
         from sa2va_pipeline.training.distributed import ddp_loss_fn
 
         loss_fn = ddp_loss_fn(model, loss_fn, distributed)
@@ -160,11 +180,11 @@ def run_training(
     val = list(val_samples)[: config.eval.max_samples] if config.eval.max_samples else list(val_samples)
 
     def evaluate(m: Sa2VA) -> dict[str, Any]:
-        return validation_dice(m, val, config.eval.thresholds, config.eval.batch_size)
+        return validation_dice(m, val, config.eval.thresholds, config.eval.batch_size, distributed=distributed)
 
     result = train(
         model,
-        prepared.params_by_group,
+        params_by_group,
         train_samples,
         config,
         make_batch,
@@ -173,12 +193,40 @@ def run_training(
         log_metrics=log_metrics,
         started_at=started_at,
         progress=progress,
+        main_process=distributed is None or distributed.is_main,
     )
     result.parameter_counts = prepared.counts
+    if device.startswith("cuda"):
+        result.peak_memory_gb = [round(torch.cuda.max_memory_allocated(device) / 1e9, 3)]
+    if fsdp:
+        from sa2va_pipeline.training.distributed import gather_full_model
+
+        # the same plain model as DDP / one device (on the CPU) on rank 0; the others keep their shards
+        full = gather_full_model(model, skeleton, distributed)
+        model = full if full is not None else model
     model.eval()
-    if scratch is not None:
-        scratch.cleanup()
     return TrainedModel(model=model, config=config, result=result)
+
+
+def compile_llm_layers(model: Sa2VA, layout: Any) -> int:
+    """``torch.compile`` every LLM decoder layer in place (``training.compile``); returns how many.
+
+    Per layer rather than the whole model: the layers share one code path, so one graph serves all of them,
+    and the rest of the step (collate-shaped inputs, the mask decoder's point sampling) stays eager. Works
+    with LoRA (peft's layers are traced into the graph), gradient checkpointing (transformers checkpoints the
+    layer's forward around the compiled call) and DDP / FSDP (their hooks stay outside the graphs). Shapes
+    change with each batch's longest prompt, so expect a recompile or two before dynamic shapes settle.
+    """
+    from torch import nn
+
+    llm = model.get_submodule(layout.llm.rstrip("."))
+    layers = getattr(llm, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"training.compile: no decoder layers found under {layout.llm}layers")
+    for layer in layers:
+        layer.compile()
+    log.info("torch.compile: %d LLM decoder layers (compiled on first use)", len(layers))
+    return len(layers)
 
 
 def _feature_cache(

@@ -68,6 +68,7 @@ class TrainResult:
     wall_time_s: float = 0.0
     stopped_by_time: bool = False
     last_checkpoint: str | None = None
+    peak_memory_gb: list[float] = field(default_factory=list)  # per GPU (one entry per rank); empty on CPU
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able summary."""
@@ -137,12 +138,16 @@ def train(
     log_metrics: MetricsLogger | None = None,
     started_at: float | None = None,
     progress: bool = True,
+    main_process: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place and return the run's history. See the module docstring for the guarantees.
 
     ``params_by_group`` names the model's parameters per group (see ``parameter_groups``); it drives the
     optimiser's groups, the gradient-reach check (``config.trainable.require_gradient``) and the log.
     ``started_at`` (``time.monotonic()``) lets a time budget include work done before this call.
+    ``main_process=False`` (the other ranks of a multi-device run): no checkpoint files are written or
+    removed, but every step, validation and checkpoint is still run (they may hold collectives: FSDP
+    gathers, the validation's gather), so all ranks stay in step.
     """
     import torch
     from tqdm.auto import tqdm
@@ -170,7 +175,7 @@ def train(
         log.info("Resumed from %s at step %d of %d", found, start_step, total_steps)
     elif config.checkpoint.resume:
         log.info("training.checkpoint.resume is on but %s holds no checkpoint: starting fresh", ckpt_root)
-    else:
+    elif main_process:
         # A fresh run: checkpoints of an earlier run would mix with this one's (pruning, resume).
         for stale in list_checkpoints(ckpt_root):
             log.warning("Removing checkpoint %s of an earlier run (training.checkpoint.resume is off)", stale)
@@ -252,8 +257,10 @@ def train(
             "samples_per_step": per_step,
             "seed": config.seed,
         }
-        path = save_checkpoint(ckpt_root, step, model, optimizer, optimizer_names, extra, config.checkpoint.keep_last)
-        result.last_checkpoint = str(path)
+        path = save_checkpoint(
+            ckpt_root, step, model, optimizer, optimizer_names, extra, config.checkpoint.keep_last, write=main_process
+        )
+        result.last_checkpoint = str(path) if path is not None else None
 
     budget = config.schedule.time_budget_s
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
@@ -272,7 +279,7 @@ def train(
             check = GradientReachCheck(params_by_group, config.trainable.require_gradient) if step == 0 else None
             if check:
                 check.before_step()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip))
+            grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip))
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"Non-finite gradient norm at optimiser step {step} (loss {losses}). Training stopped; the "
@@ -314,6 +321,16 @@ def train(
     save(result.steps_done)
     result.wall_time_s = time.monotonic() - started_at
     return result
+
+
+def _as_float(total_norm: torch.Tensor) -> float:
+    """The global gradient norm as a number. Under FSDP the grads are sharded DTensors and
+    ``clip_grad_norm_`` returns a DTensor (partial norms reduced over ranks): take its full value."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(total_norm, DTensor):
+        total_norm = total_norm.full_tensor()
+    return float(total_norm)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
