@@ -6,6 +6,11 @@ nor MLflow was imported (they are not installed on the GPU machines).
 
     python benchmarks/trainer_gpu_run.py --preset sa2va-1b --steps 300 --batch-size 8
     python benchmarks/trainer_gpu_run.py --preset sa2va-1b --steps 50 --devices 2   # DDP, one process per GPU
+    python benchmarks/trainer_gpu_run.py --preset sa2va-4b --steps 30 --devices 2 --strategy fsdp --compile
+
+Peak memory: ``peak_gb_per_rank`` is ``torch.cuda.max_memory_allocated`` of each training process (each
+worker with --devices > 1, as the workers report it in the training result); ``peak_gb_this_process`` is
+this process's own (the training itself with --devices 1, nearly nothing otherwise).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=64)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--feature-cache", default="off", choices=["off", "bf16", "fp32"])
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="with --devices > 1")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each LLM decoder layer")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--extra", default="{}", help="JSON merged into params:training")
@@ -52,6 +59,8 @@ def main() -> None:
             "batch_size": args.batch_size,
             "grad_accumulation": args.accumulation,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "strategy": args.strategy,
+            "compile": args.compile,
             "schedule": {"max_steps": args.steps, "epochs": None},
             "eval": {"at_start": False, "interval": 0},
             "checkpoint": {"dir": f"{tmp}/ckpt", "interval": 0, "keep_last": 1},
@@ -71,15 +80,21 @@ def main() -> None:
         trained = run_training(samples, [], params, progress=False)
         wall = time.perf_counter() - t0
     history = trained.result.history
+    # after warm-up (and, with --compile, the first compilations)
     rates = [r["samples_per_s"] for r in history[5:]] or [r["samples_per_s"] for r in history]
     summary = {
         "preset": args.preset,
         "devices": args.devices,
+        "strategy": args.strategy if args.devices > 1 else "single",
+        "compile": args.compile,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "feature_cache": args.feature_cache,
         "batch_per_device": args.batch_size,
         "accumulation": args.accumulation,
         "steps": trained.result.steps_done,
         "samples_per_s_median": statistics.median(rates),
-        "peak_gb_rank0": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_gb_per_rank": trained.result.peak_memory_gb,
+        "peak_gb_this_process": torch.cuda.max_memory_allocated() / 1e9,
         "wall_s": wall,
         "loss_first": history[0]["loss"],
         "loss_last": history[-1]["loss"],
