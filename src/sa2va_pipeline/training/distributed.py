@@ -225,10 +225,8 @@ def fsdp_shard(model: nn.Module, ctx: DistributedContext) -> list[str]:
     ("Inplace update to inference tensor outside InferenceMode").
     """
     import torch
-    from torch.distributed.fsdp import FSDPModule
-
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh("cuda" if ctx.device.startswith("cuda") else "cpu", (ctx.world_size,))
     names = fsdp_unit_names(model)

@@ -109,6 +109,8 @@ def run_training(
 
         config = worker_config(config, distributed)
     fsdp = distributed is not None and config.strategy == "fsdp"
+    if distributed is None and config.strategy != "ddp":
+        log.warning("training.strategy %r has no effect with training.devices: 1", config.strategy)
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     device = resolve_device(config.device)
