@@ -8,7 +8,9 @@ trainable fp32, bf16 autocast) so the mixed dtypes inside one shard group are ex
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -82,8 +84,13 @@ def test_sharded_model_trains_checks_saves_validates_and_gathers_like_the_plain_
 
     ref, sharded = _prepared(), _prepared()
     model = sharded.model
+    original = weakref.ref(model.vlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight)
     skeleton = unsharded_skeleton(model)
     units = fsdp_shard(model, one_rank)
+    # the unsharded weights are gone once the caller drops its references (as the recipe does)
+    sharded.params_by_group = {}
+    gc.collect()
+    assert original() is None
     # every decoder layer, vision-tower layer and SAM2 Hiera block is its own group, plus the two vocab matrices
     assert {"vlm.model.language_model.layers.0", "vlm.model.language_model.layers.1",
             "vlm.model.vision_tower.encoder.layer.0", "sam2.vision_encoder.backbone.blocks.0",
