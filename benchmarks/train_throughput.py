@@ -12,7 +12,8 @@ Paths, measured in the same run:
 - ``encoders``: both encoders every step, real batches (no padding beyond the longest sequence), no
   checkpointing;
 - ``cached``: the frozen encoders' outputs come from the feature cache (``training/feature_cache.py``;
-  here held on the GPU, so the number is the model step; the cache's disk-to-GPU load time of a batch is
+  here computed once, held in host memory and the batch uploaded before timing, so the number is the model
+  step; the cache's disk-to-GPU load time of a batch is
   reported separately), encoders moved off the GPU, fused AdamW, no checkpointing;
 - ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant);
 - ``cached+compile`` (``--compile``): the cached path with each LLM decoder layer ``torch.compile``'d.
@@ -191,8 +192,10 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             pix = batch_of(max_b)
             cached = model.encode_images(pix["pixel_values"], pix["sam2_pixel_values"])
-            cached = {"vit_features": cached["vit_features"].to(torch.bfloat16),
-                      "sam2_features": [f.to(torch.bfloat16) for f in cached["sam2_features"]]}
+            # kept on the host: each row uploads only its batch, as the trainer's cache does (features of
+            # unused images held on the GPU would inflate the smaller batches' peak memory)
+            cached = {"vit_features": cached["vit_features"].to(torch.bfloat16).cpu(),
+                      "sam2_features": [f.to(torch.bfloat16).cpu() for f in cached["sam2_features"]]}
             del pix
         set_encoders_device(model, "cpu")
         for path in [p for p in args.paths if p.startswith("cached")]:
