@@ -127,9 +127,13 @@ def device_line() -> str:
 
 
 def commit() -> str:
+    """HEAD, marked when the working tree differs from it (the device tool's copy can carry an older .git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + (" + working-tree changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     except Exception:  # a copy without .git
         return "unknown"
 
