@@ -65,13 +65,13 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, fresh_dynamo):
 
 
 @pytest.mark.slow
-def test_compile_with_fsdp_and_gradient_checkpointing(fresh_dynamo):
+def test_compile_with_fsdp_and_gradient_checkpointing(fresh_dynamo, tmp_path):
     """Compiled after FSDP2 sharding (its hooks stay outside the graph) under transformers' gradient
     checkpointing: same loss and LoRA gradients as the plain eager model."""
     import torch.distributed as dist
 
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts, load_training_config
-    from sa2va_pipeline.training.distributed import DistributedContext, free_port, fsdp_shard
+    from sa2va_pipeline.training.distributed import DistributedContext, fsdp_shard
     from sa2va_pipeline.training.prepare import prepare_for_training
     from sa2va_pipeline.training.recipe import added_token_ids, build_model, compile_llm_layers
 
@@ -99,7 +99,7 @@ def test_compile_with_fsdp_and_gradient_checkpointing(fresh_dynamo):
     batch = ref.model.collate(_samples(2), rng=random.Random(0))
     want_loss, want_grads = loss_and_grads(ref.model, batch)
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         sharded = prepared(True)
         fsdp_shard(sharded.model, DistributedContext(0, 1, "cpu", "gloo"))

@@ -21,7 +21,6 @@ from sa2va_pipeline.training.checkpoint import save_checkpoint
 from sa2va_pipeline.training.config import LoraSettings, TrainableParts, load_training_config
 from sa2va_pipeline.training.distributed import (
     DistributedContext,
-    free_port,
     fsdp_shard,
     gather_full_model,
     unsharded_skeleton,
@@ -61,10 +60,10 @@ def _prepared():
 
 
 @pytest.fixture
-def one_rank():
+def one_rank(tmp_path):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         yield DistributedContext(rank=0, world_size=1, device="cpu", backend="gloo")
     finally:

@@ -43,7 +43,6 @@ import copy
 import json
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -75,24 +74,19 @@ class DistributedContext:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A free TCP port on this host for the process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def init_worker(rank: int, world_size: int, rendezvous: str, use_cuda: bool) -> DistributedContext:
+    """Join the process group (NCCL on GPUs, gloo on CPU) and pin this worker to its device.
 
-
-def init_worker(rank: int, world_size: int, port: int, use_cuda: bool) -> DistributedContext:
-    """Join the process group (NCCL on GPUs, gloo on CPU) and pin this worker to its device."""
+    ``rendezvous``: a file path that does not exist yet, private to this run (a ``file://`` store: unlike a
+    TCP port picked in advance, no other process on the host can take it before the workers bind it).
+    """
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
     if use_cuda:
         torch.cuda.set_device(rank)
     backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size,
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
                             device_id=torch.device("cuda", rank) if use_cuda else None)
     return DistributedContext(rank, world_size, f"cuda:{rank}" if use_cuda else "cpu", backend)
 
@@ -323,7 +317,7 @@ def peak_memory_per_rank(ctx: DistributedContext) -> list[float]:
 def _worker(
     rank: int,
     world_size: int,
-    port: int,
+    rendezvous: str,
     use_cuda: bool,
     train_samples: Sequence[Any],
     val_samples: Sequence[Any],
@@ -336,7 +330,7 @@ def _worker(
     from sa2va_pipeline.training.artifacts import save_trained_model
     from sa2va_pipeline.training.recipe import run_training
 
-    ctx = init_worker(rank, world_size, port, use_cuda)
+    ctx = init_worker(rank, world_size, rendezvous, use_cuda)
     try:
         def send(metrics: dict[str, float], step: int) -> None:
             queue.put(("metrics", {k: float(v) for k, v in metrics.items()}, int(step)))
@@ -384,7 +378,8 @@ def run_training_distributed(
                  "nccl" if use_cuda else "gloo")
         procs = mp.start_processes(
             _worker,
-            args=(devices, free_port(), use_cuda, list(train_samples), list(val_samples), params, queue, out_dir),
+            args=(devices, str(Path(out_dir) / "rendezvous"), use_cuda, list(train_samples), list(val_samples),
+                  params, queue, out_dir),
             nprocs=devices, join=False, start_method="spawn",
         )
 
