@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from stripe_frames import stripe_samples
 
 from sa2va_pipeline.training.distributed import DistributedContext, check_supported, shard
 
-
-def _samples(n: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(n):
-        mask = np.zeros((64, 64), np.uint8)
-        mask[:, rng.integers(5, 55) :][:, :4] = 1
-        image = np.full((64, 64, 3), 160, np.uint8)
-        image[mask > 0] = 60
-        out.append({"id": f"f{i}", "image": image, "masks": mask[None], "phrases": ["blood vessel"]})
-    return out
+_samples = partial(stripe_samples, seed=0)
 
 
 def _params(tmp_path: Path, devices: int) -> dict:

@@ -4,24 +4,16 @@ first step compiles, ~10-20 s on 2 cores)."""
 from __future__ import annotations
 
 import random
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from stripe_frames import stripe_samples
 
 from sa2va_pipeline.training.recipe import run_training
 
-
-def _samples(n: int) -> list[dict]:
-    rng = np.random.default_rng(2)
-    out = []
-    for i in range(n):
-        mask = np.zeros((64, 64), np.uint8)
-        mask[:, rng.integers(5, 55) :][:, :4] = 1
-        image = np.full((64, 64, 3), 160, np.uint8)
-        image[mask > 0] = 60
-        out.append({"id": f"c{i}", "image": image, "masks": mask[None], "phrases": ["blood vessel"]})
-    return out
+_samples = partial(stripe_samples, seed=2, prefix="c")
 
 
 @pytest.fixture

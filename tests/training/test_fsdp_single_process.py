@@ -11,11 +11,13 @@ from __future__ import annotations
 import gc
 import random
 import weakref
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from stripe_frames import stripe_samples
 
 from sa2va_pipeline.training.checkpoint import save_checkpoint
 from sa2va_pipeline.training.config import LoraSettings, TrainableParts, load_training_config
@@ -36,16 +38,7 @@ from sa2va_pipeline.training.validation import validation_dice
 REQUIRED = ["lora", "mask_decoder", "text_hidden_fcs"]
 
 
-def _samples(n: int) -> list[dict]:
-    rng = np.random.default_rng(1)
-    out = []
-    for i in range(n):
-        mask = np.zeros((64, 64), np.uint8)
-        mask[:, rng.integers(5, 55) :][:, :6] = 1
-        image = np.full((64, 64, 3), 170, np.uint8)
-        image[mask > 0] = 50
-        out.append({"id": f"v{i}", "image": image, "masks": mask[None], "phrases": ["blood vessel"]})
-    return out
+_samples = partial(stripe_samples, seed=1, width=6, background=170, vessel=50, prefix="v")
 
 
 def _prepared():
