@@ -42,7 +42,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
