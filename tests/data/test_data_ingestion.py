@@ -67,7 +67,7 @@ def test_every_bad_kind(make_raw, rgb32, tmp_path):
         "masks/soft_mask.png": png_bytes(soft),
         "images/empty.png": png_bytes(rgb32),
         "masks/empty_mask.png": png_bytes(np.zeros((32, 32), np.uint8)),
-        "images/notes.bmp": b"BM whatever",
+        "images/notes.gif": b"GIF89a whatever",
         "masks/readme.txt": b"hello",
         "masks/stray.png": MASK,
         "images/Zoë Ünïcødé (7)^x [1] #frame.png": png_bytes(rgb32),
@@ -102,7 +102,7 @@ def test_every_bad_kind(make_raw, rgb32, tmp_path):
     assert status("images/rotated.jpg") == ("fixed", "EXIF orientation 6 applied")
     assert status("masks/soft_mask.png")[0] == "fixed" and "binarised at >= 128" in status("masks/soft_mask.png")[1]
     assert status("masks/empty_mask.png") == ("ok", "empty mask (no vessel pixels): kept")
-    assert status("images/notes.bmp")[0] == "rejected" and "unsupported image extension" in status("images/notes.bmp")[1]
+    assert status("images/notes.gif")[0] == "rejected" and "unsupported image extension" in status("images/notes.gif")[1]
     assert status("masks/readme.txt")[0] == "rejected"
     assert status("masks/stray.png")[0] == "rejected" and "_mask.png" in status("masks/stray.png")[1]
     assert status("images/Zoë Ünïcødé (7)^x [1] #frame.png")[0] == "ok"

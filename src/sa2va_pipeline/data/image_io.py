@@ -14,6 +14,9 @@ from PIL import Image
 # Decompression-bomb guard stays on, but real angiography frames are far below it.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
+# The image file types every reader of this project accepts (ingestion, inference), lower-case.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as ``(H, W, 3)`` uint8 RGB (files written by ingestion are already RGB)."""

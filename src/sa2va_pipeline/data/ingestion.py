@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sa2va_pipeline.data.image_io import encode_png
+from sa2va_pipeline.data.image_io import IMAGE_EXTENSIONS, encode_png
 from sa2va_pipeline.data.split import group_of
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 REPORT_COLUMNS = ["file", "status", "reason"]
 MANIFEST_COLUMNS = ["id", "image", "mask", "width", "height", "vessel_fraction", "group", "status"]
 _EXIF_ORIENTATION = 0x0112

@@ -17,7 +17,7 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
-from .staging import staged_folder
+from sa2va_pipeline.atomic import staged_folder
 
 
 @dataclass(frozen=True)

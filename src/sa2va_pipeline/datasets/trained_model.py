@@ -15,7 +15,7 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
-from .staging import staged_folder
+from sa2va_pipeline.atomic import staged_folder
 
 
 class TrainedModelDataset(AbstractVersionedDataset[Any, Path]):

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DEFAULT_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from sa2va_pipeline.data.image_io import IMAGE_EXTENSIONS
+
 REPORT_COLUMNS = ["file", "status", "message", "width", "height", "output_name", "foreground_fraction"]
 
 
@@ -28,7 +29,7 @@ class ImageFolder:
     report: list[dict] = field(default_factory=list)
 
 
-def read_image_folder(folder: str | Path, extensions: Sequence[str] = DEFAULT_EXTENSIONS) -> ImageFolder:
+def read_image_folder(folder: str | Path, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> ImageFolder:
     """Decode every image in ``folder`` (top level) to RGB uint8; report unreadable and other entries.
 
     Raises:

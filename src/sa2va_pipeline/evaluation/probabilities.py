@@ -179,30 +179,10 @@ def predict_probability_maps(
     return ProbabilityMaps(maps=maps, metadata=meta)
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; anything else is passed through."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> Any:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere; otherwise the named torch dtype."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        return getattr(torch, dtype)
-    except AttributeError as err:
-        raise ValueError(f"unknown torch dtype {dtype!r} (try float32, bfloat16, float16 or auto)") from err
-
-
 def load_prediction_model(model_dir: str | os.PathLike, prediction: dict[str, Any]) -> Any:
     """The trained model ready to predict, as the ``prediction`` parameters say: ``device``, ``dtype`` and
     ``compile`` (``torch.compile`` the encoders and LLM layers: worth it on a GPU for hundreds of images)."""
+    from sa2va_pipeline.devices import resolve_device, resolve_dtype
     from sa2va_pipeline.training.artifacts import load_trained_model
 
     device = resolve_device(prediction.get("device", "auto"))

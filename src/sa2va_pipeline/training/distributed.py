@@ -360,7 +360,8 @@ def run_training_distributed(
     import torch.multiprocessing as mp
 
     from sa2va_pipeline.training.artifacts import TrainedModel, load_trained_model
-    from sa2va_pipeline.training.trainer import TrainResult, resolve_device
+    from sa2va_pipeline.devices import resolve_device
+    from sa2va_pipeline.training.trainer import TrainResult
 
     check_supported(config)
     devices = int(config.devices)

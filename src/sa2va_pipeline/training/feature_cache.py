@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,18 +181,13 @@ class FeatureCache:
         return out
 
     def _autocast(self):
-        import contextlib
+        from sa2va_pipeline.devices import autocast
 
-        import torch
-
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.model.device.type, dtype=self.compute_dtype)
+        return autocast(self.model.device, self.compute_dtype)
 
     def fill(self, images: Sequence[Any], batch_size: int = 8, progress: bool = False) -> int:
         """Compute and store the features of every image not cached yet; returns how many were computed."""
         import torch
-        from safetensors.torch import save_file
 
         from sa2va_pipeline.model.preprocessing import sam2_pixel_values, to_pil_rgb, vit_pixel_values
 
@@ -226,10 +219,10 @@ class FeatureCache:
                         out[d]["sam2"] = [m[j] for m in maps]
             for d in digests:
                 if "vit" in self.parts:
-                    _atomic_save(save_file, {"vit": out[d]["vit"]}, self.path("vit", d), self.storage_dtype)
+                    _atomic_save({"vit": out[d]["vit"]}, self.path("vit", d), self.storage_dtype)
                 if "sam2" in self.parts:
                     tensors = {f"fpn{k}": m for k, m in enumerate(out[d]["sam2"])}
-                    _atomic_save(save_file, tensors, self.path("sam2", d), self.storage_dtype)
+                    _atomic_save(tensors, self.path("sam2", d), self.storage_dtype)
         return len(todo)
 
     def _load(self, part: str, digest: str) -> dict[str, torch.Tensor]:
@@ -283,17 +276,13 @@ class FeatureCache:
         return batch
 
 
-def _atomic_save(save_file: Any, tensors: dict[str, Any], path: Path, dtype: torch.dtype) -> None:
-    """Write a safetensors file under a temporary name and rename it: a crash never leaves half a file."""
-    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _atomic_save(tensors: dict[str, Any], path: Path, dtype: torch.dtype) -> None:
+    """Write a safetensors file atomically: a crash never leaves half a file."""
+    from safetensors.torch import save
+
+    from sa2va_pipeline.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: v.detach().to(dtype).contiguous().cpu() for k, v in tensors.items()}))
 
 
 def training_images(samples: Sequence[dict[str, Any]]) -> list[Any]:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sa2va_pipeline.training.artifacts import TrainedModel
 from sa2va_pipeline.training.config import ModelSource, TrainingConfig, load_training_config
 from sa2va_pipeline.training.prepare import prepare_for_training
-from sa2va_pipeline.training.trainer import MetricsLogger, autocast_dtype, resolve_device, train
+from sa2va_pipeline.devices import autocast_dtype, resolve_device
+from sa2va_pipeline.training.trainer import MetricsLogger, train
 from sa2va_pipeline.training.validation import validation_dice
 
 if TYPE_CHECKING:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sa2va_pipeline.devices import autocast, autocast_dtype
 from sa2va_pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from sa2va_pipeline.training.gradient_check import GradientReachCheck, GradientReport
 from sa2va_pipeline.training.optim import build_optimizer, set_lr
@@ -75,28 +76,6 @@ class TrainResult:
         import dataclasses
 
         return dataclasses.asdict(self)
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"training.device is {name!r} but CUDA is not available; use 'auto' or 'cpu'.")
-    return name
-
-
-def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
-    """bf16 autocast on GPU for ``auto``; fp32 (no autocast) on CPU."""
-    import torch
-
-    if precision == "fp32" or (precision == "auto" and not device.startswith("cuda")):
-        return None
-    if precision in ("auto", "bf16"):
-        return torch.bfloat16
-    raise ValueError(f"training.precision must be auto | fp32 | bf16, got {precision!r}")
 
 
 def sample_indices(step: int, samples_per_step: int, n_samples: int, repeats: int, seed: int) -> list[int]:
@@ -186,7 +165,7 @@ def train(
             return 0.0
         t0 = time.monotonic()
         model.eval()
-        with torch.no_grad(), _autocast(device, amp_dtype):
+        with torch.no_grad(), autocast(device, amp_dtype):
             metrics = dict(evaluate(model))
         model.train()
         seconds = time.monotonic() - t0
@@ -224,7 +203,7 @@ def train(
     def forward_backward(step: int) -> dict[str, float]:
         totals: dict[str, float] = {}
         for batch in step_batches(step):
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 out = loss_fn(model, batch)
             loss = out["loss"]
             values = {k: float(v.detach().float()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -331,16 +310,6 @@ def _as_float(total_norm: torch.Tensor) -> float:
     if isinstance(total_norm, DTensor):
         total_norm = total_norm.full_tensor()
     return float(total_norm)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    import contextlib
-
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _size_by_time(

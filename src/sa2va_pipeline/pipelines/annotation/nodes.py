@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from sa2va_pipeline.data.image_io import IMAGE_EXTENSIONS
 from sa2va_pipeline.data.annotations import annotate_manifest, read_annotations
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ def build_annotations(
     if params.get("annotations_path"):
         sizes: dict[str, tuple[int, int]] = {}
         for row in manifest.itertuples(index=False):
-            for key in (str(row.id) + ext for ext in ("", ".jpg", ".jpeg", ".png", ".tif", ".tiff")):
+            for key in (str(row.id) + ext for ext in ("", *IMAGE_EXTENSIONS)):
                 sizes[key] = (int(row.height), int(row.width))
         user_entries = read_annotations(params["annotations_path"], image_sizes=sizes)
         log.info("annotation: using %d entries of %s", len(user_entries), params["annotations_path"])
