@@ -48,3 +48,28 @@ def load_samples(manifest: pd.DataFrame, split: str | None, phrase: str) -> list
             raise ValueError(f"sample {row.id!r}: mask {mask.shape} and image {image.shape[:2]} differ in size")
         samples.append({"id": str(row.id), "image": image, "masks": mask[None].astype(np.uint8), "phrases": [phrase]})
     return samples
+
+
+def phrase_truth(sample: dict[str, Any], phrase: str) -> np.ndarray:
+    """Ground truth of one phrase in one sample: the union of its objects with that phrase, ``(H, W)`` uint8
+    0/1; all zeros when the sample has no object of that phrase (an absent structure is an empty mask)."""
+    from sa2va_pipeline.model.prompts import clean_phrase
+
+    masks = np.asarray(sample["masks"])
+    height, width = np.asarray(sample["image"]).shape[:2]
+    wanted = clean_phrase(phrase)
+    picked = [m for m, p in zip(masks.reshape(-1, height, width), sample["phrases"]) if clean_phrase(p) == wanted]
+    if not picked:
+        return np.zeros((height, width), dtype=np.uint8)
+    return (np.max(picked, axis=0) > 0).astype(np.uint8)
+
+
+def dataset_phrases(annotations: list[dict[str, Any]]) -> list[str]:
+    """The distinct phrases of annotations.json entries (cleaned as in training), in order of first appearance."""
+    from sa2va_pipeline.model.prompts import clean_phrase
+
+    seen: dict[str, None] = {}
+    for entry in annotations:
+        for text in entry.get("text", []):
+            seen.setdefault(clean_phrase(text), None)
+    return list(seen)

@@ -53,9 +53,10 @@ def threshold_counts(
     return {"tp": above_fg, "fp": above_bg, "fn": n_fg - above_fg, "tn": n_bg - above_bg}
 
 
-def _dice_curve(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+def dice_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """Dice from confusion counts (arrays or scalars); 1 where both masks are empty (as metrics.py)."""
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
     den = 2 * tp + fp + fn
-    # Both masks empty -> Dice 1 (same convention as metrics.py).
     return np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)
 
 
@@ -101,14 +102,14 @@ def sweep_thresholds(
         counts = threshold_counts(prob, truth, thresholds)
         for key in totals:
             totals[key] += counts[key]
-        per_image[row] = _dice_curve(counts["tp"], counts["fp"], counts["fn"])
+        per_image[row] = dice_from_counts(counts["tp"], counts["fp"], counts["fn"])
 
     tp, fp, fn = (totals[k].astype(np.float64) for k in ("tp", "fp", "fn"))
     both_empty = (tp + fp + fn) == 0
     sweep = pd.DataFrame(
         {
             "threshold": thresholds,
-            "dice_pooled": _dice_curve(tp, fp, fn),
+            "dice_pooled": dice_from_counts(tp, fp, fn),
             "iou_pooled": _safe_ratio(tp, tp + fp + fn, both_empty),
             "precision_pooled": _safe_ratio(tp, tp + fp, both_empty),
             "recall_pooled": _safe_ratio(tp, tp + fn, both_empty),
@@ -124,7 +125,13 @@ def sweep_thresholds(
     return sweep, per_image_dice
 
 
-def _middle_of_best(scores: np.ndarray, atol: float = 1e-12) -> int:
+def best_index(scores: np.ndarray, atol: float = 1e-12) -> int:
+    """Index of the best score; ties (a plateau of equal scores) go to the middle of the tied positions.
+
+    The one tie-break rule of the project: the threshold pipeline, the per-image oracle and training's
+    validation all choose with it.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
     best = np.flatnonzero(scores >= np.nanmax(scores) - atol)
     return int(best[len(best) // 2])
 
@@ -137,7 +144,7 @@ def choose_threshold(sweep: pd.DataFrame, objective: str = "pooled_dice") -> dic
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown threshold objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
     column = OBJECTIVES[objective]
-    index = _middle_of_best(sweep[column].to_numpy())
+    index = best_index(sweep[column].to_numpy())
     row = sweep.iloc[index]
     return {
         "threshold": float(row["threshold"]),
@@ -157,7 +164,7 @@ def oracle_thresholds(per_image_dice: pd.DataFrame) -> pd.DataFrame:
     """
     values = per_image_dice.to_numpy()
     thresholds = np.asarray(per_image_dice.columns, dtype=np.float64)
-    best = np.array([_middle_of_best(r) for r in values], dtype=int)
+    best = np.array([best_index(r) for r in values], dtype=int)
     return pd.DataFrame(
         {"oracle_threshold": thresholds[best], "oracle_dice": values[np.arange(len(values)), best]},
         index=per_image_dice.index,

@@ -73,17 +73,14 @@ def image_counts(
     return out
 
 
-def _dice(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    den = 2 * tp + fp + fn
-    return np.where(den > 0, 2 * tp / np.maximum(den, 1), 1.0)  # both masks empty -> 1, as the sweep
-
-
 def metrics_from_counts(counts: np.ndarray, grid: np.ndarray) -> dict[str, Any]:
     """The validation metrics (see :func:`validation_dice`) from per-image counts [images, 4, thresholds]."""
+    from sa2va_pipeline.evaluation.threshold_sweep import best_index, dice_from_counts
+
     tp, fp, fn = (counts[:, COUNT_KEYS.index(k)].astype(np.float64) for k in ("tp", "fp", "fn"))
-    mean_curve = _dice(tp, fp, fn).mean(axis=0)
-    pooled_curve = _dice(tp.sum(axis=0), fp.sum(axis=0), fn.sum(axis=0))
-    best = int(np.argmax(mean_curve))
+    mean_curve = dice_from_counts(tp, fp, fn).mean(axis=0)
+    pooled_curve = dice_from_counts(tp.sum(axis=0), fp.sum(axis=0), fn.sum(axis=0))
+    best = best_index(mean_curve)
     half = int(np.argmin(np.abs(grid - 0.5)))
     return {
         "val_dice_best_threshold": float(mean_curve[best]),
