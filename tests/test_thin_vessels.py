@@ -1,0 +1,97 @@
+"""Thin vessels (issue 17): the soft-skeleton clDice loss and the resolution ceiling of benchmarks/thin_vessels.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sa2va_pipeline.model.cldice import cldice_loss, soft_skeleton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("thin_vessels_bench", ROOT / "benchmarks" / "thin_vessels.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lines(n: int = 3, size: int = 64, width: int = 2) -> torch.Tensor:
+    """n objects, each a horizontal and a vertical line of ``width`` px (a cross: one connected centreline)."""
+    masks = torch.zeros(n, size, size)
+    for i in range(n):
+        r = 10 + 15 * i
+        masks[i, r : r + width, 4:-4] = 1
+        masks[i, 4:-4, r : r + width] = 1
+    return masks
+
+
+def _logits(masks: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    return (masks * 2 - 1) * scale
+
+
+def test_cldice_zero_for_identical_masks() -> None:
+    masks = _lines()
+    assert float(cldice_loss(_logits(masks), masks)) < 1e-3
+
+
+def test_cldice_larger_for_a_broken_centreline() -> None:
+    truth = _lines(n=1, width=3)
+    broken = truth.clone()
+    broken[0, :, 30:36] = 0  # cut the horizontal line (and a bit of the vertical one): topology changes
+    broken[0, 30:36, :] = 0
+    loss_broken = float(cldice_loss(_logits(broken), truth))
+    assert loss_broken > 0.05
+    assert loss_broken > float(cldice_loss(_logits(truth), truth)) + 0.05
+
+
+def test_cldice_is_differentiable_and_batched_over_objects() -> None:
+    truth = _lines(n=2)
+    logits = torch.zeros_like(truth, requires_grad=True)
+    loss = cldice_loss(logits, truth, iterations=3)
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    # batched = mean of per-object losses
+    per_object = [float(cldice_loss(logits[i : i + 1].detach(), truth[i : i + 1], iterations=3)) for i in range(2)]
+    assert float(loss.detach()) == pytest.approx(sum(per_object) / 2, rel=1e-5)
+
+
+def test_cldice_no_objects_and_shape_mismatch() -> None:
+    logits = torch.zeros(0, 8, 8, requires_grad=True)
+    loss = cldice_loss(logits, torch.zeros(0, 8, 8))
+    assert float(loss) == 0.0
+    loss.backward()
+    with pytest.raises(ValueError, match="differ"):
+        cldice_loss(torch.zeros(1, 8, 8), torch.zeros(1, 4, 4))
+
+
+def test_soft_skeleton_of_a_bar_is_thin() -> None:
+    bar = torch.zeros(1, 1, 32, 32)
+    bar[..., 10:17, 2:30] = 1  # 7 px thick
+    skeleton = soft_skeleton(bar, iterations=5)
+    assert skeleton.sum() < 0.4 * bar.sum()
+    assert (skeleton * (1 - bar)).sum() == 0  # never outside the mask
+
+
+def test_ceiling_perfect_at_full_grid_and_lower_for_thin_vessels_on_coarse_grids() -> None:
+    bench = _bench()
+    mask = np.zeros((256, 256), np.uint8)
+    for r in (40, 100, 160, 220):
+        mask[r : r + 2, 10:246] = 1  # 2 px lines
+    mask[30:230, 60:62] = 1
+    full = bench.mask_ceiling(mask, grid=256, sam2_size=256, path="probabilities")
+    assert full["dice"] == pytest.approx(1.0) and full["cldice"] == pytest.approx(1.0)
+    coarse = bench.mask_ceiling(mask, grid=32, sam2_size=128, path="probabilities")
+    fine = bench.mask_ceiling(mask, grid=128, sam2_size=512, path="probabilities")
+    assert coarse["dice"] < fine["dice"] <= 1.0
+    logits = bench.mask_ceiling(mask, grid=32, sam2_size=128, path="logits")
+    assert 0.0 <= logits["dice"] <= 1.0
+    with pytest.raises(ValueError, match="path"):
+        bench.mask_ceiling(mask, grid=32, sam2_size=128, path="nearest")
