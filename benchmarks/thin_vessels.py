@@ -80,16 +80,16 @@ def mask_ceiling(mask: np.ndarray, grid: int, sam2_size: int, path: str = "logit
 
 def ceilings(masks: list[np.ndarray]) -> list[dict[str, Any]]:
     """Ceiling rows (mode, grid, path, mean/worst Dice and clDice) of a list of masks."""
-    rows = []
-    for name, size in CEILING_MODES:
+    by_size: dict[tuple[int, str], dict[str, float]] = {}
+    for size in sorted({s for _, s in CEILING_MODES}):  # modes sharing a SAM2 size share their scores
         for path in ("logits", "probabilities"):
             scores = [mask_ceiling(m, size // 4, size, path) for m in masks]
             d = np.array([s["dice"] for s in scores])
             c = np.array([s["cldice"] for s in scores])
-            rows.append({"mode": name, "sam2_size": size, "grid": size // 4, "path": path,
-                         "dice_mean": float(d.mean()), "dice_worst": float(d.min()),
-                         "cldice_mean": float(c.mean()), "cldice_worst": float(c.min())})  # fmt: skip
-    return rows
+            by_size[size, path] = {"dice_mean": float(d.mean()), "dice_worst": float(d.min()),
+                                   "cldice_mean": float(c.mean()), "cldice_worst": float(c.min())}  # fmt: skip
+    return [{"mode": name, "sam2_size": size, "grid": size // 4, "path": path, **by_size[size, path]}
+            for name, size in CEILING_MODES for path in ("logits", "probabilities")]  # fmt: skip
 
 
 def vessel_width_px(masks: list[np.ndarray]) -> float:
@@ -103,6 +103,37 @@ def vessel_width_px(masks: list[np.ndarray]) -> float:
         if fg.any():
             widths.append(2.0 * distance_transform_edt(fg)[skeletonize(fg)])
     return float(np.median(np.concatenate(widths))) if widths else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------- cost
+def sam2_costs(repeats: int = 3, frames: int = 2) -> list[dict[str, Any]]:
+    """Seconds per frame of the SAM2 part (image encoder + mask decoder, no grad) of the tiny preset for the
+    candidate high-resolution modes: standard (512 -> 128 logits), a 2x larger input (1024 -> 256) and 2x2
+    overlapping tiles each at 512 (4 encoder + 4 decoder passes -> 256 effective, before blending). Median and
+    spread (min-max) of ``repeats`` timed runs after one warm-up."""
+    import torch
+
+    from sa2va_pipeline.model import Sa2VA
+
+    rows = []
+    for name, size, passes in (("standard", 512, 1), ("larger input (high)", 1024, 1), ("2x2 tiles", 512, 4)):
+        model = Sa2VA.from_preset("tiny", sam2_image_size=size)
+        pixels = torch.randn(frames * passes, 3, size, size)
+        seg = torch.randn(frames * passes, 256)
+        idx = torch.arange(frames * passes)
+
+        def once() -> float:
+            started = time.perf_counter()
+            with torch.no_grad():
+                logits, _, _ = model.decode_masks(model.encode_sam2(pixels), idx, seg)
+            assert logits.shape[-1] == size // 4
+            return (time.perf_counter() - started) / frames
+
+        once()
+        times = sorted(once() for _ in range(repeats))
+        rows.append({"mode": name, "sam2_size": size, "passes": passes, "effective_grid": size // 4 * (2 if passes == 4 else 1),
+                     "s_per_frame_median": float(np.median(times)), "s_per_frame_min": times[0], "s_per_frame_max": times[-1]})  # fmt: skip
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -237,7 +268,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         variants = {"sample": 1.0, "thin": args.width_scale}
         folders = {name: generate(Path(tmp) / name, scale, n_videos=9) for name, scale in variants.items()}
         samples = {name: read_sample(folder) for name, folder in folders.items()}
-        mask_sets = {name: [s["masks"][0] for s in tr + va] for name, (tr, va) in samples.items()}
+        # --quick: every third frame (frames of a video differ only by a small deformation)
+        step = 3 if args.quick else 1
+        mask_sets = {name: [s["masks"][0] for s in (tr + va)[::step]] for name, (tr, va) in samples.items()}
         for extra in args.masks:
             mask_sets[str(extra)] = read_mask_folder(extra)
 
@@ -254,6 +287,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       f"{_fmt(lg['dice_mean'])} / {_fmt(lg['dice_worst'])} | {_fmt(lg['cldice_mean'])} / {_fmt(lg['cldice_worst'])} | "
                       f"{_fmt(pr['dice_mean'])} / {_fmt(pr['dice_worst'])} | {_fmt(pr['cldice_mean'])} / {_fmt(pr['cldice_worst'])} |")  # fmt: skip
         print(f"(ceilings: {time.monotonic() - started:.0f} s)", flush=True)
+
+        print("\n## Cost of the candidate modes: SAM2 encoder + mask decoder, tiny preset, no grad (median, min-max of 3)")
+        print("| candidate | SAM2 input | passes per frame | effective logit grid | s per frame |")
+        print("|---|---|---|---|---|")
+        out["sam2_costs"] = sam2_costs()
+        for r in out["sam2_costs"]:
+            print(f"| {r['mode']} | {r['sam2_size']} | {r['passes']} | {r['effective_grid']} | "
+                  f"{r['s_per_frame_median']:.2f} ({r['s_per_frame_min']:.2f}-{r['s_per_frame_max']:.2f}) |", flush=True)  # fmt: skip
 
         if not args.ceilings_only:
             print(f"\n## (b) Tiny preset, {budget:.0f} s of training per run (model build included), val frames of the last 2 videos")
