@@ -30,7 +30,7 @@ def index_annotations(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Map
     for position, entry in enumerate(annotations):
         name = Path(str(entry["image"])).name
         if name in index:
-            raise ValueError(f"annotations: entry {position} names image {name!r} again; give one entry per image")
+            raise ValueError(f"annotations: entry {position} names image {name!r} again; one entry per image")
         index[name] = entry
     return index
 
@@ -46,8 +46,8 @@ def check_annotations_cover(manifest: pd.DataFrame, annotations: Sequence[Mappin
     if missing:
         raise MissingAnnotationError(
             f"{len(missing)} image(s) of the ingestion manifest have no entry in annotations.json, e.g. "
-            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipeline=annotation`) so that every "
-            "ingested image has an entry (an image without objects gets empty text/mask lists)"
+            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipeline=annotation`) so that "
+            "every ingested image has an entry (an image without objects gets empty text/mask lists)"
         )
 
 
@@ -60,7 +60,8 @@ def sample_from_entry(sample_id: str, image: np.ndarray, entry: Mapping[str, Any
     objects = list(entry.get("mask") or [])
     if len(texts) != len(objects):
         raise ValueError(
-            f"annotations entry of image {entry['image']!r}: {len(texts)} phrase(s) but {len(objects)} object(s); "
+            f"annotations entry of image {entry['image']!r}: {len(texts)} phrase(s) but "
+            f"{len(objects)} object(s); "
             "give one phrase per object"
         )
     masks = entry_to_masks({"mask": objects}, height, width)

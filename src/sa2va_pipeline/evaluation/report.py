@@ -122,7 +122,8 @@ def evaluate_phrase(
     """
     table = per_image_metrics(probabilities, truths, threshold, hd_percentile)
     reference = per_image_metrics(probabilities, truths, reference_threshold, hd_percentile)
-    _, per_image_dice = sweep_thresholds(dict(probabilities), {i: truths[i] for i in probabilities}, oracle_grid)
+    ids_truths = {i: truths[i] for i in probabilities}
+    _, per_image_dice = sweep_thresholds(dict(probabilities), ids_truths, oracle_grid)
     table = table.merge(oracle_thresholds(per_image_dice), left_on="id", right_index=True, how="left")
     block = {
         "threshold": float(threshold),
@@ -184,7 +185,8 @@ def evaluate_split(
     tables, blocks = [], {}
     for phrase, phrase_truth in truths.items():
         table, blocks[phrase] = evaluate_phrase(
-            maps.of_phrase(phrase), phrase_truth, thresholds[phrase], oracle_grid, hd_percentile, reference_threshold
+            maps.of_phrase(phrase), phrase_truth, thresholds[phrase], oracle_grid, hd_percentile,
+            reference_threshold,
         )
         tables.append(table.assign(phrase=phrase)[["id", "phrase", *[c for c in table.columns if c != "id"]]])
     table = pd.concat(tables, ignore_index=True)
@@ -222,7 +224,7 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Flatten a summary into MLflow metrics (``MlflowMetricsHistoryDataset`` format, step 0).
 
     Names: ``<phrase>.dice_mean, <phrase>.dice_sd, <phrase>.dice_pooled, ..., <phrase>.at_0.5.dice_mean, ...,
-    <phrase>.threshold, <phrase>.oracle_dice_mean_upper_bound``, then ``macro.dice_mean, macro.dice_pooled, ...``
+    <phrase>.threshold, <phrase>.oracle_dice_mean_upper_bound``, then ``macro.dice_mean``, ...
     and ``n_images``; the dataset's prefix adds the split.
     """
     out: dict[str, Any] = {"n_images": summary["n_images"]}

@@ -126,7 +126,7 @@ def output_names(file_names: Sequence[str]) -> dict[str, str]:
 
 
 def report_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The inference report with a fixed column order (then one ``foreground_fraction.<phrase>`` per phrase)."""
+    """The inference report with a fixed column order, then ``foreground_fraction.<phrase>`` per phrase."""
     extra = list(dict.fromkeys(c for row in rows for c in row if c not in REPORT_COLUMNS))
     table = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS + extra)
     return table.astype({"width": "Int64", "height": "Int64"})
