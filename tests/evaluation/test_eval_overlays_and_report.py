@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, thresholds_by_phrase
+from sa2va_pipeline.evaluation.frozen_threshold import MissingThresholdError, record_phrases, thresholds_by_phrase
 from sa2va_pipeline.evaluation.overlays import (
     DEFAULT_COLORS,
     OKABE_ITO,
@@ -151,5 +151,5 @@ def test_frozen_threshold_records_new_and_old():
     assert record_phrases(old) == ["blood vessel"]
     assert thresholds_by_phrase(old, ["blood vessel"]) == {"blood vessel": 0.45}
     assert thresholds_by_phrase({"threshold": 0.3}, ["blood vessel"]) == {"blood vessel": 0.3}
-    with pytest.raises(KeyError, match="catheter"):
+    with pytest.raises(MissingThresholdError, match="catheter"):
         thresholds_by_phrase(old, ["catheter"])

@@ -23,9 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 
 from .threshold_sweep import choose_threshold, sweep_thresholds
+
+
+class MissingThresholdError(UserError, LookupError):
+    """A phrase has no frozen threshold (the message says how to get one)."""
 
 
 def sweep_per_phrase(
@@ -101,7 +106,7 @@ def thresholds_by_phrase(record: Mapping[str, Any], phrases: Sequence[str]) -> d
     """The frozen threshold of each phrase; a single-phrase record gives its one threshold to its phrase.
 
     Raises:
-        KeyError: a phrase the record has no threshold for (the message says how to get one).
+        MissingThresholdError: a phrase the record has no threshold for (the message says how to get one).
     """
     if isinstance(record.get("thresholds"), Mapping):
         known = {p: float(v["threshold"]) for p, v in record["thresholds"].items()}
@@ -110,7 +115,7 @@ def thresholds_by_phrase(record: Mapping[str, Any], phrases: Sequence[str]) -> d
         known = {str(phrase): float(record["threshold"])}
     missing = [p for p in phrases if p not in known]
     if missing:
-        raise KeyError(
+        raise MissingThresholdError(
             f"the frozen threshold has no threshold for phrase(s) {missing} (it covers {sorted(known)}); "
             "re-run `kedro run --pipeline=threshold`, or set a number with --params inference.threshold=0.5"
         )

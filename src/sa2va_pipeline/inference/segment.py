@@ -67,7 +67,7 @@ def inference_thresholds(
     override: float | Mapping[str, float] | None, frozen_threshold: Mapping[str, Any], phrases: Sequence[str]
 ) -> dict[str, float]:
     """Each phrase's threshold: ``inference.threshold`` (one number for all, or ``{phrase: number}``) where
-    given, else the frozen one (KeyError naming a phrase that has neither)."""
+    given, else the frozen one (MissingThresholdError naming a phrase that has neither)."""
     if isinstance(override, (int, float)):
         return {p: float(override) for p in phrases}
     given = {str(k): float(v) for k, v in (override or {}).items()}
