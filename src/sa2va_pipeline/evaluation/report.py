@@ -17,6 +17,7 @@ pooled: {metric: ...}}, oracle_dice_mean}), ``threshold`` (the first phrase's, f
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -204,6 +205,12 @@ def evaluate_split(
     return table, _json_safe(summary)
 
 
+def metric_key(phrase: str) -> str:
+    """The phrase as part of an MLflow metric name: characters MLflow refuses (outside letters, digits,
+    ``_ - . : /`` and space) become ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", phrase)
+
+
 def _block_metrics(block: dict[str, Any], prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for block_name, sub in (("at_threshold", ""), ("at_0.5", "at_0.5.")):
@@ -229,10 +236,11 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     """
     out: dict[str, Any] = {"n_images": summary["n_images"]}
     for phrase, block in summary["phrases"].items():
-        out.update(_block_metrics(block, f"{phrase}."))
-        out[f"{phrase}.threshold"] = block["threshold"]
-        out[f"{phrase}.hd95_n_undefined"] = block["at_threshold"]["mean"]["hd95"]["n_undefined"]
-        out[f"{phrase}.oracle_dice_mean_upper_bound"] = block["oracle_upper_bound"]["dice"]["mean"]
+        key = metric_key(phrase)
+        out.update(_block_metrics(block, f"{key}."))
+        out[f"{key}.threshold"] = block["threshold"]
+        out[f"{key}.hd95_n_undefined"] = block["at_threshold"]["mean"]["hd95"]["n_undefined"]
+        out[f"{key}.oracle_dice_mean_upper_bound"] = block["oracle_upper_bound"]["dice"]["mean"]
     out.update(_block_metrics(summary["macro"], "macro."))
     out["macro.oracle_dice_mean_upper_bound"] = summary["macro"]["oracle_dice_mean"]
     return {k: {"value": float(v), "step": 0} for k, v in out.items() if v is not None}

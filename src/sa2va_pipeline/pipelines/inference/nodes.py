@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sa2va_pipeline.evaluation.report import metric_key
 from sa2va_pipeline.inference.folder import DEFAULT_MAX_PIXELS, read_image_folder
 from sa2va_pipeline.inference.segment import (
     inference_grid,
@@ -50,7 +51,7 @@ def segment_new_images(
     logger.info("inference: %d image(s) segmented for %s, %d entr(ies) skipped", n_ok,
                 ", ".join(f"{p!r} at {t:.2f}" for p, t in thresholds.items()), len(folder.report) - n_ok)
     metrics = {"n_images": n_ok, "n_skipped": len(folder.report) - n_ok}
-    metrics.update({f"{p}.threshold": t for p, t in thresholds.items()})
+    metrics.update({f"{metric_key(p)}.threshold": t for p, t in thresholds.items()})
     return {
         "outputs": result.outputs,
         "report": result.report,

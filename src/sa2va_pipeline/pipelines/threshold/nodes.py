@@ -20,6 +20,7 @@ from sa2va_pipeline.evaluation.frozen_threshold import (
     sweep_table,
 )
 from sa2va_pipeline.evaluation.plots import threshold_sweeps_figure
+from sa2va_pipeline.evaluation.report import metric_key
 from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 from sa2va_pipeline.prediction.model_loading import model_phrases
@@ -54,7 +55,7 @@ def predict_val_probabilities(
 def _curves(sweeps: dict[str, pd.DataFrame]) -> dict[str, list[dict[str, float]]]:
     """The sweep curves as MLflow metric histories ``<phrase>.<curve>`` whose step is threshold x 1000."""
     return {
-        f"{phrase}.{column}": [
+        f"{metric_key(phrase)}.{column}": [
             {"value": float(v), "step": int(np.rint(t * 1000))}
             for t, v in zip(sweep["threshold"], sweep[column])
         ]
@@ -100,9 +101,10 @@ def freeze_threshold(
     record = frozen_threshold_record(sweeps, threshold["objective"], counts, len(samples), grid, model)
     metrics = {}
     for phrase, chosen in record["thresholds"].items():
-        metrics[f"{phrase}.chosen"] = chosen["threshold"]
-        metrics[f"{phrase}.val_dice_pooled"] = chosen["dice_pooled"]
-        metrics[f"{phrase}.val_dice_mean"] = chosen["dice_mean"]
+        key = metric_key(phrase)
+        metrics[f"{key}.chosen"] = chosen["threshold"]
+        metrics[f"{key}.val_dice_pooled"] = chosen["dice_pooled"]
+        metrics[f"{key}.val_dice_mean"] = chosen["dice_mean"]
     return {"threshold": record, "metrics": {k: {"value": float(v), "step": 0} for k, v in metrics.items()}}
 
 
