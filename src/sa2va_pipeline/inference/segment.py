@@ -32,6 +32,7 @@ from sa2va_pipeline.evaluation.overlays import (
 from sa2va_pipeline.prediction.engine import predict_maps
 from sa2va_pipeline.prediction.maps import binarize, phrase_file_names, quantise
 from sa2va_pipeline.prediction.model_loading import model_phrases
+from sa2va_pipeline.prediction.stored import prompt_settings
 
 from .folder import ImageFolder, output_names, report_table
 
@@ -100,7 +101,7 @@ def segment_folder(
 
     phrases = list(thresholds)
     samples = [{"id": name, "image": image} for name, image in folder.images.items()]
-    prompt = {"question_template": prediction.get("question_template"), "answer": prediction.get("answer")}
+    prompt = prompt_settings(prediction)
     # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
     maps = predict_maps(model, samples, phrases, int(prediction.get("batch_size", 8)), "float16", prompt)
     folders, stems = phrase_file_names(phrases), output_names(list(folder.images))
@@ -123,7 +124,8 @@ def segment_folder(
             with_legend = add_legend_strip(drawn, entries=result.legend)
             result.outputs[f"overlays/{stem}.png"] = encode_png(with_legend)
         rows[name]["output_name"] = f"{stem}.png"
-        result.panels.append({"overlay": drawn, "title": name})
+        if len(result.panels) < int(options.get("grid_images", 6)):  # keep only what the grid shows
+            result.panels.append({"overlay": drawn, "title": name})
     result.report = report_table(folder.report)
     return result
 
