@@ -8,6 +8,8 @@ by Kedro's ``kedro.init`` entry point (pyproject.toml) before any plugin loads, 
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 # (message regex matched from the start, category, why it is not the user's concern)
@@ -30,7 +32,25 @@ KNOWN_LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 )
 
 
+class KnownWarningsFilter(logging.Filter):
+    """Drops captured warnings (logger ``py.warnings``, where Kedro routes them) that match the list.
+
+    Needed besides ``warnings.filterwarnings``: mlflow emits some of them inside its own
+    ``catch_warnings(); simplefilter("once")`` block, which overrides every ignore filter.
+    """
+
+    patterns = [re.compile(message.removeprefix(".*"), re.IGNORECASE) for message, _c, _w in KNOWN_LIBRARY_WARNINGS]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for a known library warning."""
+        text = record.getMessage()
+        return not any(pattern.search(text) for pattern in self.patterns)
+
+
 def silence_library_warnings() -> None:
-    """Install an ``ignore`` filter for each of :data:`KNOWN_LIBRARY_WARNINGS` (idempotent)."""
+    """Ignore each of :data:`KNOWN_LIBRARY_WARNINGS`, also once captured into logging (idempotent)."""
     for message, category, _why in KNOWN_LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    captured = logging.getLogger("py.warnings")
+    if not any(isinstance(f, KnownWarningsFilter) for f in captured.filters):
+        captured.addFilter(KnownWarningsFilter())
