@@ -29,7 +29,7 @@ from sa2va_pipeline.errors import USER_ERROR_EXIT_CODE, UserError, debug_enabled
 
 # Project exceptions that are about the user's input (raised before UserError existed).
 USER_ERROR_TYPES = ("CheckpointError", "SplitError", "AnnotationFormatError", "ForeignDataError")
-_NO_VERSION = re.compile(r"^(?P<dataset>[\w.\-]+): Did not find any versions for (?P<what>\S+?)\(")
+_NOT_WRITTEN = re.compile(r"^(?P<dataset>[\w.\-]+): (Did not find any versions|Failed while loading data)")
 _UNKNOWN_PIPELINE = re.compile(r"Failed to find the pipeline named '(?P<name>[^']+)'")
 _IMPORTING = re.compile(r"error occurred while importing the 'sa2va_pipeline\.pipelines\.(?P<name>[^'.]+)' module")
 
@@ -74,16 +74,37 @@ def _producer(dataset: str) -> str | None:
     return None
 
 
+def _raised_by_project(exc: BaseException) -> bool:
+    """True if the innermost frame of ``exc``'s traceback is project code."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("sa2va_pipeline")
+
+
+def _is_anticipated(exc: BaseException) -> bool:
+    if isinstance(exc, UserError):
+        return True
+    if type(exc).__name__ in USER_ERROR_TYPES and type(exc).__module__.startswith("sa2va_pipeline"):
+        return True
+    # `raise FileNotFoundError("raw_dir '...' does not exist ...")` in project code (no errno: not a
+    # failed open(), which would be a bug)
+    return isinstance(exc, (FileNotFoundError, NotADirectoryError)) and exc.errno is None and _raised_by_project(exc)
+
+
 def user_message(error: BaseException) -> str | None:
     """The one-line message of an anticipated error, or None for a bug."""
     for exc in _chain(error):
-        if isinstance(exc, UserError) or (
-            type(exc).__name__ in USER_ERROR_TYPES and type(exc).__module__.startswith("sa2va_pipeline")
-        ):
+        if _is_anticipated(exc):
             return str(exc).strip()
     text = str(error)
-    match = _NO_VERSION.search(text)
-    if match:
+    match = _NOT_WRITTEN.search(text)
+    missing = any(
+        isinstance(exc, FileNotFoundError) or type(exc).__name__ == "VersionNotFoundError" for exc in _chain(error)
+    )
+    if match and missing:
         dataset = match.group("dataset")
         stage = _producer(dataset)
         hint = (
