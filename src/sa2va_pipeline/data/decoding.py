@@ -26,7 +26,9 @@ def _open(data: bytes, what: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # PIL refuses some headers itself, above ~179M pixels
-        raise BadFileError(f"{what} header claims too many pixels, not decoded ({exc})") from exc
+        limit = f"{max_pixels:,}" if max_pixels is not None else "PIL's own"
+        raise BadFileError(f"{what} header claims too many pixels, above the limit of {limit} (ingestion.max_pixels); "
+                           f"not decoded ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadFileError(f"corrupt or unreadable {what} ({type(exc).__name__}: {exc})") from exc
     try:
