@@ -1,4 +1,5 @@
-"""Sa2VA ``annotations.json``: write it from binary masks, read and validate existing ones.
+"""Sa2VA ``annotations.json``: read and validate a user's file (a label source of its own), and build
+the ONE annotations.json of the ingested data from each image's objects, with a per-object report.
 
 Format (one entry per image)::
 
@@ -25,11 +26,12 @@ import pandas as pd
 from sa2va_pipeline.data.image_io import read_mask01
 from sa2va_pipeline.data.polygons import dice, mask_to_polygons, rasterize_polygons
 from sa2va_pipeline.data.sources import DetectedSource, ImageFile, ImageListing, Labels, PlannedObject
+from sa2va_pipeline.errors import UserError
 
 MAX_ERRORS_SHOWN = 20
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(UserError, ValueError):
     """Malformed ``annotations.json`` entries; ``errors`` lists one message per problem."""
 
     def __init__(self, source: str, errors: list[str]):

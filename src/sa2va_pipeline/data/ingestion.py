@@ -31,6 +31,7 @@ from sa2va_pipeline.data.sources import (
     IngestionConfig,
     Labels,
     PlannedObject,
+    RawDirError,
     choose_source,
     link_problem,
     list_files,
@@ -72,12 +73,12 @@ class IngestionResult:
 def _check_root(raw_dir: str | Path) -> Path:
     root = Path(raw_dir).absolute()
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise RawDirError(
             f"raw_dir '{root}' does not exist or is not a folder. Pass your data with "
             "`kedro run --params raw_dir=/path/to/data` (a folder holding images/ and its labels)."
         )
     if not (root / "images").is_dir():
-        raise FileNotFoundError(
+        raise RawDirError(
             f"no images/ folder in raw_dir '{root}' (expected '{root / 'images'}'). The raw folder must hold "
             "images/<stem>.<jpg|jpeg|png|tif> and one label source (see README, 'Your own data')."
         )

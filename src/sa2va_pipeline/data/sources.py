@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sa2va_pipeline.data.image_io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
+from sa2va_pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,12 @@ class IngestionConfig:
     follow_links_inside: bool = False
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The raw folder's labels cannot be found or chosen; the message says what to do."""
+
+
+class RawDirError(UserError, FileNotFoundError):
+    """``raw_dir`` or its ``images/`` folder is missing; the message names the path."""
 
 
 @dataclass
@@ -288,5 +293,5 @@ def choose_source(root: Path, config: IngestionConfig) -> DetectedSource:
 
 __all__ = [
     "COCO_KEYS", "DetectedSource", "ImageFile", "ImageListing", "IngestionConfig", "Labels", "PlannedObject",
-    "SOURCE_KINDS", "SourceError", "choose_source", "find_sources", "link_problem", "list_files",
+    "RawDirError", "SOURCE_KINDS", "SourceError", "choose_source", "find_sources", "link_problem", "list_files",
 ]
