@@ -120,6 +120,11 @@ def test_annotations_json_without_masks(tmp_path, rgb32):
     assert set(report["source"]) == {"annotations"} and report["valid"].all() and report["dice"].isna().all()
     rows = result.report.set_index("file")
     assert rows.loc["annotations.json#entry 2", "status"] == "rejected" and "gone.png" in rows.loc["annotations.json#entry 2", "reason"]
+    # entries are matched by file name only: a path never leads outside images/
+    (tmp_path / "secret.png").write_bytes(png_bytes(rgb32))
+    (raw / "annotations.json").write_text(json.dumps(_sa2va(masks) + [{"image": "../../secret.png", "text": [], "mask": []}]))
+    rows = ingest(raw).report.set_index("file")
+    assert "not found in images/" in rows.loc["annotations.json#entry 2", "reason"]
     # an entry whose point lies outside its image is an error naming file, entry and object
     bad = _sa2va(masks)
     bad[0]["mask"][1] = [[1, 1, 40, 1, 5, 5]]
@@ -235,3 +240,17 @@ def test_symlinks_are_refused_unless_inside_and_allowed(make_raw, rgb32, tmp_pat
     rows = result.report.set_index("file")
     assert "leads outside raw_dir" in rows.loc["images/out.png", "reason"]
     assert rows.loc["images/in.png", "status"] == "ok" and sorted(result.records["id"]) == ["a", "in"]
+
+
+def test_image_io_readers_check_the_header_before_decoding(tmp_path):
+    from PIL import Image
+
+    from sa2va_pipeline.data.image_io import ImageTooLargeError, read_mask01, read_rgb
+
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < 100_000_000  # PIL's default guard kept
+    path = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(path)
+    assert read_rgb(path).shape == (300, 300, 3)
+    for reader in (read_rgb, read_mask01):
+        with pytest.raises(ImageTooLargeError, match="90,000 pixels, above the limit of 50,000"):
+            reader(path, max_pixels=50_000)

@@ -29,6 +29,7 @@ from sa2va_pipeline.data.sources import (
     Labels,
     PlannedObject,
     SourceError,
+    link_problem,
     list_files,
 )
 
@@ -159,6 +160,9 @@ def read_label_mapping(path: Path) -> dict[int, str]:
 def read_label_maps(root: Path, source: DetectedSource, listing: ImageListing, config: IngestionConfig) -> Labels:
     """Objects of every image from ``labels/<stem>.png`` and ``labels.json``, with report rows."""
     mapping_path = root / config.label_map_file
+    problem = link_problem(mapping_path, root, config.follow_links_inside)
+    if problem:
+        raise SourceError(f"'{mapping_path}': {problem}")
     mapping = read_label_mapping(mapping_path)
     folder = root / config.label_maps_dir
     files, refused = list_files(folder, root, config.follow_links_inside) if folder.is_dir() else ([], {})
