@@ -301,10 +301,13 @@ def _object_row(obj: Mapping[str, Any], height: int, width: int, dice_floor: flo
     if "mask" in obj:
         mask = read_mask01(obj["mask"])
         if mask.shape != (height, width):
-            raise ValueError(f"object mask '{obj['mask']}' is {mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}")
+            raise ValueError(
+                f"object mask '{obj['mask']}' is {mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}"
+            )
         polygons = mask_to_polygons(mask)
         score = dice(mask, rasterize_polygons(polygons, height, width))
-        fields = {"pixels": int(mask.sum()), "dice": round(score, 6), "valid": True, "below_floor": score < dice_floor}
+        fields = {"pixels": int(mask.sum()), "dice": round(score, 6), "valid": True,
+                  "below_floor": score < dice_floor}
     else:
         polygons = [list(p) for p in obj["polygons"]]
         filled = [int(rasterize_polygons([p], height, width).sum()) for p in polygons]

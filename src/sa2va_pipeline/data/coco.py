@@ -49,14 +49,17 @@ def _coco_categories(data: Mapping[str, Any], errors: list[str]) -> dict[Any, st
     """COCO category id -> name (the phrase)."""
     categories: dict[Any, str] = {}
     for i, cat in enumerate(data["categories"] if isinstance(data["categories"], list) else []):
-        if not isinstance(cat, Mapping) or "id" not in cat or not isinstance(cat.get("name"), str) or not cat["name"].strip():
+        name = cat.get("name") if isinstance(cat, Mapping) else None
+        if "id" not in (cat if isinstance(cat, Mapping) else {}) or not isinstance(name, str) or not name.strip():
             errors.append(f"categories[{i}]: needs an id and a non-empty name (the phrase)")
         else:
             categories[cat["id"]] = cat["name"]
     return categories
 
 
-def _segmentation(ann: Mapping[str, Any], size: tuple[int, int], where: str, errors: list[str]) -> dict[str, Any] | None:
+def _segmentation(
+    ann: Mapping[str, Any], size: tuple[int, int], where: str, errors: list[str]
+) -> dict[str, Any] | None:
     """``{"polygons": [...]}`` or ``{"rle": {...}}`` of one annotation, or None (problem appended)."""
     seg = ann.get("segmentation")
     height, width = size

@@ -94,8 +94,8 @@ def scan_images(root: Path, config: IngestionConfig) -> tuple[ImageListing, dict
     rows = {p.relative_to(root).as_posix(): ("rejected", why) for p, why in refused.items()}
     exts = tuple(e.lower() for e in config.image_extensions)
     listing = ImageListing()
-    for path in refused:
-        listing.stem_notes[path.stem] = listing.name_notes[path.name] = f"its image was refused: {rows[path.relative_to(root).as_posix()][1]}"
+    for path, why in refused.items():
+        listing.stem_notes[path.stem] = listing.name_notes[path.name] = f"its image was refused: {why}"
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -108,8 +108,8 @@ def scan_images(root: Path, config: IngestionConfig) -> tuple[ImageListing, dict
     for stem, paths in sorted(by_stem.items()):
         if len(paths) > 1:
             names = ", ".join(p.relative_to(root).as_posix() for p in paths)
-            rows.update({p.relative_to(root).as_posix(): ("rejected", f"duplicate stem '{stem}': {names}; keep one of them")
-                         for p in paths})
+            reason = f"duplicate stem '{stem}': {names}; keep one of them"
+            rows.update({p.relative_to(root).as_posix(): ("rejected", reason) for p in paths})
             listing.stem_notes[stem] = f"its image stem '{stem}' is ambiguous ({names})"
             continue
         _check_image(paths[0], root, config, listing, rows)
@@ -229,7 +229,8 @@ def objects_with_paths(objects: list[dict[str, Any]], folder_root: str | Path) -
     """The objects records with every raster object's ``mask`` made an absolute path in the saved folder."""
     root = Path(folder_root).absolute()
     return [
-        {**rec, "objects": [{**o, "mask": (root / o["mask"]).as_posix()} if "mask" in o else o for o in rec["objects"]]}
+        {**rec, "objects": [{**o, "mask": (root / o["mask"]).as_posix()} if "mask" in o else o
+                            for o in rec["objects"]]}
         for rec in objects
     ]
 

@@ -75,7 +75,8 @@ def read_masks(root: Path, source: DetectedSource, listing: ImageListing, config
     files, refused = list_files(masks_dir, root, config.follow_links_inside) if masks_dir.is_dir() else ([], {})
     layered = any(p.parent != masks_dir for p in files)
     exts = "|".join(e.lstrip(".") for e in config.image_extensions)
-    expected = f"masks/<phrase>/{{stem}}{config.mask_suffix}.png" if layered else f"masks/{{stem}}{config.mask_suffix}.png"
+    folder = "masks/<phrase>/" if layered else "masks/"
+    expected = f"{folder}{{stem}}{config.mask_suffix}.png"
     labels = Labels(missing=f"image without mask: expected {expected}")
     labels.rows.update({_rel(p, root): ("rejected", why) for p, why in refused.items()})
     by_stem = listing.by_stem()
@@ -203,7 +204,8 @@ def _label_map_objects(path: Path, rel: str, image: ImageFile, mapping: dict[int
         return (f"value(s) {unknown} not in {config.label_map_file} (known: {sorted(mapping)}); add them there "
                 "or set those pixels to 0")
     labels.objects[image.rel] = [
-        PlannedObject(mapping[v], "label_maps", f"{rel} value {v}", raster=partial(_label_value, path, v, config.max_pixels))
+        PlannedObject(mapping[v], "label_maps", f"{rel} value {v}",
+                      raster=partial(_label_value, path, v, config.max_pixels))
         for v in present
     ]
     labels.rows[rel] = ("ok", "" if present else "no labelled pixel: the image has no object")

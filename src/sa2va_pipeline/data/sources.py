@@ -279,7 +279,8 @@ def choose_source(root: Path, config: IngestionConfig) -> DetectedSource:
         return found[0]
     if not found:
         raise SourceError(
-            f"raw_dir '{root}' holds images/ but no labels" + (f" of kind {config.source!r}" if config.source != "auto" else "")
+            f"raw_dir '{root}' holds images/ but no labels"
+            + (f" of kind {config.source!r}" if config.source != "auto" else "")
             + ": expected masks/<stem>_mask.png, masks/<phrase>/<stem>_mask.png, labels/<stem>.png + labels.json, "
             "annotations.json (Sa2VA format) or a COCO *.json with images/annotations/categories (see README, "
             "'Your own data')."

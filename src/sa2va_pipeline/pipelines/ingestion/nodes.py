@@ -78,5 +78,7 @@ def build_manifest(records: pd.DataFrame, objects: list[dict[str, Any]], samples
     paths = manifest["image"].tolist() + [o["mask"] for rec in located for o in rec["objects"] if "mask" in o]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
-        raise FileNotFoundError(f"ingested sample folder {samples.root} lacks {len(missing)} file(s), e.g. {missing[:3]}")
+        raise FileNotFoundError(
+            f"ingested sample folder {samples.root} lacks {len(missing)} file(s), e.g. {missing[:3]}"
+        )
     return {"manifest": manifest, "objects": located}
