@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from sa2va_pipeline.data.samples import load_samples
 from sa2va_pipeline.datasets.file_folder_dataset import FileFolder, FileFolderDataset
 from sa2va_pipeline.pipelines import annotation, ingestion, sample_data, split
 
@@ -21,6 +23,13 @@ PARAMS = {
     "split": {"group_regex": r"^(?P<group>.+)_frame_\d+", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
               "seed": 1, "split_file": None},
 }
+
+
+class KeptMemoryDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release (annotations feed the split, the test reads them after)."""
+
+    def _release(self) -> None:
+        pass
 
 
 def _catalog(tmp_path, raw_dir):
@@ -39,6 +48,7 @@ def _catalog(tmp_path, raw_dir):
                  "annotation_report_mlflow", "annotation_metrics", "split_manifest", "split_manifest_mlflow",
                  "split_metrics"):
         catalog[name] = MemoryDataset()
+    catalog["annotations"] = KeptMemoryDataset()
     return catalog
 
 
@@ -63,6 +73,10 @@ def test_ingestion_alone_generates_the_sample_when_raw_dir_is_its_folder(tmp_pat
     assert len(annotation_report) == 8 + n_catheter and (annotation_report["dice"] == 1.0).all()
     assert catalog.load("annotation_metrics")["phrases"]["value"] == 2
     assert (table.groupby("group")["split"].nunique() == 1).all() and set(table["split"]) == {"train", "val", "test"}
+    samples = load_samples(table, entries, split="train")
+    assert samples and samples[0]["image"].shape == (128, 128, 3) and samples[0]["masks"].shape[1:] == (128, 128)
+    assert set(pd.unique(samples[0]["masks"].ravel())) <= {0, 1}
+    assert {p for s in samples for p in s["phrases"]} <= {"blood vessel", "catheter"}
 
 
 def test_ingestion_of_own_data_never_touches_the_sample_folder(tmp_path, rgb32):
