@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .conversion import native_to_official, official_to_native
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,8 +37,11 @@ TOKENIZER_FILES = (
 _NAMES_SHOWN = 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as it is; the message says what and where."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message says what, where and what to do.
+
+    A :class:`~sa2va_pipeline.errors.UserError` (the CLI prints it without a traceback) and a ``ValueError``
+    (what it was before)."""
 
 
 def _names(keys: list[str]) -> str:
@@ -242,7 +246,7 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
 def load_pretrained(
     cls: type, path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
 ) -> Any:
-    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (its ``from_pretrained``)."""
+    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")

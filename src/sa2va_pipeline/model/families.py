@@ -74,7 +74,9 @@ class InternVLFamily:
     name = "internvl"
     text_config_key = "llm_config"  # where the official config keeps the LLM's settings
 
-    def __init__(self, config: dict[str, Any], token_id: Callable[[str], int], attn_implementation: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], token_id: Callable[[str], int], attn_implementation: str
+    ) -> None:
         self.img_context_id = token_id(IMG_CONTEXT_TOKEN)
         self.vlm_config = build_internvl_config(config, self.img_context_id, attn_implementation)
         self.image_size = int(config.get("force_image_size") or config["vision_config"]["image_size"])
@@ -193,7 +195,8 @@ class InternVLFamily:
         upload: Uploader,
         to_device: ToDevice,
     ) -> torch.Tensor:
-        """The [SEG] source of a prediction chunk, queued without a host sync (positions found on the host)."""
+        """The [SEG] source of a prediction chunk, queued without a host sync (positions found on the host).
+        """
         tiles = normalize(upload([p["tiles"] for p in prepared]).movedim(-1, -3), IMAGENET_MEAN, IMAGENET_STD)
         image_positions = (ids_host.reshape(-1) == self.img_context_id).nonzero()[:, 0]
         n_tiles = sum(self.prompt_counts(prepared))
@@ -220,7 +223,9 @@ class QwenVLFamily:
 
     text_config_key = "text_config"
 
-    def __init__(self, config: dict[str, Any], token_id: Callable[[str], int], attn_implementation: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], token_id: Callable[[str], int], attn_implementation: str
+    ) -> None:
         self.name = model_family(config)  # "qwen2_5_vl" or "qwen3_vl"
         self.img_context_id = token_id(IMAGE_PAD_TOKEN)
         for token, key in QWEN_VL_TOKENS:
@@ -243,7 +248,7 @@ class QwenVLFamily:
 
     @staticmethod
     def fit_preset(config: dict[str, Any], tokenizer: Any) -> None:
-        """Preset glue: the config's vision token ids are the code tokenizer's (the real ids when realistic)."""
+        """Preset glue: the config's vision token ids are the code tokenizer's (the real ids if realistic)."""
         for token, key in (*QWEN_VL_TOKENS, ("<|video_pad|>", "video_token_id")):
             config[key] = int(tokenizer.convert_tokens_to_ids(token))
 
@@ -251,8 +256,8 @@ class QwenVLFamily:
         """The native Qwen-VL ForConditionalGeneration; its mergers cast their input to their own dtype."""
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
-        cls = Qwen3VLForConditionalGeneration if self.name == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
-        vlm = cls(self.vlm_config)
+        qwen3 = self.name == "qwen3_vl"
+        vlm = (Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration)(self.vlm_config)
         # Mixed precision (frozen tower in bf16, trainable merger in fp32, no autocast), as project_vit does for
         # InternVL's projector.
         visual = vlm.model.visual

@@ -39,7 +39,7 @@ def uncertain_point_coords(
 
 
 def dice_per_mask(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Naive Dice loss (1 - Dice) on sigmoid probabilities, one value per mask [N], over the last dimensions."""
+    """Naive Dice loss (1 - Dice) on sigmoid probabilities, one value per mask [N] (over its last dims)."""
     probs = logits.sigmoid().flatten(1)
     targets = targets.flatten(1)
     dice = (2 * (probs * targets).sum(1) + eps) / (probs.sum(1) + targets.sum(1) + eps)

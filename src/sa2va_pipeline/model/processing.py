@@ -28,7 +28,8 @@ DEFAULT_ANSWER = "Sure, [SEG]."
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token rows to the longest one: (tensor [B, T] filled with ``value``, attention mask [B, T])."""
+    """Right-pad token rows to the longest one: (tensor [B, T] filled with ``value``, attention mask [B, T]).
+    """
     length = max(len(r) for r in rows)
     out = torch.full((len(rows), length), value, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
@@ -48,7 +49,8 @@ def prompt_ids(model: nn.Module, question: str, answer: str, n_images: int) -> l
 
     ``n_images``: tiles (InternVL) or ``<|image_pad|>`` tokens (Qwen-VL) of the image."""
     text = model.adapter.first_turn_input(question, n_images)
-    return model.bos_ids + encode(model, model.template.instruction.format(input=text)) + encode(model, answer)
+    prompt = encode(model, model.template.instruction.format(input=text))
+    return model.bos_ids + prompt + encode(model, answer)
 
 
 def conversation(

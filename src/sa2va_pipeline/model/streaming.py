@@ -44,7 +44,7 @@ def iter_predict_proba(
     batch_size: int,
     object_score_gate: bool,
 ) -> Iterator[torch.Tensor]:
-    """One float32 [H, W] probability map per image, in input order; see :meth:`.sa2va.Sa2VA.predict_proba`."""
+    """One float32 [H, W] probability map per image, in input order (:meth:`.sa2va.Sa2VA.predict_proba`)."""
     images = as_image_list(images)
     phrases = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
     if len(phrases) != len(images):
@@ -66,7 +66,9 @@ def iter_predict_proba(
                 sam2_host = torch.empty(
                     (len(chunk), size, size, 3), dtype=torch.uint8, pin_memory=model.device.type == "cuda"
                 )
-                futures = [pool.submit(preprocess_image, model, im, sam2_host[i]) for i, im in enumerate(chunk)]
+                futures = [
+                    pool.submit(preprocess_image, model, im, sam2_host[i]) for i, im in enumerate(chunk)
+                ]
                 return futures, sam2_host
 
             pending, in_flight = submit(0), None
@@ -144,7 +146,8 @@ def launch_chunk(
     seg = model.seg_states(hidden, input_ids, to_device(seg_positions))
     logits, _, object_score = model.decode_masks(fpn, torch.arange(len(prepared), device=device), seg)
     if object_score_gate:
-        logits = torch.where(object_score[:, None, None] > 0, logits, torch.full_like(logits, NO_OBJECT_SCORE))
+        no_object = torch.full_like(logits, NO_OBJECT_SCORE)
+        logits = torch.where(object_score[:, None, None] > 0, logits, no_object)
     return PendingMaps.start(*probability_maps(logits, [p["size"] for p in prepared], model.sam2_image_size))
 
 
@@ -153,9 +156,12 @@ def probability_maps(
 ) -> tuple[list[torch.Tensor], bool]:
     """Mask logits [N, S/4, S/4] -> S (SAM2 input) -> each original size (bilinear, align_corners False) ->
     sigmoid: (one [N, H, W] tensor when all sizes agree, else one [H, W] per image; whether stacked)."""
-    logits = F.interpolate(logits[:, None].float(), size=(sam2_image_size,) * 2, mode="bilinear", align_corners=False)
+    logits = F.interpolate(
+        logits[:, None].float(), size=(sam2_image_size,) * 2, mode="bilinear", align_corners=False
+    )
     if len(set(sizes)) == 1:
-        return [F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]], True
+        maps = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
+        return [maps], True
     maps = [
         F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False).sigmoid()[0, 0]
         for i, s in enumerate(sizes)
