@@ -24,6 +24,7 @@ model (:class:`.sa2va.Sa2VA`) for the modules they run; the model reads and writ
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -212,13 +213,34 @@ class InternVLFamily:
         model.vlm.model.vision_tower.compile(mode=mode)
 
 
+@dataclass(frozen=True)
+class QwenVLVariant:
+    """What differs between Qwen2.5-VL and Qwen3-VL: the transformers class, pixel normalisation, where the
+    [SEG] state is read, and whether DeepStack feeds vision features into intermediate LLM layers."""
+
+    model_class: str
+    pixel_mean: tuple[float, float, float]
+    pixel_std: tuple[float, float, float]
+    seg_hidden_prenorm: bool
+    deepstack: bool
+
+
+QWEN_VL_VARIANTS = {
+    "qwen2_5_vl": QwenVLVariant(
+        "Qwen2_5_VLForConditionalGeneration", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, False, False
+    ),
+    "qwen3_vl": QwenVLVariant("Qwen3VLForConditionalGeneration", QWEN3_VL_MEAN, QWEN3_VL_STD, True, True),
+}
+
+
 class QwenVLFamily:
     """Qwen2.5-VL / Qwen3-VL: native-resolution patches, the vision tower and merger inside the native forward.
 
     The [SEG] state: the official Sa2VA takes ``hidden_states[-1]`` of the ForConditionalGeneration output.
     Under the transformers it was trained with (4.57), that is the state after the final norm for Qwen2.5-VL but
     the last decoder layer's output BEFORE the final norm for Qwen3-VL (its hidden states are recorded at the
-    decoder layers); checked numerically against 4.57.1. We reproduce it (``seg_hidden_prenorm``).
+    decoder layers); checked numerically against 4.57.1. We reproduce it (``seg_hidden_prenorm``, see
+    :data:`QWEN_VL_VARIANTS`).
     """
 
     text_config_key = "text_config"
@@ -238,13 +260,12 @@ class QwenVLFamily:
         vision = self.vlm_config.vision_config
         self.patch_size, self.merge_size = int(vision.patch_size), int(vision.spatial_merge_size)
         self.temporal_patch_size = int(vision.temporal_patch_size)
-        qwen3 = self.name == "qwen3_vl"
-        self.pixel_mean = QWEN3_VL_MEAN if qwen3 else OPENAI_CLIP_MEAN
-        self.pixel_std = QWEN3_VL_STD if qwen3 else OPENAI_CLIP_STD
+        self.variant = QWEN_VL_VARIANTS[self.name]
+        self.pixel_mean, self.pixel_std = self.variant.pixel_mean, self.variant.pixel_std
         # The official code passes 512 / 2048 * 28 * 28 for both families; tiny presets store smaller bounds.
         self.min_pixels = int(config.get("min_pixels") or QWEN_VL_MIN_PIXELS)
         self.max_pixels = int(config.get("max_pixels") or QWEN_VL_MAX_PIXELS)
-        self.seg_hidden_prenorm = qwen3
+        self.seg_hidden_prenorm = self.variant.seg_hidden_prenorm
 
     @staticmethod
     def fit_preset(config: dict[str, Any], tokenizer: Any) -> None:
@@ -254,10 +275,9 @@ class QwenVLFamily:
 
     def build_vlm(self) -> nn.Module:
         """The native Qwen-VL ForConditionalGeneration; its mergers cast their input to their own dtype."""
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+        import transformers
 
-        qwen3 = self.name == "qwen3_vl"
-        vlm = (Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration)(self.vlm_config)
+        vlm = getattr(transformers, self.variant.model_class)(self.vlm_config)
         # Mixed precision (frozen tower in bf16, trainable merger in fp32, no autocast), as project_vit does for
         # InternVL's projector.
         visual = vlm.model.visual
@@ -307,7 +327,7 @@ class QwenVLFamily:
         raise NotImplementedError(
             f"Precomputed vision features are not supported for the {self.name} family: its projector "
             "(the merger) is inside the vision tower"
-            + (" and DeepStack feeds intermediate layers" if self.name == "qwen3_vl" else "")
+            + (" and DeepStack feeds intermediate layers" if self.variant.deepstack else "")
             + ". Cache SAM2 features only (encode_sam2 / batch key 'sam2_features')."
         )
 
