@@ -110,3 +110,12 @@ def test_loss_weights_and_point_settings_are_arguments(tiny, make_image, make_ma
             importance_sample_ratio=0.5, generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
     assert torch.allclose(out["total"], out["mask_bce"])
+
+
+def test_features_of_samples_collate_left_out_are_refused(tiny, make_image, make_mask):
+    samples = [_sample(make_image, make_mask, "empty", n=0), _sample(make_image, make_mask, "one", n=1, seed=2)]
+    batch = tiny.collate(samples, seed=0)
+    with torch.no_grad():
+        stale = tiny.encode_sam2(torch.zeros(2, 3, tiny.sam2_image_size, tiny.sam2_image_size))  # both images
+        with pytest.raises(ValueError, match=r"SAM2 features of 2 images for 1 token rows.*sample_index"):
+            tiny.training_forward(dict(batch, sam2_features=stale))

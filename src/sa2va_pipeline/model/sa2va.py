@@ -374,6 +374,11 @@ class Sa2VA(nn.Module):
         hidden, seg_source = self.adapter.training_hidden(self, input_ids, attention, batch)
         fpn = batch.get("sam2_features")
         fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
+        if fpn[0].shape[0] != input_ids.shape[0]:  # e.g. cached features of samples collate left out
+            raise ValueError(
+                f"SAM2 features of {fpn[0].shape[0]} images for {input_ids.shape[0]} token rows: attach the "
+                "features of the samples the batch kept (batch['sample_index'])"
+            )
         llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
         seg = self.seg_states(seg_source, input_ids)
         gt = batch["gt_masks"].to(device)
