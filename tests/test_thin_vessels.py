@@ -95,3 +95,42 @@ def test_ceiling_perfect_at_full_grid_and_lower_for_thin_vessels_on_coarse_grids
     assert 0.0 <= logits["dice"] <= 1.0
     with pytest.raises(ValueError, match="path"):
         bench.mask_ceiling(mask, grid=32, sam2_size=128, path="nearest")
+
+
+def _tiny_batch(model, size: int = 64):
+    import random
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((1, size, size), np.uint8)
+    masks[0, size // 2 : size // 2 + 2, 4:-4] = 1
+    sample = {"id": "a", "image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "masks": masks,
+              "phrases": ["blood vessel"]}  # fmt: skip
+    return model.collate([sample, sample], rng=random.Random(0))
+
+
+def test_training_forward_adds_the_cldice_term_only_when_weighted() -> None:
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset("tiny")
+    batch = _tiny_batch(model)
+    off = model.training_forward(batch, mask_loss="dense")
+    on = model.training_forward(batch, mask_loss="dense", cldice_weight=2.0, cldice_iterations=3)
+    assert "mask_cldice" not in off
+    assert 0.0 < float(on["mask_cldice"]) <= 1.0
+    assert float(on["total"]) == pytest.approx(float(off["total"]) + 2.0 * float(on["mask_cldice"]), rel=1e-5)
+    on["total"].backward()
+    assert model.sam2.mask_decoder.conv_s0.weight.grad is not None
+
+
+def test_checkpoint_loads_with_another_sam2_size_and_the_same_weights(tmp_path: Path) -> None:
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset("tiny")
+    model.save_pretrained(tmp_path / "ckpt")
+    high = Sa2VA.from_pretrained(tmp_path / "ckpt", sam2_image_size=1024)
+    assert (high.sam2_image_size, high.mask_size) == (1024, 256)
+    assert Sa2VA.from_pretrained(tmp_path / "ckpt").sam2_image_size == 512
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in high.state_dict().items())
+    batch = _tiny_batch(high)
+    assert batch["gt_masks"].shape[-1] == 256 and batch["sam2_pixel_values"].shape[-1] == 1024

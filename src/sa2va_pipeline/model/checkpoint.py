@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .configs import grounding_config
 from .conversion import native_to_official, official_to_native
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -244,15 +245,23 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
 
 
 def load_pretrained(
-    cls: type, path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
+    cls: type,
+    path: str | Path,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    sam2_image_size: int | None = None,
 ) -> Any:
-    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``)."""
+    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``);
+    ``sam2_image_size``: SAM2's input size instead of the config's (written into ``grounding_encoder_config``,
+    which official loaders ignore)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
     config = read_json(inside(path, "config.json", path))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'} is not a JSON object; {DAMAGED}.")
+    if sam2_image_size is not None:
+        config["grounding_encoder_config"] = {**grounding_config(config), "image_size": int(sam2_image_size)}
     files = weight_files(path)
     check_family(config, read_keys(files), path)
     tokenizer = load_tokenizer(path, config)

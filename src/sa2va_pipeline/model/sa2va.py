@@ -34,6 +34,7 @@ from torch import nn
 
 from . import losses as L
 from . import processing, streaming
+from .cldice import cldice_loss
 from .configs import build_sam2_config, conversion_layout, grounding_config, llm_type, preset_config
 from .families import family_adapter, family_class
 from .module_utils import dtype_of, grad_scope, no_init_weights
@@ -184,13 +185,21 @@ class Sa2VA(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        sam2_image_size: int | None = None,
     ) -> Sa2VA:
         """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM,
-        or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B)."""
+        or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B).
+
+        ``sam2_image_size`` runs SAM2 at another input size than the config's (a multiple of 32; the mask
+        logits are a quarter of it): no SAM2 weight depends on it (Hiera interpolates its positional embedding).
+        """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, device=device, dtype=dtype)
+        return load_pretrained(cls, path, device=device, dtype=dtype, sam2_image_size=sam2_image_size)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout (LoRA merged into a copy), config.json and the tokenizer files."""
@@ -353,9 +362,11 @@ class Sa2VA(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         generator: torch.Generator | None = None,
+        cldice_weight: float = 0.0,
+        cldice_iterations: int = 5,
     ) -> dict[str, Any]:
         """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``,
-        ``total`` (scalars) and ``per_object``: ``{"mask_bce": [N], "mask_dice": [N]`` (detached),
+        ``total`` (scalars; plus ``mask_cldice`` when ``cldice_weight`` > 0) and ``per_object``: ``{"mask_bce": [N], "mask_dice": [N]`` (detached),
         ``"phrases": list[str]}`` in [SEG] order (``mask_bce``/``mask_dice`` are their means over the N objects).
 
         Batch keys as :meth:`collate` makes them; ``pixel_values`` may be replaced by precomputed
@@ -363,7 +374,8 @@ class Sa2VA(nn.Module):
         ``sam2_features`` (3 maps [B, 256, S/4..S/16], from :meth:`encode_images` / :meth:`encode_sam2`).
         Losses: BCE x ``bce_weight`` + Dice x ``dice_weight`` on the argmax-IoU mask (``mask_loss`` "points":
         the official point sampling with ``num_points``, ``oversample_ratio``, ``importance_sample_ratio``;
-        "dense": every pixel) + LM cross-entropy x ``llm_weight``.
+        "dense": every pixel) + LM cross-entropy x ``llm_weight`` (+ soft clDice x ``cldice_weight`` on every
+        pixel of the logits grid, skeletons of ``cldice_iterations`` steps: :mod:`.cldice`; 0 = off, official).
         """
         device = self.device
         input_ids = batch["input_ids"].to(device)
@@ -394,7 +406,11 @@ class Sa2VA(nn.Module):
         total = llm_weight * llm + bce_weight * bce + dice_weight * dice
         phrases = list(batch.get("object_phrases", []))
         per_object = {"mask_bce": bce_each, "mask_dice": dice_each, "phrases": phrases}
-        return {"llm": llm, "mask_bce": bce, "mask_dice": dice, "total": total, "per_object": per_object}
+        out = {"llm": llm, "mask_bce": bce, "mask_dice": dice}
+        if cldice_weight > 0:
+            out["mask_cldice"] = cldice_loss(logits, gt, cldice_iterations)
+            total = total + cldice_weight * out["mask_cldice"]
+        return {**out, "total": total, "per_object": per_object}
 
     # ------------------------------------------------------------------ inference
     def compile_for_inference(self, mode: str | None = None) -> Sa2VA:
