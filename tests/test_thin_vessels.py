@@ -122,15 +122,20 @@ def test_training_forward_adds_the_cldice_term_only_when_weighted() -> None:
     assert model.sam2.mask_decoder.conv_s0.weight.grad is not None
 
 
-def test_checkpoint_loads_with_another_sam2_size_and_the_same_weights(tmp_path: Path) -> None:
+def test_high_mask_resolution_doubles_sam2_input_with_the_same_weights(tmp_path: Path) -> None:
     from sa2va_pipeline.model import Sa2VA
 
     model = Sa2VA.from_preset("tiny")
     model.save_pretrained(tmp_path / "ckpt")
-    high = Sa2VA.from_pretrained(tmp_path / "ckpt", sam2_image_size=1024)
+    high = Sa2VA.from_pretrained(tmp_path / "ckpt", mask_resolution="high")
     assert (high.sam2_image_size, high.mask_size) == (1024, 256)
     assert Sa2VA.from_pretrained(tmp_path / "ckpt").sam2_image_size == 512
     ref = model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in high.state_dict().items())
     batch = _tiny_batch(high)
     assert batch["gt_masks"].shape[-1] == 256 and batch["sam2_pixel_values"].shape[-1] == 1024
+    preset = Sa2VA.from_preset("tiny", mask_resolution="high")
+    assert preset.mask_size == 256
+    assert all(torch.equal(v, ref[k]) for k, v in preset.state_dict().items())  # same seed, same weights
+    with pytest.raises(ValueError, match="standard | high"):
+        Sa2VA.from_preset("tiny", mask_resolution="ultra")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .configs import grounding_config
+from .configs import with_mask_resolution
 from .conversion import native_to_official, official_to_native
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -249,19 +249,17 @@ def load_pretrained(
     path: str | Path,
     device: Any = "cpu",
     dtype: torch.dtype = torch.float32,
-    sam2_image_size: int | None = None,
+    mask_resolution: str = "standard",
 ) -> Any:
     """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``);
-    ``sam2_image_size``: SAM2's input size instead of the config's (written into ``grounding_encoder_config``,
-    which official loaders ignore)."""
+    ``mask_resolution`` as :func:`.configs.with_mask_resolution` (relative to the checkpoint's config)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
     config = read_json(inside(path, "config.json", path))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'} is not a JSON object; {DAMAGED}.")
-    if sam2_image_size is not None:
-        config["grounding_encoder_config"] = {**grounding_config(config), "image_size": int(sam2_image_size)}
+    config = with_mask_resolution(config, mask_resolution)
     files = weight_files(path)
     check_family(config, read_keys(files), path)
     tokenizer = load_tokenizer(path, config)

@@ -35,7 +35,14 @@ from torch import nn
 from . import losses as L
 from . import processing, streaming
 from .cldice import cldice_loss
-from .configs import build_sam2_config, conversion_layout, grounding_config, llm_type, preset_config
+from .configs import (
+    build_sam2_config,
+    conversion_layout,
+    grounding_config,
+    llm_type,
+    preset_config,
+    with_mask_resolution,
+)
 from .families import family_adapter, family_class
 from .module_utils import dtype_of, grad_scope, no_init_weights
 from .preprocessing import resize_masks_area
@@ -134,6 +141,7 @@ class Sa2VA(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        mask_resolution: str = "standard",
         **overrides: Any,
     ) -> Sa2VA:
         """Build a preset with deterministic random weights and a tokenizer built in code.
@@ -144,11 +152,12 @@ class Sa2VA(nn.Module):
         ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b``, ``sa2va-qwen2_5-vl-3b``,
         ``sa2va-qwen3-vl-4b`` (random weights). Overrides: ``sam2_image_size``, ``sam2_hiera``
         ("large": SAM2 Hiera-L at 1024, what official loaders expect), ``template``, ``vocab_size``.
+        ``mask_resolution="high"`` then doubles SAM2's input size (same weights; :func:`.configs.with_mask_resolution`).
         """
         from .tokenizer import build_preset_tokenizer, read_sentencepiece_bytes
 
         tiny = name.lower().startswith("tiny")
-        config = preset_config(name, **overrides)
+        config = with_mask_resolution(preset_config(name, **overrides), mask_resolution)
         tokenizer, sentencepiece = build_preset_tokenizer(llm_type(config), realistic_ids=not tiny)
         family = family_class(config)
         if tiny and "vocab_size" not in overrides:
@@ -189,17 +198,17 @@ class Sa2VA(nn.Module):
         path: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
-        sam2_image_size: int | None = None,
+        mask_resolution: str = "standard",
     ) -> Sa2VA:
         """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM,
         or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B).
 
-        ``sam2_image_size`` runs SAM2 at another input size than the config's (a multiple of 32; the mask
-        logits are a quarter of it): no SAM2 weight depends on it (Hiera interpolates its positional embedding).
+        ``mask_resolution="high"`` runs SAM2 at twice the config's input size (2x finer mask logits) with the
+        same weights (:func:`.configs.with_mask_resolution`).
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, device=device, dtype=dtype, sam2_image_size=sam2_image_size)
+        return load_pretrained(cls, path, device=device, dtype=dtype, mask_resolution=mask_resolution)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout (LoRA merged into a copy), config.json and the tokenizer files."""
