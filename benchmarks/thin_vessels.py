@@ -238,7 +238,7 @@ def train_and_score(train: list, val: list, budget_s: float, high: bool, cldice_
         started = time.monotonic()
         trained = run_training(train, [], params, started_at=started, progress=False)
         seconds = time.monotonic() - started
-        steps = getattr(trained.result, "steps", None)
+        steps = getattr(trained.result, "steps_done", None)
         scores = evaluate(trained.model, val, np.round(np.arange(0.05, 0.96, 0.05), 2))
     return {"mode": "high" if high else "standard", "cldice_weight": cldice_weight, "train_s": round(seconds, 1),
             "steps": steps, **scores}  # fmt: skip
