@@ -9,7 +9,7 @@ import pandas as pd
 PHRASES = ["blood vessel", "catheter"]
 
 
-def frame(video: int, index: int, size: int = 32) -> dict:
+def frame(video: int, index: int, size: int = 32, phrases: list[str] = PHRASES) -> dict:
     """A frame with a dark vertical vessel stripe and (odd frames) a brighter horizontal catheter stripe."""
     rng = np.random.default_rng(video * 100 + index)
     image = np.full((size, size, 3), 170, np.uint8)
@@ -18,7 +18,7 @@ def frame(video: int, index: int, size: int = 32) -> dict:
     vessel[:, column : column + 4] = 1
     image[vessel > 0] = 60
     masks, phrases = [vessel], [PHRASES[0]]
-    if index % 2:
+    if index % 2 and len(phrases) > 1:
         catheter = np.zeros((size, size), np.uint8)
         catheter[size // 2 : size // 2 + 3, :] = 1
         image[catheter > 0] = 240
@@ -29,13 +29,14 @@ def frame(video: int, index: int, size: int = 32) -> dict:
             "phrases": phrases}
 
 
-def dataset(n_videos: int = 6, frames: int = 3, size: int = 32) -> tuple[pd.DataFrame, list[dict], dict]:
+def dataset(n_videos: int = 6, frames: int = 3, size: int = 32, phrases: list[str] = PHRASES
+            ) -> tuple[pd.DataFrame, list[dict], dict]:
     """(split manifest, annotations stand-in, samples by id); splits: 4 videos train, 1 val, 1 test."""
     samples, rows = {}, []
     splits = ["train"] * (n_videos - 2) + ["val", "test"]
     for v in range(n_videos):
         for f in range(frames):
-            s = frame(v, f, size)
+            s = frame(v, f, size, phrases)
             samples[s["id"]] = s
             rows.append({"id": s["id"], "image": f"/nowhere/{s['id']}.png", "width": size, "height": size,
                          "group": f"v{v}", "status": "ok", "source_image": "", "split": splits[v]})
