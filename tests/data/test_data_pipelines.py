@@ -21,6 +21,13 @@ PARAMS = {
 }
 
 
+class KeptMemoryDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release (annotations feed the split, the test reads them after)."""
+
+    def _release(self) -> None:
+        pass
+
+
 def _catalog(tmp_path, raw_dir):
     params = {k: dict(v) for k, v in PARAMS.items()}
     params["sample_data"].update(output_dir=str(tmp_path / "sample"), new_images_dir=str(tmp_path / "new"))
@@ -36,6 +43,7 @@ def _catalog(tmp_path, raw_dir):
                  "annotation_report_mlflow", "annotation_metrics", "split_manifest", "split_manifest_mlflow",
                  "split_metrics"):
         catalog[name] = MemoryDataset()
+    catalog["annotations"] = KeptMemoryDataset()
     return catalog
 
 
@@ -55,7 +63,7 @@ def test_data_chain_runs_end_to_end(tmp_path):
     assert len(catalog.load("annotations")) == 8
     assert catalog.load("annotation_metrics")["dice_min"]["value"] == 1.0
     assert (table.groupby("group")["split"].nunique() == 1).all() and set(table["split"]) == {"train", "val", "test"}
-    samples = load_samples(table, "train", "blood vessel")
+    samples = load_samples(table, catalog.load("annotations"), split="train")
     assert samples and samples[0]["image"].shape == (128, 128, 3) and samples[0]["masks"].shape == (1, 128, 128)
     assert set(pd.unique(samples[0]["masks"].ravel())) <= {0, 1} and samples[0]["phrases"] == ["blood vessel"]
 

@@ -54,8 +54,12 @@ def training_summary(trained: Any) -> dict[str, Any]:
     }
 
 
-def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, Any]) -> dict[str, Any]:
+def train_model(
+    split_manifest: pd.DataFrame, annotations: list[dict[str, Any]], training: dict[str, Any]
+) -> dict[str, Any]:
     """Fine-tune Sa2VA on the train split, validating on val; returns the model, its summary and plot.
+
+    Ground truth comes from the annotations.json entries only (every object with its phrase).
 
     Outputs: ``model`` (the in-memory trained model, written by ``TrainedModelDataset``), ``summary``
     (JSON) and ``loss_curve`` (figure).
@@ -65,8 +69,8 @@ def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, A
     from sa2va_pipeline.training.plots import loss_curve_figure
     from sa2va_pipeline.training.recipe import run_training
 
-    train_samples = load_samples(split_manifest, "train", phrase)
-    val_samples = load_samples(split_manifest, "val", phrase)
+    train_samples = load_samples(split_manifest, annotations, split="train")
+    val_samples = load_samples(split_manifest, annotations, split="val")
     log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
     logger = mlflow_metrics_logger()
     trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)
