@@ -9,7 +9,7 @@ import pandas as pd
 PHRASES = ["blood vessel", "catheter"]
 
 
-def frame(video: int, index: int, size: int = 32, phrases: list[str] = PHRASES) -> dict:
+def frame(video: int, index: int, size: int = 32, labels: list[str] = PHRASES) -> dict:
     """A frame with a dark vertical vessel stripe and (odd frames) a brighter horizontal catheter stripe."""
     rng = np.random.default_rng(video * 100 + index)
     image = np.full((size, size, 3), 170, np.uint8)
@@ -18,7 +18,7 @@ def frame(video: int, index: int, size: int = 32, phrases: list[str] = PHRASES) 
     vessel[:, column : column + 4] = 1
     image[vessel > 0] = 60
     masks, phrases = [vessel], [PHRASES[0]]
-    if index % 2 and len(phrases) > 1:
+    if index % 2 and len(labels) > 1:
         catheter = np.zeros((size, size), np.uint8)
         catheter[size // 2 : size // 2 + 3, :] = 1
         image[catheter > 0] = 240

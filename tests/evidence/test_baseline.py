@@ -13,7 +13,7 @@ from sa2va_pipeline.baseline.recipe import BaselineConfig, baseline_files, load_
 from sa2va_pipeline.datasets.file_folder_dataset import FileFolderDataset
 
 PARAMS = {"network": {"filters": [4, 8, 16]}, "image_size": 32, "batch_size": 4, "lr": 1e-2,
-          "time_budget_s": 20, "max_steps": 6, "seed": 0, "device": "cpu"}
+          "time_budget_s": 600, "max_steps": 6, "seed": 0, "device": "cpu"}
 EVALUATION = {"hd_percentile": 95, "reference_threshold": 0.5, "bootstrap": {"n_resamples": 100, "seed": 0}}
 THRESHOLD = {"start": 0.05, "stop": 0.95, "step": 0.05, "objective": "pooled_dice"}
 

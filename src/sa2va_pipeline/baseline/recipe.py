@@ -133,7 +133,7 @@ def train_baseline(
     log_metrics: MetricsLogger | None = None,
 ) -> BaselineModel:
     """Train a DynUNet with one output channel per phrase on ``train_samples`` until ``time_budget_s`` (the
-    whole call, data preparation included) or ``max_steps``, whichever comes first.
+    whole call, data preparation included; at least one step) or ``max_steps``, whichever comes first.
 
     Raises:
         ValueError: no training sample or no phrase.
@@ -165,7 +165,7 @@ def train_baseline(
         elapsed = time.monotonic() - started
         if config.max_steps is not None and step >= config.max_steps:
             break
-        if budget is not None and elapsed >= budget:
+        if budget is not None and elapsed >= budget and step > 0:  # at least one step, however busy the machine
             break
         if len(order) < config.batch_size:  # a fresh shuffled pass over the training frames
             order = np.concatenate([order, rng.permutation(len(inputs))])

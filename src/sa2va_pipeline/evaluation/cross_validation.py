@@ -115,7 +115,7 @@ def run_fold(fold: int, folded: pd.DataFrame, annotations: list[dict[str, Any]],
     manifest = fold_manifest(folded, fold, config.val_fraction, config.seed)
     groups = dict(zip(manifest["id"].astype(str), manifest["group"].astype(str)))
     samples = {s: load(manifest, annotations, s) for s in ("train", "val", "test")}
-    phrases = model_phrases(annotations)
+    phrases = model_phrases(manifest, annotations)
     log.info("cross-validation fold %d/%d: %d train, %d val, %d test frames (%d test groups)", fold + 1,
              config.folds, len(samples["train"]), len(samples["val"]), len(samples["test"]),
              manifest.loc[manifest["split"] == "test", "group"].nunique())

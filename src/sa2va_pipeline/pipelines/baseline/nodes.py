@@ -31,7 +31,7 @@ def train_baseline(split_manifest: pd.DataFrame, annotations: list[dict[str, Any
     """Train the DynUNet (one channel per phrase) on the train split; returns its files for ``baseline_model``."""
     from sa2va_pipeline.baseline.recipe import baseline_files, train_baseline as train
 
-    phrases = model_phrases(annotations)
+    phrases = model_phrases(split_manifest, annotations)
     model = train(split_samples(split_manifest, annotations, "train"), phrases, baseline, log_metrics=_mlflow_logger())
     return {"model": baseline_files(model), "summary": {**model.summary, "phrases": phrases}}
 
