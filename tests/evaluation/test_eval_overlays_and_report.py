@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, thresholds_by_phrase
+from sa2va_pipeline.evaluation.frozen_threshold import MissingThresholdError, record_phrases, thresholds_by_phrase
 from sa2va_pipeline.evaluation.overlays import (
     DEFAULT_COLORS,
     OKABE_ITO,
@@ -22,7 +22,7 @@ from sa2va_pipeline.evaluation.overlays import (
     phrase_overlay,
     pick_best_median_worst,
 )
-from sa2va_pipeline.evaluation.report import evaluate_split, summary_metrics
+from sa2va_pipeline.evaluation.report import evaluate_split, metric_key, summary_metrics
 from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
 from sa2va_pipeline.prediction.maps import ProbabilityMaps, quantise
 
@@ -140,6 +140,7 @@ def test_summary_reports_per_phrase_frozen_reference_pooled_oracle_and_macro():
     assert metrics["blood vessel.hd95_n_undefined"]["value"] == 0 and metrics["catheter.threshold"]["value"] == 0.5
     assert metrics["macro.dice_mean"]["value"] == 0.75 and metrics["macro.dice_pooled"]["value"] == 0.5
     assert "blood vessel.oracle_dice_mean_upper_bound" in metrics
+    assert metric_key("vessel (left)") == "vessel _left_" and metric_key("blood vessel") == "blood vessel"
 
 
 def test_frozen_threshold_records_new_and_old():
@@ -151,5 +152,5 @@ def test_frozen_threshold_records_new_and_old():
     assert record_phrases(old) == ["blood vessel"]
     assert thresholds_by_phrase(old, ["blood vessel"]) == {"blood vessel": 0.45}
     assert thresholds_by_phrase({"threshold": 0.3}, ["blood vessel"]) == {"blood vessel": 0.3}
-    with pytest.raises(KeyError, match="catheter"):
+    with pytest.raises(MissingThresholdError, match="catheter"):
         thresholds_by_phrase(old, ["catheter"])

@@ -14,6 +14,7 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from PIL import Image
 
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.inference.folder import EmptyInputFolderError
 from sa2va_pipeline.pipelines.evaluation import create_pipeline as evaluation_pipeline
 from sa2va_pipeline.pipelines.inference import create_pipeline as inference_pipeline
@@ -254,9 +255,10 @@ def test_inference_on_an_empty_folder_is_an_error_before_any_output(fake_project
     pipeline = inference_pipeline()
     catalog = _catalog(pipeline, _params(fake_project, frozen_threshold=FROZEN,
                                          **{"params:inference": {**INFERENCE, "input_dir": str(empty)}}))
-    with pytest.raises(EmptyInputFolderError, match="no readable image.*input_dir"):
+    with pytest.raises(EmptyInputFolderError, match="no readable image.*input_dir") as caught:
         SequentialRunner().run(pipeline, catalog)
     for name in ("inference_outputs", "inference_report", "inference_overlay_grid", "inference_report_mlflow"):
         with pytest.raises(Exception):
             catalog.load(name)  # nothing was saved
     assert not fake_project.loads  # the model was not even loaded
+    assert isinstance(caught.value, UserError)  # the CLI prints it as one message, no traceback

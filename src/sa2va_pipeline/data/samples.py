@@ -16,12 +16,17 @@ import pandas as pd
 
 from sa2va_pipeline.data.annotations import entry_to_masks
 from sa2va_pipeline.data.image_io import read_rgb
+from sa2va_pipeline.errors import UserError
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
-class MissingAnnotationError(ValueError):
+class MissingAnnotationError(UserError, ValueError):
     """Images of the manifest have no annotations.json entry (the message names them)."""
+
+
+class AnnotationEntryError(UserError, ValueError):
+    """An annotations.json entry cannot be used as ground truth (the message names its image)."""
 
 
 def index_annotations(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
@@ -30,7 +35,9 @@ def index_annotations(annotations: Iterable[Mapping[str, Any]]) -> dict[str, Map
     for position, entry in enumerate(annotations):
         name = Path(str(entry["image"])).name
         if name in index:
-            raise ValueError(f"annotations: entry {position} names image {name!r} again; give one entry per image")
+            raise AnnotationEntryError(
+                f"annotations: entry {position} names image {name!r} again; give one entry per image"
+            )
         index[name] = entry
     return index
 
@@ -46,8 +53,8 @@ def check_annotations_cover(manifest: pd.DataFrame, annotations: Sequence[Mappin
     if missing:
         raise MissingAnnotationError(
             f"{len(missing)} image(s) of the ingestion manifest have no entry in annotations.json, e.g. "
-            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipeline=annotation`) so that every "
-            "ingested image has an entry (an image without objects gets empty text/mask lists)"
+            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipeline=annotation`) so that "
+            "every ingested image has an entry (an image without objects gets empty text/mask lists)"
         )
 
 
@@ -59,8 +66,9 @@ def sample_from_entry(sample_id: str, image: np.ndarray, entry: Mapping[str, Any
     texts = list(entry.get("text") or [])
     objects = list(entry.get("mask") or [])
     if len(texts) != len(objects):
-        raise ValueError(
-            f"annotations entry of image {entry['image']!r}: {len(texts)} phrase(s) but {len(objects)} object(s); "
+        raise AnnotationEntryError(
+            f"annotations entry of image {entry['image']!r}: {len(texts)} phrase(s) but "
+            f"{len(objects)} object(s); "
             "give one phrase per object"
         )
     masks = entry_to_masks({"mask": objects}, height, width)
@@ -107,7 +115,8 @@ def load_samples(
         ``(n_objects, H, W)`` uint8 0/1, ``phrases`` (cleaned, unique within the sample). n_objects may be 0.
 
     Raises:
-        ValueError: unknown split name, a missing ``split`` column, a bad entry (the message names it).
+        ValueError: unknown split name, a missing ``split`` column.
+        AnnotationEntryError: a bad entry (the message names its image).
         MissingAnnotationError: an image without an entry.
         FileNotFoundError: an image named by the manifest is gone.
     """

@@ -1,4 +1,4 @@
-"""``ProbabilityMapsDataset``: a split's probability maps per (image, phrase) as one compressed ``.npz``, versioned.
+"""``ProbabilityMapsDataset``: a split's maps per (image, phrase) as one compressed ``.npz``, versioned.
 
 Layout inside the archive (loaded with ``allow_pickle=False``; nothing is pickled):
 ``ids`` and ``phrases`` (unicode arrays, one element per map), ``metadata`` (a JSON string: model identity,
@@ -73,7 +73,7 @@ class ProbabilityMapsDataset(AbstractVersionedDataset[ProbabilityMaps, "Probabil
         if not path.is_file():
             if self._missing_ok:
                 return None
-            raise DatasetError(f"probability maps file '{path}' does not exist; run the pipeline that predicts it")
+            raise DatasetError(f"probability maps file '{path}' does not exist; run the pipeline making it")
         return read_maps(path)
 
     def save(self, data: ProbabilityMaps) -> None:

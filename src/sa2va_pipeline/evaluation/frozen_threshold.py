@@ -2,8 +2,9 @@
 
 Layout of the record (``frozen_threshold.json``)::
 
-    {"thresholds": {"<phrase>": {"threshold": 0.47, "objective": "pooled_dice", "score": ..., "dice_pooled": ...,
-                                 "dice_mean": ..., "precision_pooled": ..., "recall_pooled": ...,
+    {"thresholds": {"<phrase>": {"threshold": 0.47, "objective": "pooled_dice", "score": ...,
+                                 "dice_pooled": ..., "dice_mean": ..., "precision_pooled": ...,
+                                 "recall_pooled": ...,
                                  "n_images": 9, "n_images_with_phrase": 7}, ...},
      "threshold": 0.47,            # the first phrase's, for readers of the single-phrase version
      "phrase": "<first phrase>",   # likewise
@@ -22,9 +23,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 
 from .threshold_sweep import choose_threshold, sweep_thresholds
+
+
+class MissingThresholdError(UserError, LookupError):
+    """A phrase has no frozen threshold (the message says how to get one)."""
 
 
 def sweep_per_phrase(
@@ -39,7 +45,8 @@ def sweep_per_phrase(
 
 def sweep_table(sweeps: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     """All phrases' sweeps in one table, ``phrase`` as the first column."""
-    return pd.concat([s.assign(phrase=p)[["phrase", *s.columns]] for p, s in sweeps.items()], ignore_index=True)
+    parts = [s.assign(phrase=p)[["phrase", *s.columns]] for p, s in sweeps.items()]
+    return pd.concat(parts, ignore_index=True)
 
 
 def split_sweep_table(table: pd.DataFrame, fallback_phrase: str = "") -> dict[str, pd.DataFrame]:
@@ -99,15 +106,16 @@ def thresholds_by_phrase(record: Mapping[str, Any], phrases: Sequence[str]) -> d
     """The frozen threshold of each phrase; a single-phrase record gives its one threshold to its phrase.
 
     Raises:
-        KeyError: a phrase the record has no threshold for (the message says how to get one).
+        MissingThresholdError: a phrase the record has no threshold for (the message says how to get one).
     """
     if isinstance(record.get("thresholds"), Mapping):
         known = {p: float(v["threshold"]) for p, v in record["thresholds"].items()}
     else:
-        known = {str(record.get("phrase") or (phrases[0] if len(phrases) == 1 else "")): float(record["threshold"])}
+        phrase = record.get("phrase") or (phrases[0] if len(phrases) == 1 else "")
+        known = {str(phrase): float(record["threshold"])}
     missing = [p for p in phrases if p not in known]
     if missing:
-        raise KeyError(
+        raise MissingThresholdError(
             f"the frozen threshold has no threshold for phrase(s) {missing} (it covers {sorted(known)}); "
             "re-run `kedro run --pipeline=threshold`, or set a number with --params inference.threshold=0.5"
         )

@@ -56,6 +56,6 @@ def evaluation_overlays(
             if overlay.get("show_raw", True):
                 drawn = beside_raw(sample["image"], drawn)
             files[f"{folders[phrase]}/{rank}_{sample_id}.png"] = encode_png(add_legend_strip(drawn, colors))
-            panels.append({"overlay": drawn, "title": f"{phrase}, {rank}: {sample_id}\n"
-                                                      f"Dice {dice[(sample_id, phrase)]:.3f} at {thresholds[phrase]:.2f}"})
+            score = f"Dice {dice[(sample_id, phrase)]:.3f} at {thresholds[phrase]:.2f}"
+            panels.append({"overlay": drawn, "title": f"{phrase}, {rank}: {sample_id}\n{score}"})
     return files, overlay_grid_figure(panels, colors, title=title, columns=3)

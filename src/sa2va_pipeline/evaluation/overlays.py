@@ -33,7 +33,8 @@ DEFAULT_COLORS: dict[str, tuple[int, int, int]] = {
 }
 # Colours of phrases on prediction-only overlays, in phrase order (repeats after seven phrases).
 PHRASE_PALETTE: tuple[tuple[int, int, int], ...] = tuple(
-    OKABE_ITO[n] for n in ("bluish green", "orange", "sky blue", "reddish purple", "yellow", "vermillion", "blue")
+    OKABE_ITO[name]
+    for name in ("bluish green", "orange", "sky blue", "reddish purple", "yellow", "vermillion", "blue")
 )
 LEGEND_LABELS: dict[str, str] = {
     "true_positive": "true positive",
@@ -85,7 +86,11 @@ def error_overlay(
     t = np.asarray(truth).astype(bool)
     if t.shape != p.shape:
         raise ValueError(f"ground-truth shape {t.shape} does not match prediction shape {p.shape}")
-    layers = [(p & t, colors["true_positive"]), (p & ~t, colors["false_positive"]), (~p & t, colors["false_negative"])]
+    layers = [
+        (p & t, colors["true_positive"]),
+        (p & ~t, colors["false_positive"]),
+        (~p & t, colors["false_negative"]),
+    ]
     return _paint(image, layers, alpha)
 
 
@@ -98,7 +103,10 @@ def phrase_colors(
 
 
 def phrase_overlay(
-    image: np.ndarray, masks: Mapping[str, np.ndarray], colors: Mapping[str, Sequence[int]], alpha: float = 0.7
+    image: np.ndarray,
+    masks: Mapping[str, np.ndarray],
+    colors: Mapping[str, Sequence[int]],
+    alpha: float = 0.7,
 ) -> np.ndarray:
     """Every phrase's predicted mask over the frame in its colour (later phrases drawn on top)."""
     return _paint(image, [(masks[p], colors[p]) for p in masks], alpha)
@@ -123,7 +131,8 @@ def legend_entries(
 
 def phrase_legend_entries(colors: Mapping[str, Sequence[int]]) -> list[tuple[str, tuple[int, int, int]]]:
     """(label, colour) pairs naming each phrase's colour on a prediction-only overlay."""
-    return [(_named(phrase, tuple(int(c) for c in rgb)), tuple(int(c) for c in rgb)) for phrase, rgb in colors.items()]
+    rgbs = {phrase: tuple(int(c) for c in rgb) for phrase, rgb in colors.items()}
+    return [(_named(phrase, rgb), rgb) for phrase, rgb in rgbs.items()]
 
 
 def add_legend_strip(
@@ -210,8 +219,9 @@ def overlay_grid_figure(
         ax.imshow(panel["overlay"])
         ax.set_title(panel.get("title", ""), fontsize=9)
     entries = list(entries) if entries is not None else legend_entries(colors, with_truth)
-    handles = [Patch(facecolor=np.asarray(rgb) / 255.0, edgecolor="black", label=label) for label, rgb in entries]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), frameon=False, fontsize=9)
+    handles = [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="black", label=text) for text, c in entries]
+    ncol = min(len(handles), 4)
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
     return fig

@@ -1,4 +1,4 @@
-"""The threshold-sweep plot: Dice, precision and recall against threshold per phrase, the chosen one marked."""
+"""The threshold-sweep plot: Dice, precision and recall against threshold per phrase, the choice marked."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Any
 import pandas as pd
 
 
-def draw_sweep(ax: Any, sweep: pd.DataFrame, chosen: Mapping[str, Any] | None = None, title: str = "") -> None:
+def draw_sweep(
+    ax: Any, sweep: pd.DataFrame, chosen: Mapping[str, Any] | None = None, title: str = ""
+) -> None:
     """Draw one sweep table (see :func:`~.threshold_sweep.sweep_thresholds`) on a matplotlib axis.
 
     Pooled Dice, mean per-image Dice (with a +-1 SD band), pooled precision and pooled recall; a dashed
@@ -21,11 +23,12 @@ def draw_sweep(ax: Any, sweep: pd.DataFrame, chosen: Mapping[str, Any] | None = 
     ax.fill_between(t, sweep["dice_mean"] - sweep["dice_sd"], sweep["dice_mean"] + sweep["dice_sd"],
                     color="#CC79A7", alpha=0.15, label="mean Dice +- 1 SD")
     predicted = (sweep["tp"] + sweep["fp"]) > 0
-    ax.plot(t, sweep["precision_pooled"].where(predicted), color="#D55E00", lw=1.5, label="precision (pooled)")
+    precision = sweep["precision_pooled"].where(predicted)
+    ax.plot(t, precision, color="#D55E00", lw=1.5, label="precision (pooled)")
     ax.plot(t, sweep["recall_pooled"], color="#0072B2", lw=1.5, label="recall (pooled)")
     if chosen is not None:
-        ax.axvline(chosen["threshold"], color="gray", ls="--",
-                   label=f"chosen {chosen['threshold']:.2f} ({chosen.get('objective', '')} {chosen['score']:.3f})")
+        label = f"chosen {chosen['threshold']:.2f} ({chosen.get('objective', '')} {chosen['score']:.3f})"
+        ax.axvline(chosen["threshold"], color="gray", ls="--", label=label)
     ax.set_xlabel("threshold (probability >= threshold is foreground)")
     ax.set_ylabel("score")
     ax.set_xlim(float(t.min()), float(t.max()))

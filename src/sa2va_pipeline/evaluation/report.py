@@ -17,6 +17,7 @@ pooled: {metric: ...}}, oracle_dice_mean}), ``threshold`` (the first phrase's, f
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -122,7 +123,8 @@ def evaluate_phrase(
     """
     table = per_image_metrics(probabilities, truths, threshold, hd_percentile)
     reference = per_image_metrics(probabilities, truths, reference_threshold, hd_percentile)
-    _, per_image_dice = sweep_thresholds(dict(probabilities), {i: truths[i] for i in probabilities}, oracle_grid)
+    ids_truths = {i: truths[i] for i in probabilities}
+    _, per_image_dice = sweep_thresholds(dict(probabilities), ids_truths, oracle_grid)
     table = table.merge(oracle_thresholds(per_image_dice), left_on="id", right_index=True, how="left")
     block = {
         "threshold": float(threshold),
@@ -184,7 +186,8 @@ def evaluate_split(
     tables, blocks = [], {}
     for phrase, phrase_truth in truths.items():
         table, blocks[phrase] = evaluate_phrase(
-            maps.of_phrase(phrase), phrase_truth, thresholds[phrase], oracle_grid, hd_percentile, reference_threshold
+            maps.of_phrase(phrase), phrase_truth, thresholds[phrase], oracle_grid, hd_percentile,
+            reference_threshold,
         )
         tables.append(table.assign(phrase=phrase)[["id", "phrase", *[c for c in table.columns if c != "id"]]])
     table = pd.concat(tables, ignore_index=True)
@@ -200,6 +203,12 @@ def evaluate_split(
         "metric_per_case": table.to_dict("records"),
     }
     return table, _json_safe(summary)
+
+
+def metric_key(phrase: str) -> str:
+    """The phrase as part of an MLflow metric name: characters MLflow refuses (outside letters, digits,
+    ``_ - . : /`` and space) become ``_``."""
+    return re.sub(r"[^\w\-. :/]", "_", phrase)
 
 
 def _block_metrics(block: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -222,15 +231,16 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Flatten a summary into MLflow metrics (``MlflowMetricsHistoryDataset`` format, step 0).
 
     Names: ``<phrase>.dice_mean, <phrase>.dice_sd, <phrase>.dice_pooled, ..., <phrase>.at_0.5.dice_mean, ...,
-    <phrase>.threshold, <phrase>.oracle_dice_mean_upper_bound``, then ``macro.dice_mean, macro.dice_pooled, ...``
+    <phrase>.threshold, <phrase>.oracle_dice_mean_upper_bound``, then ``macro.dice_mean``, ...
     and ``n_images``; the dataset's prefix adds the split.
     """
     out: dict[str, Any] = {"n_images": summary["n_images"]}
     for phrase, block in summary["phrases"].items():
-        out.update(_block_metrics(block, f"{phrase}."))
-        out[f"{phrase}.threshold"] = block["threshold"]
-        out[f"{phrase}.hd95_n_undefined"] = block["at_threshold"]["mean"]["hd95"]["n_undefined"]
-        out[f"{phrase}.oracle_dice_mean_upper_bound"] = block["oracle_upper_bound"]["dice"]["mean"]
+        key = metric_key(phrase)
+        out.update(_block_metrics(block, f"{key}."))
+        out[f"{key}.threshold"] = block["threshold"]
+        out[f"{key}.hd95_n_undefined"] = block["at_threshold"]["mean"]["hd95"]["n_undefined"]
+        out[f"{key}.oracle_dice_mean_upper_bound"] = block["oracle_upper_bound"]["dice"]["mean"]
     out.update(_block_metrics(summary["macro"], "macro."))
     out["macro.oracle_dice_mean_upper_bound"] = summary["macro"]["oracle_dice_mean"]
     return {k: {"value": float(v), "step": 0} for k, v in out.items() if v is not None}

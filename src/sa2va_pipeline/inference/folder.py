@@ -24,12 +24,17 @@ import numpy as np
 import pandas as pd
 
 from sa2va_pipeline.data.image_io import IMAGE_EXTENSIONS
+from sa2va_pipeline.errors import UserError
 
 REPORT_COLUMNS = ["file", "status", "message", "width", "height", "output_name"]
 DEFAULT_MAX_PIXELS = 50_000_000  # far above 4k x 4k frames (16.8M), far below PIL's bomb limit
 
 
-class EmptyInputFolderError(ValueError):
+class InputFolderError(UserError, FileNotFoundError):
+    """The inference input folder does not exist or is not a folder (the message says what to do)."""
+
+
+class EmptyInputFolderError(UserError, ValueError):
     """The inference input folder holds no image that can be segmented (the message says what to do)."""
 
 
@@ -89,12 +94,12 @@ def read_image_folder(
     """Decode every acceptable image at the top level of ``folder``; one report row per entry.
 
     Raises:
-        FileNotFoundError: the folder does not exist or is not a directory (message says which).
+        InputFolderError: the folder does not exist or is not a directory (message says which).
         EmptyInputFolderError: no entry could be decoded (message names the folder and what to do).
     """
     root = Path(folder)
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise InputFolderError(
             f"inference input folder '{root}' does not exist or is not a folder; "
             "pass one with `kedro run --pipeline=inference --params input_dir=/path/to/images`"
         )
@@ -126,7 +131,7 @@ def output_names(file_names: Sequence[str]) -> dict[str, str]:
 
 
 def report_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """The inference report with a fixed column order (then one ``foreground_fraction.<phrase>`` per phrase)."""
+    """The inference report with a fixed column order, then ``foreground_fraction.<phrase>`` per phrase."""
     extra = list(dict.fromkeys(c for row in rows for c in row if c not in REPORT_COLUMNS))
     table = pd.DataFrame(rows).reindex(columns=REPORT_COLUMNS + extra)
     return table.astype({"width": "Int64", "height": "Int64"})

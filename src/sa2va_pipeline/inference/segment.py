@@ -32,6 +32,7 @@ from sa2va_pipeline.evaluation.overlays import (
 from sa2va_pipeline.prediction.engine import predict_maps
 from sa2va_pipeline.prediction.maps import binarize, phrase_file_names, quantise
 from sa2va_pipeline.prediction.model_loading import model_phrases
+from sa2va_pipeline.prediction.stored import prompt_settings
 
 from .folder import ImageFolder, output_names, report_table
 
@@ -47,7 +48,10 @@ class Segmentation:
 
 
 def inference_phrases(
-    requested: Sequence[str] | str | None, frozen_threshold: Mapping[str, Any], model_dir: str | Path, fallback: str
+    requested: Sequence[str] | str | None,
+    frozen_threshold: Mapping[str, Any],
+    model_dir: str | Path,
+    fallback: str,
 ) -> list[str]:
     """The phrases to segment: ``inference.phrases`` if set, else the trained phrases (recorded in the frozen
     threshold, else in the model folder), else the ``phrase`` parameter (single-phrase models)."""
@@ -64,7 +68,7 @@ def inference_thresholds(
     override: float | Mapping[str, float] | None, frozen_threshold: Mapping[str, Any], phrases: Sequence[str]
 ) -> dict[str, float]:
     """Each phrase's threshold: ``inference.threshold`` (one number for all, or ``{phrase: number}``) where
-    given, else the frozen one (KeyError naming a phrase that has neither)."""
+    given, else the frozen one (MissingThresholdError naming a phrase that has neither)."""
     if isinstance(override, (int, float)):
         return {p: float(override) for p in phrases}
     given = {str(k): float(v) for k, v in (override or {}).items()}
@@ -73,7 +77,9 @@ def inference_thresholds(
     return {p: given.get(p, frozen.get(p)) for p in phrases}
 
 
-def _draw(image: np.ndarray, masks: dict[str, np.ndarray], colors: dict, overlay: Mapping[str, Any]) -> np.ndarray:
+def _draw(
+    image: np.ndarray, masks: dict[str, np.ndarray], colors: dict, overlay: Mapping[str, Any]
+) -> np.ndarray:
     drawn = phrase_overlay(image, masks, colors, float(overlay.get("alpha", 0.7)))
     return beside_raw(image, drawn) if overlay.get("show_raw", True) else drawn
 
@@ -86,7 +92,7 @@ def segment_folder(
     options: Mapping[str, Any],
     overlay: Mapping[str, Any],
 ) -> Segmentation:
-    """Predict every phrase of ``thresholds`` on every image of ``folder`` and encode the outputs (module doc).
+    """Predict every phrase of ``thresholds`` on every image of ``folder``; encode the outputs (module doc).
 
     ``options`` are the ``inference`` parameters (``save_probabilities``, ``save_overlays``, ``grid_images``),
     ``overlay`` the shared overlay parameters (``alpha``, ``phrase_palette``, ``show_raw``).
@@ -95,7 +101,7 @@ def segment_folder(
 
     phrases = list(thresholds)
     samples = [{"id": name, "image": image} for name, image in folder.images.items()]
-    prompt = {"question_template": prediction.get("question_template"), "answer": prediction.get("answer")}
+    prompt = prompt_settings(prediction)
     # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
     maps = predict_maps(model, samples, phrases, int(prediction.get("batch_size", 8)), "float16", prompt)
     folders, stems = phrase_file_names(phrases), output_names(list(folder.images))
@@ -107,15 +113,19 @@ def segment_folder(
         for phrase in phrases:
             prob = maps.probabilities(name, phrase)
             masks[phrase] = binarize(prob, thresholds[phrase])
-            result.outputs[f"masks/{folders[phrase]}/{stem}.png"] = encode_png(masks[phrase].astype(np.uint8) * 255)
+            mask_png = encode_png(masks[phrase].astype(np.uint8) * 255)
+            result.outputs[f"masks/{folders[phrase]}/{stem}.png"] = mask_png
             if options.get("save_probabilities", True):
-                result.outputs[f"probabilities/{folders[phrase]}/{stem}.png"] = encode_png(quantise(prob, "uint8"))
+                prob_png = encode_png(quantise(prob, "uint8"))
+                result.outputs[f"probabilities/{folders[phrase]}/{stem}.png"] = prob_png
             rows[name][f"foreground_fraction.{phrase}"] = float(masks[phrase].mean())
         drawn = _draw(image, masks, colors, overlay)
         if options.get("save_overlays", True):
-            result.outputs[f"overlays/{stem}.png"] = encode_png(add_legend_strip(drawn, entries=result.legend))
+            with_legend = add_legend_strip(drawn, entries=result.legend)
+            result.outputs[f"overlays/{stem}.png"] = encode_png(with_legend)
         rows[name]["output_name"] = f"{stem}.png"
-        result.panels.append({"overlay": drawn, "title": name})
+        if len(result.panels) < int(options.get("grid_images", 6)):  # keep only what the grid shows
+            result.panels.append({"overlay": drawn, "title": name})
     result.report = report_table(folder.report)
     return result
 

@@ -34,12 +34,15 @@ def prediction_pairs(samples: Sequence[dict[str, Any]], phrases: Sequence[str]) 
 
 
 def prompt_kwargs(prompt: dict[str, Any] | None) -> dict[str, Any]:
-    """The prompt settings passed to the model (``question_template``, ``answer``); ``None`` = model default."""
+    """The prompt settings for the model (``question_template``, ``answer``); ``None`` = model default."""
     return {k: v for k, v in (prompt or {}).items() if v is not None}
 
 
 def _collect(
-    predicted: Iterable[Any], samples: Sequence[dict[str, Any]], pairs: list[tuple[int, str]], storage_dtype: str
+    predicted: Iterable[Any],
+    samples: Sequence[dict[str, Any]],
+    pairs: list[tuple[int, str]],
+    storage_dtype: str,
 ) -> dict[MapKey, np.ndarray]:
     """Quantise the streamed maps into ``{(id, phrase): map}``, checking count and sizes."""
     stream = iter(predicted)
@@ -91,7 +94,7 @@ def predict_maps(
     asked = [phrase for _, phrase in pairs]
     predicted = model.iter_predict_proba(images, asked, batch_size=batch_size, **prompt_kwargs(prompt))
     maps = _collect(predicted, samples, pairs, storage_dtype)
-    logger.info("Predicted %d probability maps (%d images x %d phrases)", len(maps), len(samples), len(phrases))
+    logger.info("Predicted %d maps (%d images x %d phrases)", len(maps), len(samples), len(phrases))
     meta = {**(metadata or {}), "phrases": list(phrases), "ids": [str(s["id"]) for s in samples]}
     meta.setdefault("storage_dtype", storage_dtype)
     return ProbabilityMaps(maps=maps, metadata=meta)

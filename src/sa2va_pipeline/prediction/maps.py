@@ -58,7 +58,7 @@ class ProbabilityMaps:
         """Accept old single-phrase keys (a plain id): the phrase comes from ``metadata["phrase"]``."""
         if any(not isinstance(key, tuple) for key in self.maps):
             phrase = str(self.metadata.get("phrase") or "")
-            self.maps = {key if isinstance(key, tuple) else (str(key), phrase): m for key, m in self.maps.items()}
+            self.maps = {k if isinstance(k, tuple) else (str(k), phrase): m for k, m in self.maps.items()}
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -94,7 +94,7 @@ class ProbabilityMaps:
 
 def phrase_file_names(phrases: list[str] | tuple[str, ...]) -> dict[str, str]:
     """A safe file/folder name per phrase for outputs: lower case, runs of characters other than ``a-z0-9``
-    as ``_`` (``blood vessel`` -> ``blood_vessel``); ``_2``, ``_3``... where two phrases give the same name."""
+    as ``_`` (``blood vessel`` -> ``blood_vessel``); ``_2``, ``_3``... where two phrases give one name."""
     import re
 
     names: dict[str, str] = {}

@@ -105,12 +105,13 @@ def predict_split_maps(
     storage_dtype = prediction.get("storage_dtype", "uint8")
     samples = load_samples(split_manifest, annotations, split=split)
     if not samples:
-        raise ValueError(f"split '{split}' has no images in the split manifest; check the split pipeline's output")
+        raise ValueError(f"split '{split}' has no images in the split manifest; check the split pipeline")
     prompt = prompt_settings(prediction)
-    key = cache_key(model_identity(model_dir), split, [s["id"] for s in samples], phrases, prompt, storage_dtype)
+    ids = [s["id"] for s in samples]
+    key = cache_key(model_identity(model_dir), split, ids, phrases, prompt, storage_dtype)
     if is_reusable(stored, key):
-        logger.info("Re-using stored %s probability maps of model %s (%d maps)", split, key["model"]["model_dir"],
-                    len(stored))
+        model = key["model"]["model_dir"]
+        logger.info("Re-using stored %s probability maps of model %s (%d maps)", split, model, len(stored))
         return stored
     logger.info("Predicting %s probability maps: %d images x %d phrase(s)", split, len(samples), len(phrases))
     model = load_prediction_model(model_dir, prediction)

@@ -37,17 +37,19 @@ def predict_test_probabilities(
     """Test maps of every phrase the threshold was frozen for; the stored ones if made by the same model."""
     phrases = record_phrases(frozen_threshold) or [phrase]
     return predict_split_maps(
-        trained_model, split_manifest, annotations, "test", phrases, prediction, stored=stored_test_probabilities
+        trained_model, split_manifest, annotations, "test", phrases, prediction, stored_test_probabilities
     )
 
 
-def _provenance(probabilities: ProbabilityMaps, frozen_threshold: dict[str, Any], split: str) -> dict[str, Any]:
+def _provenance(
+    probabilities: ProbabilityMaps, frozen_threshold: dict[str, Any], split: str
+) -> dict[str, Any]:
     """Which model chose the thresholds and which one made the maps (warned about when they differ)."""
     now = probabilities.metadata.get("model", {}).get("fingerprint")
     then = frozen_threshold.get("model", {}).get("fingerprint")
     if now and then and now != then:
-        logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s (%s): "
-                       "re-run `kedro run --pipeline=threshold` first", then, split, now)
+        logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s "
+                       "(%s): re-run `kedro run --pipeline=threshold` first", then, split, now)
     return {
         "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
         "threshold_model": frozen_threshold.get("model", {}),
@@ -83,9 +85,10 @@ def score_split(
     table = add_group_intervals(table, summary, groups, evaluation.get("bootstrap"))
     for phrase, block in summary["phrases"].items():
         at = block["at_threshold"]
-        logger.info("%s, %s at threshold %.2f: Dice %.4f +- %.4f per image, %.4f pooled (%d images)", split, phrase,
-                    block["threshold"], at["mean"]["dice"]["mean"], at["mean"]["dice"]["sd"] or 0.0,
-                    at["pooled"]["dice"], block["n_images"])
+        dice = at["mean"]["dice"]
+        logger.info("%s, %s at threshold %.2f: Dice %.4f +- %.4f per image, %.4f pooled (%d images)", split,
+                    phrase, block["threshold"], dice["mean"], dice["sd"] or 0.0, at["pooled"]["dice"],
+                    block["n_images"])
     return {"per_image": table, "summary": summary, "metrics": summary_metrics(summary)}
 
 

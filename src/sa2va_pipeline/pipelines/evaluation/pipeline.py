@@ -15,7 +15,7 @@ SPLITS = ("val", "test")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Predict (or re-use) test maps per phrase; score val and test at the frozen thresholds; draw overlays."""
+    """Predict (or re-use) test maps per phrase; score val and test at the frozen thresholds; overlays."""
     steps = [
         node(
             nodes.predict_test_probabilities,

@@ -12,8 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from sa2va_pipeline.evaluation.report import metric_key
 from sa2va_pipeline.inference.folder import DEFAULT_MAX_PIXELS, read_image_folder
-from sa2va_pipeline.inference.segment import inference_grid, inference_phrases, inference_thresholds, segment_folder
+from sa2va_pipeline.inference.segment import (
+    inference_grid,
+    inference_phrases,
+    inference_thresholds,
+    segment_folder,
+)
 from sa2va_pipeline.prediction.model_loading import load_prediction_model
 
 logger = logging.getLogger(__name__)
@@ -33,7 +39,8 @@ def segment_new_images(
     of the first images) and ``metrics`` (counts for MLflow).
     """
     input_dir = Path(inference["input_dir"])
-    folder = read_image_folder(input_dir, inference.get("extensions"), int(inference.get("max_pixels") or DEFAULT_MAX_PIXELS))
+    max_pixels = int(inference.get("max_pixels") or DEFAULT_MAX_PIXELS)
+    folder = read_image_folder(input_dir, inference.get("extensions"), max_pixels)
     phrases = inference_phrases(inference.get("phrases"), frozen_threshold, trained_model, phrase)
     thresholds = inference_thresholds(inference.get("threshold"), frozen_threshold, phrases)
     for row in (r for r in folder.report if r["status"] != "ok"):
@@ -43,7 +50,8 @@ def segment_new_images(
     n_ok = len(folder.images)
     logger.info("inference: %d image(s) segmented for %s, %d entr(ies) skipped", n_ok,
                 ", ".join(f"{p!r} at {t:.2f}" for p, t in thresholds.items()), len(folder.report) - n_ok)
-    metrics = {"n_images": n_ok, "n_skipped": len(folder.report) - n_ok, **{f"{p}.threshold": t for p, t in thresholds.items()}}
+    metrics = {"n_images": n_ok, "n_skipped": len(folder.report) - n_ok}
+    metrics.update({f"{metric_key(p)}.threshold": t for p, t in thresholds.items()})
     return {
         "outputs": result.outputs,
         "report": result.report,

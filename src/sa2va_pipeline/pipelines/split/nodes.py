@@ -13,7 +13,9 @@ from sa2va_pipeline.data.split import split_manifest, split_sizes
 log = logging.getLogger(__name__)
 
 
-def split_samples(manifest: pd.DataFrame, annotations: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+def split_samples(
+    manifest: pd.DataFrame, annotations: list[dict[str, Any]], params: dict[str, Any]
+) -> dict[str, Any]:
     """Assign every accepted sample to train/val/test by group (or from the user's split file), after checking
     that every manifest image has its annotations.json entry (the only ground truth downstream).
 

@@ -1,4 +1,4 @@
-"""Nodes of the ``threshold`` pipeline: predict validation maps once, sweep per phrase, freeze one threshold each.
+"""Nodes of the ``threshold`` pipeline: predict val maps once, sweep per phrase, freeze one threshold each.
 
 Thresholds are chosen on the validation split only; the evaluation pipeline takes the frozen threshold JSON
 as an input and never chooses anything on test. Ground truth comes from annotations.json only.
@@ -20,6 +20,7 @@ from sa2va_pipeline.evaluation.frozen_threshold import (
     sweep_table,
 )
 from sa2va_pipeline.evaluation.plots import threshold_sweeps_figure
+from sa2va_pipeline.evaluation.report import metric_key
 from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 from sa2va_pipeline.prediction.model_loading import model_phrases
@@ -44,18 +45,19 @@ def predict_val_probabilities(
     phrase: str,
     prediction: dict[str, Any],
 ) -> ProbabilityMaps:
-    """Validation maps of every trained phrase on every val image; the stored ones if made by the same model."""
+    """Val maps of every trained phrase on every val image; the stored ones if made by the same model."""
     phrases = trained_phrases(trained_model, split_manifest, annotations, phrase)
     return predict_split_maps(
-        trained_model, split_manifest, annotations, "val", phrases, prediction, stored=stored_val_probabilities
+        trained_model, split_manifest, annotations, "val", phrases, prediction, stored_val_probabilities
     )
 
 
 def _curves(sweeps: dict[str, pd.DataFrame]) -> dict[str, list[dict[str, float]]]:
     """The sweep curves as MLflow metric histories ``<phrase>.<curve>`` whose step is threshold x 1000."""
     return {
-        f"{phrase}.{column}": [
-            {"value": float(v), "step": int(np.rint(t * 1000))} for t, v in zip(sweep["threshold"], sweep[column])
+        f"{metric_key(phrase)}.{column}": [
+            {"value": float(v), "step": int(np.rint(t * 1000))}
+            for t, v in zip(sweep["threshold"], sweep[column])
         ]
         for phrase, sweep in sweeps.items()
         for column in CURVES
@@ -89,19 +91,20 @@ def freeze_threshold(
     """Choose each phrase's threshold maximising the configured objective; record where they came from.
 
     Returns ``threshold`` (the JSON record the evaluation and inference pipelines read, layout in
-    ``evaluation.frozen_threshold``) and ``metrics`` (per phrase: chosen threshold and val scores, for MLflow).
+    ``evaluation.frozen_threshold``) and ``metrics`` (per phrase: chosen threshold and val scores).
     """
     samples = load_samples(split_manifest, annotations, split="val", ids=val_probabilities.ids())
     counts = {p: sum(p in s["phrases"] for s in samples) for p in val_probabilities.phrases()}
     sweeps = split_sweep_table(threshold_sweep, val_probabilities.phrases()[0])
     grid = {k: threshold[k] for k in ("start", "stop", "step")}
-    record = frozen_threshold_record(
-        sweeps, threshold["objective"], counts, len(samples), grid, val_probabilities.metadata.get("model", {})
-    )
+    model = val_probabilities.metadata.get("model", {})
+    record = frozen_threshold_record(sweeps, threshold["objective"], counts, len(samples), grid, model)
     metrics = {}
     for phrase, chosen in record["thresholds"].items():
-        metrics.update({f"{phrase}.chosen": chosen["threshold"], f"{phrase}.val_dice_pooled": chosen["dice_pooled"],
-                        f"{phrase}.val_dice_mean": chosen["dice_mean"]})
+        key = metric_key(phrase)
+        metrics[f"{key}.chosen"] = chosen["threshold"]
+        metrics[f"{key}.val_dice_pooled"] = chosen["dice_pooled"]
+        metrics[f"{key}.val_dice_mean"] = chosen["dice_mean"]
     return {"threshold": record, "metrics": {k: {"value": float(v), "step": 0} for k, v in metrics.items()}}
 
 

@@ -7,7 +7,7 @@ from . import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Predict (or re-use) validation maps per phrase, sweep thresholds, freeze the best one per phrase, plot."""
+    """Predict (or re-use) val maps per phrase, sweep thresholds, freeze the best one per phrase, plot."""
     return Pipeline(
         [
             node(
@@ -33,7 +33,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 with_mlflow_copies(nodes.freeze_threshold, "threshold"),
-                inputs=["threshold_sweep", "val_probabilities", "split_manifest", "annotations", "params:threshold"],
+                inputs=[
+                    "threshold_sweep",
+                    "val_probabilities",
+                    "split_manifest",
+                    "annotations",
+                    "params:threshold",
+                ],
                 outputs=outputs_with_copies(
                     {"threshold": "frozen_threshold", "metrics": "threshold_metrics"}, "threshold"
                 ),
