@@ -25,12 +25,17 @@ def frame(video: int, index: int, size: int = 32, labels: list[str] = PHRASES) -
         masks.append(catheter)
         phrases.append(PHRASES[1])
     image = np.clip(image.astype(int) + rng.integers(-10, 10, image.shape), 0, 255).astype(np.uint8)
-    return {"id": f"v{video}_frame_{index}", "image": image, "masks": np.stack(masks).astype(np.uint8),
-            "phrases": phrases}
+    return {
+        "id": f"v{video}_frame_{index}",
+        "image": image,
+        "masks": np.stack(masks).astype(np.uint8),
+        "phrases": phrases,
+    }
 
 
-def dataset(n_videos: int = 6, frames: int = 3, size: int = 32, phrases: list[str] = PHRASES
-            ) -> tuple[pd.DataFrame, list[dict], dict]:
+def dataset(
+    n_videos: int = 6, frames: int = 3, size: int = 32, phrases: list[str] = PHRASES
+) -> tuple[pd.DataFrame, list[dict], dict]:
     """(split manifest, annotations stand-in, samples by id); splits: 4 videos train, 1 val, 1 test."""
     samples, rows = {}, []
     splits = ["train"] * (n_videos - 2) + ["val", "test"]
@@ -38,10 +43,22 @@ def dataset(n_videos: int = 6, frames: int = 3, size: int = 32, phrases: list[st
         for f in range(frames):
             s = frame(v, f, size, phrases)
             samples[s["id"]] = s
-            rows.append({"id": s["id"], "image": f"/nowhere/{s['id']}.png", "width": size, "height": size,
-                         "group": f"v{v}", "status": "ok", "source_image": "", "split": splits[v]})
-    annotations = [{"image": f"{i}.png", "text": s["phrases"], "mask": [[] for _ in s["phrases"]]}
-                   for i, s in samples.items()]
+            rows.append(
+                {
+                    "id": s["id"],
+                    "image": f"/nowhere/{s['id']}.png",
+                    "width": size,
+                    "height": size,
+                    "group": f"v{v}",
+                    "status": "ok",
+                    "source_image": "",
+                    "split": splits[v],
+                }
+            )
+    annotations = [
+        {"image": f"{i}.png", "text": s["phrases"], "mask": [[] for _ in s["phrases"]]}
+        for i, s in samples.items()
+    ]
     return pd.DataFrame(rows), annotations, samples
 
 

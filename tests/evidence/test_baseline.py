@@ -5,15 +5,29 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from evidence_fakes import PHRASES, dataset, fake_split_samples, kept_memory_dataset
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from evidence_fakes import PHRASES, dataset, fake_split_samples, kept_memory_dataset
-from sa2va_pipeline.baseline.recipe import BaselineConfig, baseline_files, load_baseline, predict_baseline, train_baseline
+from sa2va_pipeline.baseline.recipe import (
+    BaselineConfig,
+    baseline_files,
+    load_baseline,
+    predict_baseline,
+    train_baseline,
+)
 from sa2va_pipeline.datasets.file_folder_dataset import FileFolderDataset
 
-PARAMS = {"network": {"filters": [4, 8, 16]}, "image_size": 32, "batch_size": 4, "lr": 1e-2,
-          "time_budget_s": 600, "max_steps": 6, "seed": 0, "device": "cpu"}
+PARAMS = {
+    "network": {"filters": [4, 8, 16]},
+    "image_size": 32,
+    "batch_size": 4,
+    "lr": 1e-2,
+    "time_budget_s": 600,
+    "max_steps": 6,
+    "seed": 0,
+    "device": "cpu",
+}
 EVALUATION = {"hd_percentile": 95, "reference_threshold": 0.5, "bootstrap": {"n_resamples": 100, "seed": 0}}
 THRESHOLD = {"start": 0.05, "stop": 0.95, "step": 0.05, "objective": "pooled_dice"}
 
@@ -47,15 +61,28 @@ def test_baseline_pipeline_scores_test_and_compares_with_sa2va(tmp_path, monkeyp
     manifest, annotations, samples = dataset()
     monkeypatch.setattr(nodes, "split_samples", fake_split_samples(samples))
     test_ids = manifest.loc[manifest["split"] == "test", "id"].tolist()
-    sa2va = pd.DataFrame({"id": test_ids * 2, "phrase": [PHRASES[0]] * 3 + [PHRASES[1]] * 3,
-                          "threshold": 0.5, "dice": 0.9, "cldice": 0.8})
-    catalog = DataCatalog({
-        "split_manifest": MemoryDataset(manifest), "annotations": MemoryDataset(annotations),
-        "params:baseline": MemoryDataset(PARAMS), "params:threshold": MemoryDataset(THRESHOLD),
-        "params:evaluation": MemoryDataset(EVALUATION), "evaluation_per_image_test": MemoryDataset(sa2va),
-        "baseline_model": FileFolderDataset(str(tmp_path / "baseline_model")),
-        "baseline_per_image": kept_memory_dataset(), "baseline_frozen_threshold": kept_memory_dataset(),
-    })
+    sa2va = pd.DataFrame(
+        {
+            "id": test_ids * 2,
+            "phrase": [PHRASES[0]] * 3 + [PHRASES[1]] * 3,
+            "threshold": 0.5,
+            "dice": 0.9,
+            "cldice": 0.8,
+        }
+    )
+    catalog = DataCatalog(
+        {
+            "split_manifest": MemoryDataset(manifest),
+            "annotations": MemoryDataset(annotations),
+            "params:baseline": MemoryDataset(PARAMS),
+            "params:threshold": MemoryDataset(THRESHOLD),
+            "params:evaluation": MemoryDataset(EVALUATION),
+            "evaluation_per_image_test": MemoryDataset(sa2va),
+            "baseline_model": FileFolderDataset(str(tmp_path / "baseline_model")),
+            "baseline_per_image": kept_memory_dataset(),
+            "baseline_frozen_threshold": kept_memory_dataset(),
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
     frozen = catalog.load("baseline_frozen_threshold")
     assert frozen["phrases"] == PHRASES and frozen["chosen_on"] == "val"

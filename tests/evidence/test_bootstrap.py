@@ -32,7 +32,9 @@ def test_constant_within_groups_ci_is_that_of_the_groups_not_of_the_frames():
     alone = group_bootstrap_mean(group_values, ["a", "b", "c", "d"], n_resamples=4000, seed=3)
     assert by_group["n_groups"] == 4
     assert by_group["low"] == pytest.approx(alone["low"]) and by_group["high"] == pytest.approx(alone["high"])
-    frames = group_bootstrap_mean(values, np.arange(200), n_resamples=4000, seed=3)  # every frame its own group
+    frames = group_bootstrap_mean(
+        values, np.arange(200), n_resamples=4000, seed=3
+    )  # every frame its own group
     assert (by_group["high"] - by_group["low"]) > 4 * (frames["high"] - frames["low"])
     assert by_group["low"] <= values.mean() <= by_group["high"]
 
@@ -80,9 +82,15 @@ def test_paired_difference_and_add_ci95():
     with pytest.raises(ValueError, match="share no image"):
         paired_difference(a, {"x": 1.0}, group_of)
 
-    summary = {"at_threshold": {"mean": {"dice": {"mean": float(table["dice"].mean())},
-                                         "hd95": {"mean": float(table["hd95"].mean())}},
-                                "pooled": {"dice": 0.5, "cldice": 0.5}}}
+    summary = {
+        "at_threshold": {
+            "mean": {
+                "dice": {"mean": float(table["dice"].mean())},
+                "hd95": {"mean": float(table["hd95"].mean())},
+            },
+            "pooled": {"dice": 0.5, "cldice": 0.5},
+        }
+    }
     add_ci95(summary, table, group_of, n_resamples=200, seed=0)
     block = summary["at_threshold"]
     low, high = block["mean"]["dice"]["ci95"]

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from evidence_fakes import PHRASES, dataset, fake_split_samples
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from evidence_fakes import PHRASES, dataset, fake_split_samples
 from sa2va_pipeline.datasets.file_folder_dataset import FileFolderDataset
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -42,21 +42,36 @@ def test_two_fold_cross_validation_pipeline(tmp_path, monkeypatch):
     manifest, annotations, samples = dataset(n_videos=4, frames=2, phrases=PHRASES[:1])
     monkeypatch.setattr(cross_validation, "split_samples", fake_split_samples(samples))
     cv = {**params["cross_validation"], "folds": 2, "val_fraction": 0.3, "include_baseline": True}
-    baseline = {**params["baseline"], "network": {"filters": [4, 8, 16]}, "image_size": 32, "max_steps": 2,
-                "time_budget_s": 30, "device": "cpu"}
+    baseline = {
+        **params["baseline"],
+        "network": {"filters": [4, 8, 16]},
+        "image_size": 32,
+        "max_steps": 2,
+        "time_budget_s": 30,
+        "device": "cpu",
+    }
     evaluation = {**params["evaluation"], "bootstrap": {"n_resamples": 100, "seed": 0}}
-    catalog = DataCatalog({
-        "split_manifest": MemoryDataset(manifest), "annotations": MemoryDataset(annotations),
-        "params:cross_validation": MemoryDataset(cv), "params:training": MemoryDataset(_tiny_training(params, tmp_path)),
-        "params:threshold": MemoryDataset(params["threshold"]), "params:evaluation": MemoryDataset(evaluation),
-        "params:prediction": MemoryDataset({**params["prediction"], "device": "cpu"}),
-        "params:baseline": MemoryDataset(baseline),
-        "cross_validation_folds": FileFolderDataset(str(tmp_path / "folds")),
-    })
+    catalog = DataCatalog(
+        {
+            "split_manifest": MemoryDataset(manifest),
+            "annotations": MemoryDataset(annotations),
+            "params:cross_validation": MemoryDataset(cv),
+            "params:training": MemoryDataset(_tiny_training(params, tmp_path)),
+            "params:threshold": MemoryDataset(params["threshold"]),
+            "params:evaluation": MemoryDataset(evaluation),
+            "params:prediction": MemoryDataset({**params["prediction"], "device": "cpu"}),
+            "params:baseline": MemoryDataset(baseline),
+            "cross_validation_folds": FileFolderDataset(str(tmp_path / "folds")),
+        }
+    )
     SequentialRunner().run(create_pipeline(), catalog)
 
     summary = catalog.load("cross_validation_summary")
-    assert summary["folds"] == 2 and summary["n_groups"] == 4 and sorted(set(summary["fold_of_group"].values())) == [0, 1]
+    assert (
+        summary["folds"] == 2
+        and summary["n_groups"] == 4
+        and sorted(set(summary["fold_of_group"].values())) == [0, 1]
+    )
     table = catalog.load("cross_validation_folds_table")
     assert set(table["model"]) == {"sa2va", "baseline"} and set(table["phrase"]) == {"blood vessel"}
     assert len(table) == 2 * 2  # models x folds x phrases

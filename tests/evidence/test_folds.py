@@ -10,8 +10,11 @@ from sa2va_pipeline.data.split import SplitError
 
 
 def _manifest(n_videos=9, frames=(3, 7, 5)):
-    rows = [{"id": f"v{v}_frame_{f}", "group": f"v{v}", "split": "train"}
-            for v in range(n_videos) for f in range(frames[v % len(frames)])]
+    rows = [
+        {"id": f"v{v}_frame_{f}", "group": f"v{v}", "split": "train"}
+        for v in range(n_videos)
+        for f in range(frames[v % len(frames)])
+    ]
     return pd.DataFrame(rows)
 
 

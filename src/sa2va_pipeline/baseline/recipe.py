@@ -165,7 +165,9 @@ def train_baseline(
         elapsed = time.monotonic() - started
         if config.max_steps is not None and step >= config.max_steps:
             break
-        if budget is not None and elapsed >= budget and step > 0:  # at least one step, however busy the machine
+        if (
+            budget is not None and elapsed >= budget and step > 0
+        ):  # at least one step, however busy the machine
             break
         if len(order) < config.batch_size:  # a fresh shuffled pass over the training frames
             order = np.concatenate([order, rng.permutation(len(inputs))])
@@ -175,7 +177,9 @@ def train_baseline(
             for dim in (-1, -2):
                 if rng.random() < 0.5:
                     x, y = x.flip(dim), y.flip(dim)
-        progress = max(elapsed / budget if budget else 0.0, step / config.max_steps if config.max_steps else 0.0)
+        progress = max(
+            elapsed / budget if budget else 0.0, step / config.max_steps if config.max_steps else 0.0
+        )
         lr = config.lr * (1.0 - min(progress, 0.999)) ** 0.9  # nnU-Net's poly schedule, over the budget
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -184,14 +188,25 @@ def train_baseline(
         loss.backward()
         optimizer.step()
         step += 1
-        history.append({"step": step, "loss": float(loss.detach()), "lr": lr,
-                        "elapsed_s": round(time.monotonic() - started, 3)})
+        history.append(
+            {
+                "step": step,
+                "loss": float(loss.detach()),
+                "lr": lr,
+                "elapsed_s": round(time.monotonic() - started, 3),
+            }
+        )
         if log_metrics is not None:
             log_metrics({"baseline.loss": history[-1]["loss"], "baseline.lr": lr}, step)
     network.eval()
     wall = time.monotonic() - started
-    log.info("Baseline DynUNet: %d steps in %.1f s on %d frames, final loss %.4f", step, wall, len(inputs),
-             history[-1]["loss"] if history else float("nan"))
+    log.info(
+        "Baseline DynUNet: %d steps in %.1f s on %d frames, final loss %.4f",
+        step,
+        wall,
+        len(inputs),
+        history[-1]["loss"] if history else float("nan"),
+    )
     summary = {
         "format": FORMAT,
         "steps_done": step,
@@ -202,7 +217,9 @@ def train_baseline(
         "final_loss": history[-1]["loss"] if history else None,
         "device": device,
     }
-    return BaselineModel(network=network, config=config, phrases=list(phrases), history=history, summary=summary)
+    return BaselineModel(
+        network=network, config=config, phrases=list(phrases), history=history, summary=summary
+    )
 
 
 def predict_baseline(
@@ -219,12 +236,20 @@ def predict_baseline(
     with torch.no_grad():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
-            x = torch.stack([_resize(torch.from_numpy(_normalise(s["image"]))[None], model.config.image_size,
-                                     "bilinear")[0] for s in chunk]).to(device)
+            x = torch.stack(
+                [
+                    _resize(
+                        torch.from_numpy(_normalise(s["image"]))[None], model.config.image_size, "bilinear"
+                    )[0]
+                    for s in chunk
+                ]
+            ).to(device)
             logits = model.network(x).float()
             for sample, sample_logits in zip(chunk, logits):
                 height, width = np.asarray(sample["image"]).shape[:2]
-                up = F.interpolate(sample_logits[None], size=(height, width), mode="bilinear", align_corners=False)
+                up = F.interpolate(
+                    sample_logits[None], size=(height, width), mode="bilinear", align_corners=False
+                )
                 prob = torch.sigmoid(up[0]).cpu().numpy()
                 for channel, phrase in enumerate(model.phrases):
                     out[phrase][str(sample["id"])] = prob[channel]
@@ -257,8 +282,10 @@ def baseline_files(model: BaselineModel) -> dict[str, bytes]:
         "summary": model.summary,
         "history": model.history,
     }
-    return {WEIGHTS_FILE: save(state, metadata={"format": "pt"}),
-            CONFIG_FILE: json.dumps(settings, indent=1).encode()}
+    return {
+        WEIGHTS_FILE: save(state, metadata={"format": "pt"}),
+        CONFIG_FILE: json.dumps(settings, indent=1).encode(),
+    }
 
 
 def load_baseline(folder: Any, device: str = "cpu") -> BaselineModel:
@@ -274,8 +301,10 @@ def load_baseline(folder: Any, device: str = "cpu") -> BaselineModel:
     root = Path(getattr(folder, "root", folder))
     config_path = root / CONFIG_FILE
     if not config_path.is_file() or not (root / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{root} is not a baseline model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                         "run `kedro run --pipeline=baseline` first")
+        raise ValueError(
+            f"{root} is not a baseline model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            "run `kedro run --pipeline=baseline` first"
+        )
     settings = json.loads(config_path.read_text())
     if settings.get("format") != FORMAT:
         raise ValueError(f"{config_path}: format {settings.get('format')!r} is not {FORMAT!r}")
@@ -284,10 +313,15 @@ def load_baseline(folder: Any, device: str = "cpu") -> BaselineModel:
     result = network.load_state_dict(load_file(str(root / WEIGHTS_FILE)), strict=False)
     aliases = set(network.state_dict()) - set(_unique_state(network))
     if result.unexpected_keys or set(result.missing_keys) - aliases:
-        raise ValueError(f"{root / WEIGHTS_FILE}: weights do not fit the network in {CONFIG_FILE} (missing "
-                         f"{sorted(set(result.missing_keys) - aliases)[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise ValueError(
+            f"{root / WEIGHTS_FILE}: weights do not fit the network in {CONFIG_FILE} (missing "
+            f"{sorted(set(result.missing_keys) - aliases)[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
     network.to(device).eval()
-    return BaselineModel(network=network, config=config, phrases=list(settings["phrases"]),
-                         history=settings.get("history", []), summary=settings.get("summary", {}))
-
-
+    return BaselineModel(
+        network=network,
+        config=config,
+        phrases=list(settings["phrases"]),
+        history=settings.get("history", []),
+        summary=settings.get("summary", {}),
+    )

@@ -69,7 +69,9 @@ def fold_manifest(folded: pd.DataFrame, fold: int, val_fraction: float, seed: in
     rest = out[out["fold"] != fold]
     sizes = rest.groupby("group").size().to_dict()
     try:
-        inner = assign_groups(sizes, {"train": 1.0 - float(val_fraction), "val": float(val_fraction)}, int(seed))
+        inner = assign_groups(
+            sizes, {"train": 1.0 - float(val_fraction), "val": float(val_fraction)}, int(seed)
+        )
     except SplitError as error:
         raise SplitError(f"fold {fold}: {error}") from None
     out["split"] = np.where(out["fold"] == fold, "test", out["group"].map(inner))

@@ -25,11 +25,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-METHOD = "percentile bootstrap over groups (videos/patients) resampled with replacement; frames never resampled"
+METHOD = (
+    "percentile bootstrap over groups (videos/patients) resampled with replacement; frames never resampled"
+)
 
 # Count columns of the per-image table that pooled metrics are computed from (metrics.image_metrics).
-COUNT_COLUMNS = ("tp", "fp", "fn", "tn", "pred_skeleton", "pred_skeleton_in_truth", "truth_skeleton",
-                 "truth_skeleton_in_pred")
+COUNT_COLUMNS = (
+    "tp",
+    "fp",
+    "fn",
+    "tn",
+    "pred_skeleton",
+    "pred_skeleton_in_truth",
+    "truth_skeleton",
+    "truth_skeleton_in_pred",
+)
 
 
 def group_multiplicities(n_groups: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -57,7 +67,9 @@ def _codes(groups: Sequence[Any]) -> tuple[np.ndarray, int]:
     return codes, len(uniques)
 
 
-def _record(low: float | None, high: float | None, n_groups: int, n_resamples: int, level: float) -> dict[str, Any]:
+def _record(
+    low: float | None, high: float | None, n_groups: int, n_resamples: int, level: float
+) -> dict[str, Any]:
     return {"low": low, "high": high, "level": level, "n_groups": n_groups, "n_resamples": n_resamples}
 
 
@@ -102,18 +114,24 @@ def group_bootstrap_pooled(
     missing = [c for c in COUNT_COLUMNS if c not in counts.columns]
     if missing:
         raise ValueError(f"per-image table lacks the count column(s) {missing} that pooled metrics need")
-    per_group = {c: np.bincount(codes, weights=counts[c].to_numpy(np.float64), minlength=n_groups)
-                 for c in COUNT_COLUMNS}
+    per_group = {
+        c: np.bincount(codes, weights=counts[c].to_numpy(np.float64), minlength=n_groups)
+        for c in COUNT_COLUMNS
+    }
     weights = group_multiplicities(n_groups, n_resamples, seed)
     totals = {c: weights @ v for c, v in per_group.items()}  # (B,) per count
     replicates: dict[str, list[float]] = {}
     for b in range(n_resamples):
         row = overlap_metrics(ConfusionCounts(*(int(round(totals[c][b])) for c in ("tp", "fp", "fn", "tn"))))
-        row["cldice"] = cldice_from_counts(SkeletonCounts(*(int(round(totals[c][b])) for c in COUNT_COLUMNS[4:])))
+        row["cldice"] = cldice_from_counts(
+            SkeletonCounts(*(int(round(totals[c][b])) for c in COUNT_COLUMNS[4:]))
+        )
         for name, value in row.items():
             replicates.setdefault(name, []).append(value)
-    return {name: _record(*_interval(np.asarray(v), level), n_groups, n_resamples, level)
-            for name, v in replicates.items()}
+    return {
+        name: _record(*_interval(np.asarray(v), level), n_groups, n_resamples, level)
+        for name, v in replicates.items()
+    }
 
 
 def paired_difference(
@@ -142,8 +160,12 @@ def paired_difference(
     diff = np.array([float(a[i]) - float(b[i]) for i in ids])
     interval = group_bootstrap_mean(diff, [groups[i] for i in ids], n_resamples, seed, level)
     finite = diff[np.isfinite(diff)]
-    return {"mean": float(finite.mean()) if finite.size else None, **interval, "n_images": len(ids),
-            "method": METHOD}
+    return {
+        "mean": float(finite.mean()) if finite.size else None,
+        **interval,
+        "n_images": len(ids),
+        "method": METHOD,
+    }
 
 
 def metric_intervals(
@@ -157,8 +179,11 @@ def metric_intervals(
     """Group-bootstrap intervals of the per-image means (``metrics`` columns) and, when the count columns are
     there, of the pooled metrics: ``{"mean": {metric: record}, "pooled": {metric: record}}``."""
     out: dict[str, dict[str, dict[str, Any]]] = {
-        "mean": {m: group_bootstrap_mean(per_image[m], groups, n_resamples, seed, level)
-                 for m in metrics if m in per_image.columns}
+        "mean": {
+            m: group_bootstrap_mean(per_image[m], groups, n_resamples, seed, level)
+            for m in metrics
+            if m in per_image.columns
+        }
     }
     if all(c in per_image.columns for c in COUNT_COLUMNS):
         out["pooled"] = group_bootstrap_pooled(per_image, groups, n_resamples, seed, level)
@@ -188,8 +213,12 @@ def add_ci95_to_block(
         block["mean"][metric]["ci95"] = _pair(record)
     if "pooled" in intervals and "pooled" in block:
         block["pooled_ci95"] = {m: _pair(r) for m, r in intervals["pooled"].items() if m in block["pooled"]}
-    block["ci95_method"] = {"method": METHOD, "n_groups": len(set(map(str, groups))), "n_resamples": n_resamples,
-                            "seed": seed}
+    block["ci95_method"] = {
+        "method": METHOD,
+        "n_groups": len(set(map(str, groups))),
+        "n_resamples": n_resamples,
+        "seed": seed,
+    }
     return block
 
 

@@ -39,19 +39,32 @@ def paired_comparison(
     """
     bootstrap = bootstrap or {}
     n_resamples, seed = int(bootstrap.get("n_resamples", 2000)), int(bootstrap.get("seed", 0))
-    default = str(second["phrase"].iloc[0]) if "phrase" in second.columns else str(
-        first["phrase"].iloc[0]) if "phrase" in first.columns else ""
+    default = (
+        str(second["phrase"].iloc[0])
+        if "phrase" in second.columns
+        else str(first["phrase"].iloc[0])
+        if "phrase" in first.columns
+        else ""
+    )
     a, b = _with_phrase(first, default), _with_phrase(second, default)
-    out: dict[str, Any] = {"difference": f"{names[0]} - {names[1]}", "method": METHOD, "n_resamples": n_resamples,
-                           "seed": seed, "phrases": {}}
+    out: dict[str, Any] = {
+        "difference": f"{names[0]} - {names[1]}",
+        "method": METHOD,
+        "n_resamples": n_resamples,
+        "seed": seed,
+        "phrases": {},
+    }
     for phrase in [p for p in b["phrase"].unique() if p in set(a["phrase"])]:
         left = a[a["phrase"] == phrase].set_index(a[a["phrase"] == phrase]["id"].astype(str))
         right = b[b["phrase"] == phrase].set_index(b[b["phrase"] == phrase]["id"].astype(str))
         common = [i for i in right.index if i in left.index]
         if not common:
             continue
-        block: dict[str, Any] = {"n_images": len(common), "n_only_" + names[0]: int(len(left) - len(common)),
-                                 "n_only_" + names[1]: int(len(right) - len(common))}
+        block: dict[str, Any] = {
+            "n_images": len(common),
+            "n_only_" + names[0]: int(len(left) - len(common)),
+            "n_only_" + names[1]: int(len(right) - len(common)),
+        }
         for metric in metrics:
             if metric not in left.columns or metric not in right.columns:
                 continue
@@ -62,10 +75,14 @@ def paired_comparison(
                 "difference": paired_difference(dict(x), dict(y), groups, n_resamples, seed),
             }
         if "threshold" in left.columns and "threshold" in right.columns:
-            block["thresholds"] = {names[0]: float(left["threshold"].iloc[0]),
-                                   names[1]: float(right["threshold"].iloc[0])}
+            block["thresholds"] = {
+                names[0]: float(left["threshold"].iloc[0]),
+                names[1]: float(right["threshold"].iloc[0]),
+            }
         out["phrases"][str(phrase)] = block
     if not out["phrases"]:
-        raise ValueError(f"paired comparison: {names[0]} and {names[1]} share no scored (image, phrase); "
-                         "were they evaluated on the same split manifest?")
+        raise ValueError(
+            f"paired comparison: {names[0]} and {names[1]} share no scored (image, phrase); "
+            "were they evaluated on the same split manifest?"
+        )
     return out

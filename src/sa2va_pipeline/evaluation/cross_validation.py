@@ -31,8 +31,8 @@ from .protocol import (
     as_probability_maps,
     choose_thresholds,
     model_phrases,
-    predict_sa2va_maps,
     pooled_summary,
+    predict_sa2va_maps,
     score_phrases,
     split_samples,
 )
@@ -62,11 +62,16 @@ class CrossValidationConfig:
         """Build from the parameters; unknown keys are an error that names them."""
         unknown = sorted(set(params) - set(cls.__dataclass_fields__))
         if unknown:
-            raise ValueError(f"cross_validation: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(folds=int(params.get("folds", cls.folds)), seed=int(params.get("seed", cls.seed)),
-                   val_fraction=float(params.get("val_fraction", cls.val_fraction)),
-                   include_baseline=bool(params.get("include_baseline", cls.include_baseline)),
-                   work_dir=params.get("work_dir"))
+            raise ValueError(
+                f"cross_validation: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(
+            folds=int(params.get("folds", cls.folds)),
+            seed=int(params.get("seed", cls.seed)),
+            val_fraction=float(params.get("val_fraction", cls.val_fraction)),
+            include_baseline=bool(params.get("include_baseline", cls.include_baseline)),
+            work_dir=params.get("work_dir"),
+        )
 
 
 def _prefixed(log_metrics: MetricsLogger | None, prefix: str) -> MetricsLogger | None:
@@ -76,7 +81,9 @@ def _prefixed(log_metrics: MetricsLogger | None, prefix: str) -> MetricsLogger |
 
 
 def _key(phrase: str) -> str:
-    return phrase.replace(" ", "_")
+    from .report import metric_key
+
+    return metric_key(phrase)
 
 
 def fold_rows(model: str, fold: int, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,28 +91,53 @@ def fold_rows(model: str, fold: int, summary: dict[str, Any]) -> list[dict[str, 
     rows = []
     for phrase, block in summary["phrases"].items():
         at = block["at_threshold"]
-        row = {"model": model, "fold": fold, "phrase": phrase, "n_images": block["n_images"],
-               "n_groups": summary["n_groups"], "threshold": block["threshold"]}
+        row = {
+            "model": model,
+            "fold": fold,
+            "phrase": phrase,
+            "n_images": block["n_images"],
+            "n_groups": summary["n_groups"],
+            "threshold": block["threshold"],
+        }
         row.update({f"{m}_mean": at["mean"][m]["mean"] for m in METRIC_NAMES})
         row.update({f"{m}_pooled": v for m, v in at["pooled"].items()})
         rows.append(row)
     return rows
 
 
-def _score_model(model_name: str, fold: int, maps_for: Callable[[str, list[dict[str, Any]]], Any],
-                 samples: dict[str, list[dict[str, Any]]], groups: dict[str, str], params: dict[str, Any]
-                 ) -> dict[str, Any]:
+def _score_model(
+    model_name: str,
+    fold: int,
+    maps_for: Callable[[str, list[dict[str, Any]]], Any],
+    samples: dict[str, list[dict[str, Any]]],
+    groups: dict[str, str],
+    params: dict[str, Any],
+) -> dict[str, Any]:
     frozen = choose_thresholds(maps_for("val", samples["val"]), samples["val"], params["threshold"])
-    per_image, summary = score_phrases(maps_for("test", samples["test"]), samples["test"], frozen,
-                                       params["evaluation"], "test", groups, params["evaluation"].get("bootstrap"))
+    per_image, summary = score_phrases(
+        maps_for("test", samples["test"]),
+        samples["test"],
+        frozen,
+        params["evaluation"],
+        "test",
+        groups,
+        params["evaluation"].get("bootstrap"),
+    )
     per_image.insert(0, "fold", fold)
     per_image.insert(0, "model", model_name)
     return {"frozen_threshold": frozen, "summary": summary, "per_image": per_image}
 
 
-def run_fold(fold: int, folded: pd.DataFrame, annotations: list[dict[str, Any]], config: CrossValidationConfig,
-             params: dict[str, Any], save_fold: FoldSaver | None = None, log_metrics: MetricsLogger | None = None,
-             load: SampleLoader | None = None) -> list[dict[str, Any]]:
+def run_fold(
+    fold: int,
+    folded: pd.DataFrame,
+    annotations: list[dict[str, Any]],
+    config: CrossValidationConfig,
+    params: dict[str, Any],
+    save_fold: FoldSaver | None = None,
+    log_metrics: MetricsLogger | None = None,
+    load: SampleLoader | None = None,
+) -> list[dict[str, Any]]:
     """Train, threshold and score one fold (Sa2VA, and the baseline when asked); returns each model's results
     (``frozen_threshold``, ``summary``, ``per_image``, ``training``) after handing them with the model to
     ``save_fold``."""
@@ -116,43 +148,75 @@ def run_fold(fold: int, folded: pd.DataFrame, annotations: list[dict[str, Any]],
     groups = dict(zip(manifest["id"].astype(str), manifest["group"].astype(str)))
     samples = {s: load(manifest, annotations, s) for s in ("train", "val", "test")}
     phrases = model_phrases(manifest, annotations)
-    log.info("cross-validation fold %d/%d: %d train, %d val, %d test frames (%d test groups)", fold + 1,
-             config.folds, len(samples["train"]), len(samples["val"]), len(samples["test"]),
-             manifest.loc[manifest["split"] == "test", "group"].nunique())
+    log.info(
+        "cross-validation fold %d/%d: %d train, %d val, %d test frames (%d test groups)",
+        fold + 1,
+        config.folds,
+        len(samples["train"]),
+        len(samples["val"]),
+        len(samples["test"]),
+        manifest.loc[manifest["split"] == "test", "group"].nunique(),
+    )
     started = time.monotonic()
-    trained = run_training(samples["train"], samples["val"], params["training"],
-                           log_metrics=_prefixed(log_metrics, f"fold_{fold}.training."), started_at=started)
+    trained = run_training(
+        samples["train"],
+        samples["val"],
+        params["training"],
+        log_metrics=_prefixed(log_metrics, f"fold_{fold}.training."),
+        started_at=started,
+    )
     identity = {"kind": "sa2va", "fold": fold}
 
     def sa2va_maps(split: str, split_samples_: list[dict[str, Any]]) -> Any:
-        return predict_sa2va_maps(trained.model, split_samples_, phrases, params["prediction"], split, identity)
+        return predict_sa2va_maps(
+            trained.model, split_samples_, phrases, params["prediction"], split, identity
+        )
 
-    results = [{"model": "sa2va", "fold": fold, **_score_model("sa2va", fold, sa2va_maps, samples, groups, params),
-                "training": {"steps_done": trained.result.steps_done, "wall_time_s": trained.result.wall_time_s}}]
+    results = [
+        {
+            "model": "sa2va",
+            "fold": fold,
+            **_score_model("sa2va", fold, sa2va_maps, samples, groups, params),
+            "training": {"steps_done": trained.result.steps_done, "wall_time_s": trained.result.wall_time_s},
+        }
+    ]
     if save_fold is not None:
         save_fold(fold, "sa2va", {"trained_model": trained, "split_manifest": manifest, **results[0]})
-    del trained
+    trained = None  # free the fold's model before the next one is built
     if config.include_baseline:
         from sa2va_pipeline.baseline.recipe import predict_baseline, train_baseline
 
-        baseline = train_baseline(samples["train"], phrases, params["baseline"],
-                                  log_metrics=_prefixed(log_metrics, f"fold_{fold}."))
+        baseline = train_baseline(
+            samples["train"], phrases, params["baseline"], log_metrics=_prefixed(log_metrics, f"fold_{fold}.")
+        )
 
         def baseline_maps(split: str, split_samples_: list[dict[str, Any]]) -> Any:
-            return as_probability_maps(predict_baseline(baseline, split_samples_), split,
-                                       {"kind": "baseline-dynunet", "fold": fold})
+            return as_probability_maps(
+                predict_baseline(baseline, split_samples_), split, {"kind": "baseline-dynunet", "fold": fold}
+            )
 
-        results.append({"model": "baseline", "fold": fold,
-                        **_score_model("baseline", fold, baseline_maps, samples, groups, params),
-                        "training": dict(baseline.summary)})
+        results.append(
+            {
+                "model": "baseline",
+                "fold": fold,
+                **_score_model("baseline", fold, baseline_maps, samples, groups, params),
+                "training": dict(baseline.summary),
+            }
+        )
         if save_fold is not None:
             save_fold(fold, "baseline", {"baseline_model": baseline, **results[-1]})
     if log_metrics is not None:
         for result in results:
             for row in fold_rows(result["model"], fold, result["summary"]):
                 prefix = f"fold_{fold}.{result['model']}.{_key(row['phrase'])}."
-                log_metrics({prefix + k: float(row[k]) for k in ("threshold", "dice_mean", "dice_pooled",
-                                                                 "cldice_mean") if row[k] is not None}, 0)
+                log_metrics(
+                    {
+                        prefix + k: float(row[k])
+                        for k in ("threshold", "dice_mean", "dice_pooled", "cldice_mean")
+                        if row[k] is not None
+                    },
+                    0,
+                )
     return results
 
 
@@ -166,9 +230,11 @@ def over_folds(table: pd.DataFrame) -> dict[str, Any]:
         for column in metric_columns:
             values = part[column].astype(float).to_numpy()
             finite = values[np.isfinite(values)]
-            block[column] = {"mean": float(finite.mean()) if finite.size else None,
-                             "sd": float(finite.std(ddof=1)) if finite.size > 1 else None,
-                             "folds": [None if not np.isfinite(v) else float(v) for v in values]}
+            block[column] = {
+                "mean": float(finite.mean()) if finite.size else None,
+                "sd": float(finite.std(ddof=1)) if finite.size > 1 else None,
+                "folds": [None if not np.isfinite(v) else float(v) for v in values],
+            }
         out.setdefault(model, {})[phrase] = block
     return out
 
@@ -192,12 +258,17 @@ def run_cross_validation(
     config = CrossValidationConfig.from_params(dict(params.get("cross_validation", {})))
     folded = add_folds(split_manifest, config.folds, config.seed)
     started = time.monotonic()
-    results = [r for fold in range(config.folds)
-               for r in run_fold(fold, folded, annotations, config, params, save_fold, log_metrics, load)]
+    results = [
+        r
+        for fold in range(config.folds)
+        for r in run_fold(fold, folded, annotations, config, params, save_fold, log_metrics, load)
+    ]
     table = pd.DataFrame([row for r in results for row in fold_rows(r["model"], r["fold"], r["summary"])])
     per_image = pd.concat([r["per_image"] for r in results], ignore_index=True)
     bootstrap = params["evaluation"].get("bootstrap")
-    pooled = {model: pooled_summary(part, bootstrap) for model, part in per_image.groupby("model", sort=False)}
+    pooled = {
+        model: pooled_summary(part, bootstrap) for model, part in per_image.groupby("model", sort=False)
+    }
     summary: dict[str, Any] = {
         "folds": config.folds,
         "seed": config.seed,
@@ -207,19 +278,22 @@ def run_cross_validation(
         "n_groups": int(folded["group"].nunique()),
         "fold_of_group": {str(g): int(f) for g, f in folded.groupby("group")["fold"].first().items()},
         "protocol": "per fold: train on the other folds less a validation part held out by group; one threshold "
-                    "per phrase chosen on that validation part (threshold sweep); the fold scored at it",
+        "per phrase chosen on that validation part (threshold sweep); the fold scored at it",
         "per_fold": table.to_dict("records"),
         "over_folds": over_folds(table),
         "pooled_over_folds": pooled,
-        "training": [{"model": r["model"], "fold": r["fold"], **r["training"]}
-                     for r in results],
+        "training": [{"model": r["model"], "fold": r["fold"], **r["training"]} for r in results],
         "wall_time_s": round(time.monotonic() - started, 1),
     }
     if config.include_baseline:
         groups = dict(zip(folded["id"].astype(str), folded["group"].astype(str)))
-        summary["comparison"] = paired_comparison(per_image[per_image["model"] == "sa2va"],
-                                                  per_image[per_image["model"] == "baseline"], groups, bootstrap,
-                                                  names=("sa2va", "baseline"))
+        summary["comparison"] = paired_comparison(
+            per_image[per_image["model"] == "sa2va"],
+            per_image[per_image["model"] == "baseline"],
+            groups,
+            bootstrap,
+            names=("sa2va", "baseline"),
+        )
     return {"summary": _json_safe(summary), "table": table, "per_image": per_image}
 
 
@@ -246,19 +320,35 @@ def cross_validation_figure(summary: dict[str, Any]) -> Any:
     ax = fig.subplots()
     for x, (model, phrase) in enumerate(labels):
         folds = summary["over_folds"][model][phrase]["dice_mean"]["folds"]
-        ax.scatter([x - 0.15] * len(folds), folds, color="tab:gray", s=18, zorder=3,
-                   label="fold (mean Dice per image)" if x == 0 else None)
+        ax.scatter(
+            [x - 0.15] * len(folds),
+            folds,
+            color="tab:gray",
+            s=18,
+            zorder=3,
+            label="fold (mean Dice per image)" if x == 0 else None,
+        )
         block = pooled[model][phrase]["mean"]["dice"]
         low, high = block["ci95"]
         if block["mean"] is not None and low is not None:
-            ax.errorbar([x + 0.15], [block["mean"]], yerr=[[block["mean"] - low], [high - block["mean"]]], fmt="o",
-                        color="black", capsize=4, zorder=4, label="pooled over folds, 95% CI (videos)" if x == 0 else None)
+            ax.errorbar(
+                [x + 0.15],
+                [block["mean"]],
+                yerr=[[block["mean"] - low], [high - block["mean"]]],
+                fmt="o",
+                color="black",
+                capsize=4,
+                zorder=4,
+                label="pooled over folds, 95% CI (videos)" if x == 0 else None,
+            )
     ax.set_xticks(range(len(labels)), [f"{m}\n{p}" for m, p in labels])
     ax.set_ylabel("Dice (at each fold's frozen threshold)")
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title(f"{summary['folds']}-fold cross-validation by group ({summary['n_groups']} groups, "
-                 f"{summary['n_images']} images)")
+    ax.set_title(
+        f"{summary['folds']}-fold cross-validation by group ({summary['n_groups']} groups, "
+        f"{summary['n_images']} images)"
+    )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig

@@ -48,7 +48,9 @@ def model_phrases(split_manifest: pd.DataFrame, annotations: list[dict[str, Any]
     return phrases
 
 
-def truths_by_phrase(samples: Sequence[dict[str, Any]], phrases: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+def truths_by_phrase(
+    samples: Sequence[dict[str, Any]], phrases: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
     """``{phrase: {id: mask}}`` over every sample (empty where the phrase is absent)."""
     from sa2va_pipeline.data.samples import phrase_truths
 
@@ -65,8 +67,16 @@ def as_probability_maps(
     the same numbers as for maps read back from disk)."""
     keyed = {(i, p): quantise(m, storage_dtype) for p, by_id in maps.items() for i, m in by_id.items()}
     ids = list(dict.fromkeys(i for i, _ in keyed))
-    return ProbabilityMaps(maps=keyed, metadata={"split": split, "model": dict(model), "phrases": list(maps),
-                                                 "ids": ids, "storage_dtype": storage_dtype})
+    return ProbabilityMaps(
+        maps=keyed,
+        metadata={
+            "split": split,
+            "model": dict(model),
+            "phrases": list(maps),
+            "ids": ids,
+            "storage_dtype": storage_dtype,
+        },
+    )
 
 
 def predict_sa2va_maps(
@@ -81,13 +91,20 @@ def predict_sa2va_maps(
     from sa2va_pipeline.prediction.engine import predict_maps
     from sa2va_pipeline.prediction.stored import prompt_settings
 
-    return predict_maps(model, samples, phrases, batch_size=int(prediction.get("batch_size", 8)),
-                        storage_dtype=prediction.get("storage_dtype", "uint8"), prompt=prompt_settings(prediction),
-                        metadata={"split": split, "model": dict(identity or {})})
+    return predict_maps(
+        model,
+        samples,
+        phrases,
+        batch_size=int(prediction.get("batch_size", 8)),
+        storage_dtype=prediction.get("storage_dtype", "uint8"),
+        prompt=prompt_settings(prediction),
+        metadata={"split": split, "model": dict(identity or {})},
+    )
 
 
-def choose_thresholds(val_maps: ProbabilityMaps, val_samples: Sequence[dict[str, Any]],
-                      threshold: dict[str, Any]) -> dict[str, Any]:
+def choose_thresholds(
+    val_maps: ProbabilityMaps, val_samples: Sequence[dict[str, Any]], threshold: dict[str, Any]
+) -> dict[str, Any]:
     """One threshold per phrase on validation (``threshold`` = ``params:threshold``: grid and objective); returns
     the frozen-threshold record of the threshold pipeline (``evaluation.frozen_threshold``)."""
     grid = {k: float(threshold[k]) for k in ("start", "stop", "step")}
@@ -95,12 +112,22 @@ def choose_thresholds(val_maps: ProbabilityMaps, val_samples: Sequence[dict[str,
     truths = truths_by_phrase(val_samples, phrases)
     sweeps = sweep_per_phrase(val_maps, truths, threshold_grid(**grid))
     counts = {p: int(sum(bool(np.any(m)) for m in truths[p].values())) for p in phrases}
-    return frozen_threshold_record(sweeps, threshold.get("objective", "pooled_dice"), counts, len(val_samples), grid,
-                                   val_maps.metadata.get("model", {}))
+    return frozen_threshold_record(
+        sweeps,
+        threshold.get("objective", "pooled_dice"),
+        counts,
+        len(val_samples),
+        grid,
+        val_maps.metadata.get("model", {}),
+    )
 
 
-def add_group_intervals(table: pd.DataFrame, summary: dict[str, Any], groups: Mapping[str, Any],
-                        bootstrap: dict[str, Any] | None = None) -> pd.DataFrame:
+def add_group_intervals(
+    table: pd.DataFrame,
+    summary: dict[str, Any],
+    groups: Mapping[str, Any],
+    bootstrap: dict[str, Any] | None = None,
+) -> pd.DataFrame:
     """Add ``ci95`` (group bootstrap) to every phrase's ``at_threshold`` block of an evaluation summary, in place;
     returns the per-image table with a ``group`` column (``groups``: image id -> group).
 
@@ -112,7 +139,9 @@ def add_group_intervals(table: pd.DataFrame, summary: dict[str, Any], groups: Ma
     ids = table["id"].astype(str)
     missing = sorted(set(ids) - set(map(str, groups)))
     if missing:
-        raise ValueError(f"no group for image(s) {missing[:5]}: is the split manifest the one that was scored?")
+        raise ValueError(
+            f"no group for image(s) {missing[:5]}: is the split manifest the one that was scored?"
+        )
     table = table.assign(group=[str(groups[i]) for i in ids])
     for phrase, block in summary["phrases"].items():
         rows = table[table["phrase"] == phrase]
@@ -137,8 +166,11 @@ def score_phrases(
     phrases = maps.phrases()
     grid = frozen.get("grid", {"start": 0.05, "stop": 0.95, "step": 0.01})
     table, summary = evaluate_split(
-        maps, truths_by_phrase(samples, phrases), thresholds_by_phrase(frozen, phrases),
-        oracle_grid=threshold_grid(grid["start"], grid["stop"], grid["step"]), split=split,
+        maps,
+        truths_by_phrase(samples, phrases),
+        thresholds_by_phrase(frozen, phrases),
+        oracle_grid=threshold_grid(grid["start"], grid["stop"], grid["step"]),
+        split=split,
         hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
         reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
         extra={"frozen_threshold": {k: v for k, v in frozen.items() if k != "model"}},
@@ -152,9 +184,13 @@ def score_phrases(
 def _describe(values: pd.Series) -> dict[str, Any]:
     finite = values.dropna().to_numpy(np.float64)
     n = len(finite)
-    return {"mean": float(finite.mean()) if n else None,
-            "sd": float(finite.std(ddof=1)) if n > 1 else (0.0 if n == 1 else None),
-            "median": float(np.median(finite)) if n else None, "n": n, "n_undefined": int(len(values) - n)}
+    return {
+        "mean": float(finite.mean()) if n else None,
+        "sd": float(finite.std(ddof=1)) if n > 1 else (0.0 if n == 1 else None),
+        "median": float(np.median(finite)) if n else None,
+        "n": n,
+        "n_undefined": int(len(values) - n),
+    }
 
 
 def pooled_summary(per_image: pd.DataFrame, bootstrap: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -164,9 +200,12 @@ def pooled_summary(per_image: pd.DataFrame, bootstrap: dict[str, Any] | None = N
     n_resamples, seed = int(bootstrap.get("n_resamples", 2000)), int(bootstrap.get("seed", 0))
     out: dict[str, Any] = {}
     for phrase, table in per_image.groupby("phrase", sort=False):
-        block = {"mean": {m: _describe(table[m]) for m in METRIC_NAMES},
-                 "pooled": pooled_metrics(table.to_dict("records")),
-                 "n_images": int(len(table)), "n_groups": int(table["group"].nunique())}
+        block = {
+            "mean": {m: _describe(table[m]) for m in METRIC_NAMES},
+            "pooled": pooled_metrics(table.to_dict("records")),
+            "n_images": int(len(table)),
+            "n_groups": int(table["group"].nunique()),
+        }
         intervals = metric_intervals(table, table["group"].tolist(), METRIC_NAMES, n_resamples, seed)
         for metric, record in intervals["mean"].items():
             block["mean"][metric]["ci95"] = [record["low"], record["high"]]

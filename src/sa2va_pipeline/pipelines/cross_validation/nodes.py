@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from sa2va_pipeline.evaluation.report import metric_key
+
 
 def _fold_writer(root: Path):
     def save_fold(fold: int, model: str, artefacts: dict[str, Any]) -> None:
@@ -31,8 +33,9 @@ def _fold_writer(root: Path):
                 (folder / "baseline_model").mkdir(exist_ok=True)
                 (folder / "baseline_model" / name).write_bytes(payload)
         (folder / "frozen_threshold.json").write_text(json.dumps(artefacts["frozen_threshold"], indent=2))
-        (folder / "summary.json").write_text(json.dumps(artefacts["summary"], indent=2, allow_nan=False,
-                                                        default=float))
+        (folder / "summary.json").write_text(
+            json.dumps(artefacts["summary"], indent=2, allow_nan=False, default=float)
+        )
         artefacts["per_image"].to_csv(folder / "per_image.csv", index=False)
         if "split_manifest" in artefacts:
             artefacts["split_manifest"].to_csv(folder / "split_manifest.csv", index=False)
@@ -66,14 +69,30 @@ def cross_validate(
 
     scratch = tempfile.TemporaryDirectory(prefix="sa2va-cv-", dir=cross_validation.get("work_dir"))
     root = Path(scratch.name)
-    params = {"cross_validation": cross_validation, "training": training, "threshold": threshold,
-              "evaluation": evaluation, "prediction": prediction, "baseline": baseline}
-    result = run_cross_validation(split_manifest, annotations, params, save_fold=_fold_writer(root),
-                                  log_metrics=mlflow_metrics_logger())
-    files = {p.relative_to(root).as_posix(): _move_reader(p, scratch) for p in sorted(root.rglob("*")) if p.is_file()}
-    return {"summary": result["summary"], "table": result["table"], "per_image": result["per_image"],
-            "figure": cross_validation_figure(result["summary"]), "folds": files,
-            "metrics": summary_metrics(result["summary"])}
+    params = {
+        "cross_validation": cross_validation,
+        "training": training,
+        "threshold": threshold,
+        "evaluation": evaluation,
+        "prediction": prediction,
+        "baseline": baseline,
+    }
+    result = run_cross_validation(
+        split_manifest, annotations, params, save_fold=_fold_writer(root), log_metrics=mlflow_metrics_logger()
+    )
+    files = {
+        p.relative_to(root).as_posix(): _move_reader(p, scratch)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+    return {
+        "summary": result["summary"],
+        "table": result["table"],
+        "per_image": result["per_image"],
+        "figure": cross_validation_figure(result["summary"]),
+        "folds": files,
+        "metrics": summary_metrics(result["summary"]),
+    }
 
 
 def summary_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -81,15 +100,14 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     out: dict[str, float] = {}
     for model, phrases in summary["over_folds"].items():
         for phrase, block in phrases.items():
-            key = f"{model}.{phrase.replace(' ', '_')}"
+            key = f"{model}.{metric_key(phrase)}"
             for column in ("dice_mean", "dice_pooled", "cldice_mean"):
                 out[f"{key}.{column}_over_folds"] = block[column]["mean"]
                 out[f"{key}.{column}_sd_over_folds"] = block[column]["sd"]
             pooled = summary["pooled_over_folds"][model][phrase]
             out[f"{key}.pooled.dice_mean"] = pooled["mean"]["dice"]["mean"]
-            out[f"{key}.pooled.dice_mean_ci95_low"], out[f"{key}.pooled.dice_mean_ci95_high"] = (
-                pooled["mean"]["dice"]["ci95"])
+            out[f"{key}.pooled.dice_mean_ci95_low"], out[f"{key}.pooled.dice_mean_ci95_high"] = pooled[
+                "mean"
+            ]["dice"]["ci95"]
             out[f"{key}.pooled.dice_pooled"] = pooled["pooled"]["dice"]
     return {k: {"value": float(v), "step": 0} for k, v in out.items() if v is not None}
-
-

@@ -12,11 +12,24 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.cross_validate,
-                inputs=["split_manifest", "annotations", "params:cross_validation", "params:training",
-                        "params:threshold", "params:evaluation", "params:prediction", "params:baseline"],
-                outputs={"summary": "cross_validation_summary", "table": "cross_validation_folds_table",
-                         "per_image": "cross_validation_per_image", "figure": "cross_validation_figure",
-                         "folds": "cross_validation_folds", "metrics": "cross_validation_metrics"},
+                inputs=[
+                    "split_manifest",
+                    "annotations",
+                    "params:cross_validation",
+                    "params:training",
+                    "params:threshold",
+                    "params:evaluation",
+                    "params:prediction",
+                    "params:baseline",
+                ],
+                outputs={
+                    "summary": "cross_validation_summary",
+                    "table": "cross_validation_folds_table",
+                    "per_image": "cross_validation_per_image",
+                    "figure": "cross_validation_figure",
+                    "folds": "cross_validation_folds",
+                    "metrics": "cross_validation_metrics",
+                },
                 name="cross_validate",
             )
         ]
