@@ -44,6 +44,8 @@ def test_nan_values_are_skipped_like_the_summary_mean():
     assert out["low"] == pytest.approx(0.5) and out["high"] == pytest.approx(0.5)
     empty = group_bootstrap_mean([np.nan, np.nan], ["a", "b"], n_resamples=10, seed=0)
     assert empty["low"] is None and empty["high"] is None
+    one_video = group_bootstrap_mean([0.2, 0.9, 0.5], ["a", "a", "a"], n_resamples=10, seed=0)
+    assert one_video["low"] is None and "needs >= 2 groups" in one_video["note"]
 
 
 def _table(rng, n_groups=5, frames=4):

@@ -13,6 +13,10 @@ Statistics:
   :func:`sa2va_pipeline.evaluation.metrics.pooled_metrics` does for the whole split;
 - paired differences (model A minus model B on the same images): the per-image difference is the value.
 
+With a single group there is no interval (``low``/``high`` None and a ``note``); with few groups (say < 10) the
+percentile interval is too narrow (it cannot show variation the few groups do not contain): read it as a floor
+on the uncertainty.
+
 All replicates are drawn at once as a ``B x n_groups`` matrix of multiplicities (a multinomial draw), so
 B = 2,000 over a few hundred images takes milliseconds. Deterministic for a seed.
 """
@@ -28,6 +32,9 @@ import pandas as pd
 METHOD = (
     "percentile bootstrap over groups (videos/patients) resampled with replacement; frames never resampled"
 )
+
+# Fewer groups than this give no interval (None): resampling one video always returns that video.
+MIN_GROUPS = 2
 
 # Count columns of the per-image table that pooled metrics are computed from (metrics.image_metrics).
 COUNT_COLUMNS = (
@@ -70,6 +77,9 @@ def _codes(groups: Sequence[Any]) -> tuple[np.ndarray, int]:
 def _record(
     low: float | None, high: float | None, n_groups: int, n_resamples: int, level: float
 ) -> dict[str, Any]:
+    if n_groups < MIN_GROUPS:  # one group resampled is always itself: a zero-width interval would mislead
+        return {"low": None, "high": None, "level": level, "n_groups": n_groups, "n_resamples": n_resamples,
+                "note": f"undefined: needs >= {MIN_GROUPS} groups (videos/patients), the data has {n_groups}"}
     return {"low": low, "high": high, "level": level, "n_groups": n_groups, "n_resamples": n_resamples}
 
 
@@ -213,12 +223,10 @@ def add_ci95_to_block(
         block["mean"][metric]["ci95"] = _pair(record)
     if "pooled" in intervals and "pooled" in block:
         block["pooled_ci95"] = {m: _pair(r) for m, r in intervals["pooled"].items() if m in block["pooled"]}
-    block["ci95_method"] = {
-        "method": METHOD,
-        "n_groups": len(set(map(str, groups))),
-        "n_resamples": n_resamples,
-        "seed": seed,
-    }
+    n_groups = len(set(map(str, groups)))
+    block["ci95_method"] = {"method": METHOD, "n_groups": n_groups, "n_resamples": n_resamples, "seed": seed}
+    if n_groups < MIN_GROUPS:
+        block["ci95_method"]["note"] = f"no interval: needs >= {MIN_GROUPS} groups, this split has {n_groups}"
     return block
 
 
