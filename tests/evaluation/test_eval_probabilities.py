@@ -105,3 +105,23 @@ def test_stored_maps_are_reused_for_the_same_model_and_phrases_only(fake_project
     assert first.metadata["split"] == "val" and first.metadata["phrases"] == PHRASES
     sample_id = first.ids()[0]
     np.testing.assert_array_equal(first.maps[(sample_id, PHRASE)], p.samples[sample_id]["image"][..., 0])
+
+
+def test_trained_phrases_model_record_first_then_train_annotations_then_phrase(fake_project, tmp_path):  # noqa: F811
+    import json as _json
+
+    from sa2va_pipeline.inference.segment import inference_phrases
+    from sa2va_pipeline.pipelines.threshold.nodes import trained_phrases
+    from sa2va_pipeline.prediction.model_loading import model_phrases
+
+    p = fake_project
+    assert model_phrases(p.model_dir) is None  # a folder of the single-phrase version records none
+    assert trained_phrases(p.model_dir, p.manifest, p.annotations, "artery") == PHRASES  # train annotations
+    no_objects = [{**e, "text": [], "mask": []} for e in p.annotations]
+    assert trained_phrases(p.model_dir, p.manifest, no_objects, "artery") == ["artery"]  # the phrase shortcut
+    (p.model_dir / "model_source.json").write_text(_json.dumps({"training_config": {"phrases": [CATHETER]}}))
+    assert model_phrases(p.model_dir) == [CATHETER]
+    assert trained_phrases(p.model_dir, p.manifest, p.annotations, "artery") == [CATHETER]
+    assert inference_phrases(None, {}, p.model_dir, PHRASE) == [CATHETER]  # no phrases in the threshold record
+    assert inference_phrases(None, {"phrases": PHRASES}, p.model_dir, PHRASE) == PHRASES
+    assert inference_phrases("Blood Vessel.", {}, p.model_dir, PHRASE) == [PHRASE]  # cleaned as in training

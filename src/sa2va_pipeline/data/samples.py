@@ -48,7 +48,11 @@ def check_annotations_cover(manifest: pd.DataFrame, annotations: Sequence[Mappin
     Raises:
         MissingAnnotationError: naming (up to 5 of) the images without an entry, and what to do.
     """
-    index = index_annotations(annotations)
+    _check_cover(manifest, index_annotations(annotations))
+
+
+def _check_cover(manifest: pd.DataFrame, index: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise MissingAnnotationError for manifest images absent from the ``{file name: entry}`` index."""
     missing = [Path(str(p)).name for p in manifest["image"] if Path(str(p)).name not in index]
     if missing:
         raise MissingAnnotationError(
@@ -122,7 +126,7 @@ def load_samples(
     """
     rows = _select_rows(split_manifest, split, ids)
     index = index_annotations(annotations)
-    check_annotations_cover(rows, annotations)
+    _check_cover(rows, index)
     samples = []
     for row in rows.itertuples(index=False):
         path = Path(row.image)
