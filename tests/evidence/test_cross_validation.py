@@ -38,8 +38,7 @@ def test_two_fold_cross_validation_pipeline(tmp_path, monkeypatch):
     from sa2va_pipeline.pipelines.cross_validation import create_pipeline
 
     params = _params()
-    # one phrase until the model's collate takes several objects per image (model-split stream)
-    manifest, annotations, samples = dataset(n_videos=4, frames=2, phrases=PHRASES[:1])
+    manifest, annotations, samples = dataset(n_videos=4, frames=2)  # two phrases: vessel, catheter
     monkeypatch.setattr(cross_validation, "split_samples", fake_split_samples(samples))
     cv = {**params["cross_validation"], "folds": 2, "val_fraction": 0.3, "include_baseline": True}
     baseline = {
@@ -73,8 +72,8 @@ def test_two_fold_cross_validation_pipeline(tmp_path, monkeypatch):
         and sorted(set(summary["fold_of_group"].values())) == [0, 1]
     )
     table = catalog.load("cross_validation_folds_table")
-    assert set(table["model"]) == {"sa2va", "baseline"} and set(table["phrase"]) == {"blood vessel"}
-    assert len(table) == 2 * 2  # models x folds x phrases
+    assert set(table["model"]) == {"sa2va", "baseline"} and set(table["phrase"]) == set(PHRASES)
+    assert len(table) == 2 * 2 * 2  # models x folds x phrases
     per_image = catalog.load("cross_validation_per_image")
     for model in ("sa2va", "baseline"):
         part = per_image[(per_image["model"] == model) & (per_image["phrase"] == "blood vessel")]
@@ -82,14 +81,14 @@ def test_two_fold_cross_validation_pipeline(tmp_path, monkeypatch):
         assert (part.groupby("group")["fold"].nunique() == 1).all()
         over = summary["over_folds"][model]["blood vessel"]["dice_mean"]
         assert len(over["folds"]) == 2 and over["sd"] is not None
-        pooled = summary["pooled_over_folds"][model]["blood vessel"]["mean"]["dice"]
+        pooled = summary["pooled_over_folds"][model]["catheter"]["mean"]["dice"]
         assert pooled["ci95"][0] <= pooled["mean"] <= pooled["ci95"][1]
     assert summary["comparison"]["phrases"]["blood vessel"]["dice"]["difference"]["n_groups"] == 4
     folds = catalog.load("cross_validation_folds")
     assert "fold_1/sa2va/trained_model/model_source.json" in folds.files
     assert "fold_0/baseline/baseline_model/model.safetensors" in folds.files
     frozen = json.loads(folds.path("fold_0/sa2va/frozen_threshold.json").read_text())
-    assert set(frozen["thresholds"]) == {"blood vessel"} and frozen["chosen_on"] == "val"
+    assert set(frozen["thresholds"]) == set(PHRASES) and frozen["chosen_on"] == "val"
     assert catalog.load("cross_validation_figure").axes
     metrics = catalog.load("cross_validation_metrics")
     assert "sa2va.blood_vessel.dice_mean_over_folds" in metrics
