@@ -91,4 +91,4 @@ def test_two_fold_cross_validation_pipeline(tmp_path, monkeypatch):
     assert set(frozen["thresholds"]) == set(PHRASES) and frozen["chosen_on"] == "val"
     assert catalog.load("cross_validation_figure").axes
     metrics = catalog.load("cross_validation_metrics")
-    assert "sa2va.blood_vessel.dice_mean_over_folds" in metrics
+    assert "sa2va.blood vessel.dice_mean_over_folds" in metrics
