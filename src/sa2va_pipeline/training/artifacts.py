@@ -110,13 +110,17 @@ def read_model_source(path: str | Path) -> dict[str, Any]:
     return source
 
 
-def load_trained_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Sa2VA:
+def load_trained_model(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, merge: bool = True
+) -> Sa2VA:
     """Rebuild the fine-tuned Sa2VA from a trained-model folder, LoRA merged, in eval mode.
 
     Args:
         path: the folder (the ``trained_model`` catalog entry loads as this path).
         device: where the returned model lives.
         dtype: its weights' dtype (default float32).
+        merge: False keeps LoRA injected (the model as training hands it over, which
+            :func:`save_trained_model` can write again: the multi-device path uses this).
     """
     import torch
     from safetensors.torch import load_file
@@ -151,5 +155,6 @@ def load_trained_model(path: str | Path, device: str = "cpu", dtype: torch.dtype
         missing = [k for k in missing if not _is_adapter_tensor(k)]
         if missing:
             raise ValueError(f"{path}: tensors missing from {BASE_WEIGHTS}: {sorted(missing)[:5]}")
-    merge_lora(model.vlm)
+    if merge:
+        merge_lora(model.vlm)
     return model.to(device=device, dtype=dtype or torch.float32).eval()

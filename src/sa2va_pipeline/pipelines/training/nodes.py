@@ -47,6 +47,8 @@ def training_summary(trained: Any) -> dict[str, Any]:
         "val_dice_best_threshold": last["val_dice_best_threshold"] if last else None,
         "val_best_threshold": last["val_best_threshold"] if last else None,
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        "plan": result.plan,
+        "run_dir": result.run_dir,
         "parameter_counts": result.parameter_counts,
         "gradient_report": result.gradient_report,
         "evaluations": evals,
@@ -63,10 +65,11 @@ def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, A
     started_at = time.monotonic()
     from sa2va_pipeline.data.samples import load_samples
     from sa2va_pipeline.training.plots import loss_curve_figure
-    from sa2va_pipeline.training.recipe import run_training
+    from sa2va_pipeline.training.recipe import check_training_data, run_training
 
     train_samples = load_samples(split_manifest, "train", phrase)
     val_samples = load_samples(split_manifest, "val", phrase)
+    check_training_data(train_samples, val_samples, training)
     log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
     logger = mlflow_metrics_logger()
     trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)
