@@ -157,4 +157,8 @@ def load_trained_model(
             raise ValueError(f"{path}: tensors missing from {BASE_WEIGHTS}: {sorted(missing)[:5]}")
     if merge:
         merge_lora(model.vlm)
+    else:  # as training left it: only the trained tensors (and the adapter) require grad
+        trained = set(meta.get("trained_tensors", []))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained or _is_adapter_tensor(name))
     return model.to(device=device, dtype=dtype or torch.float32).eval()

@@ -317,7 +317,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict, dict]:
     try:
         state = json.loads((path / STATE_FILE).read_text())
         tensors = [load_file(str(path / name)) for name in FILES[:3]]
-    except (OSError, ValueError, RuntimeError) as err:  # JSONDecodeError is a ValueError; safetensors raises both
+    except Exception as err:  # OSError, JSONDecodeError, SafetensorError (its own class): all mean "unreadable"
         raise CheckpointError(f"Checkpoint {path} cannot be read ({type(err).__name__}: {err}). {what_to_do}") from err
     if not isinstance(state, dict) or not {"step", "optimizer", "rng", "total_steps"} <= set(state):
         raise CheckpointError(f"Checkpoint {path}: {STATE_FILE} lacks step / total_steps / optimizer / rng. {what_to_do}")
