@@ -50,7 +50,7 @@ def build(preset: str) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts
     from sa2va_pipeline.training.prepare import prepare_for_training
-    from sa2va_pipeline.training.recipe import added_token_ids
+    from sa2va_pipeline.training.prepare import added_token_ids
 
     G.reset_peak()
     t0 = G.sync_time()
