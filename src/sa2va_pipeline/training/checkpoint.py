@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sa2va_pipeline.atomic import atomic_write_json, fsync_tree, remove_stale_temporaries, TMP_PREFIX
+from sa2va_pipeline.atomic import TMP_PREFIX, atomic_write_json, fsync_tree, remove_stale_temporaries
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.training.ranks import gather_objects
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", ST
 SEP = "::"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that should be resumed from is missing files or cannot be read."""
 
 

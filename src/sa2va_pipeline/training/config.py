@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.training.feature_cache import FeatureCacheSettings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 EmbeddingMode = Literal["full", "new_tokens", "frozen"]
 # Multi-device strategies (training/fsdp.py, training/ranks.py): DDP replicas, or FSDP2 sharding.
 STRATEGIES = ("ddp", "fsdp")
+
+
+class TrainingConfigError(UserError, ValueError):
+    """A training setting that cannot be used; the message names the key and what is allowed."""
 
 
 @dataclass
@@ -262,7 +267,7 @@ def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise TrainingConfigError(
             f"Unknown training setting(s) {', '.join(where + k for k in unknown)}; "
             f"allowed under '{where or 'training.'}': {', '.join(sorted(fields))}. "
             "Fix conf/base/parameters_training.yml (or your --params override)."
@@ -272,11 +277,11 @@ def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
             if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{where}{name} must be a mapping of settings, got {value!r}")
+                raise TrainingConfigError(f"{where}{name} must be a mapping of settings, got {value!r}")
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         elif name == "betas":
             if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise ValueError(f"{where}betas must be two numbers [beta1, beta2], got {value!r}")
+                raise TrainingConfigError(f"{where}betas must be two numbers [beta1, beta2], got {value!r}")
             kwargs[name] = tuple(_number(v, f"{where}betas") for v in value)
         else:
             kwargs[name] = value
@@ -288,7 +293,7 @@ def _number(value: Any, key: str) -> float:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise ValueError(f"training.{key} must be a number, got {value!r}") from None
+            raise TrainingConfigError(f"training.{key} must be a number, got {value!r}") from None
     return value
 
 
@@ -307,26 +312,26 @@ def check_numbers(config: TrainingConfig) -> None:
             continue
         value = _number(value, key)
         if not math.isfinite(value):
-            raise ValueError(f"training.{key} must be a finite number, got {value!r}")
+            raise TrainingConfigError(f"training.{key} must be a finite number, got {value!r}")
         if key in INTEGER_KEYS and value != int(value):
-            raise ValueError(f"training.{key} must be a whole number, got {value!r}")
+            raise TrainingConfigError(f"training.{key} must be a whole number, got {value!r}")
         too_low = lo is not None and (value < lo or (value == lo and not lo_in))
         too_high = hi is not None and (value > hi or (value == hi and not hi_in))
         if too_low or too_high:
             low = "-inf" if lo is None else f"{lo:g}"
             high = "inf" if hi is None else f"{hi:g}"
             span = f"{'[' if lo_in else '('}{low}, {high}{']' if hi_in else ')'}"
-            raise ValueError(
+            raise TrainingConfigError(
                 f"training.{key} = {value!r} is outside its allowed range {span}. "
                 "Fix conf/base/parameters_training.yml (or your --params override)."
             )
     for group, lr in config.optimizer.lr_by_group.items():
         lr = _number(lr, f"optimizer.lr_by_group.{group}")
         if not (math.isfinite(lr) and 0 < lr <= 1):
-            raise ValueError(f"training.optimizer.lr_by_group.{group} = {lr!r} must be a number in (0, 1]")
+            raise TrainingConfigError(f"training.optimizer.lr_by_group.{group} = {lr!r} must be a number in (0, 1]")
     for t in config.eval.thresholds:
         if not (math.isfinite(_number(t, "eval.thresholds")) and 0 < float(t) < 1):
-            raise ValueError(f"training.eval.thresholds must lie strictly between 0 and 1, got {t!r}")
+            raise TrainingConfigError(f"training.eval.thresholds must lie strictly between 0 and 1, got {t!r}")
 
 
 # Settings that may be null (their dataclass default is None or they are optional lengths).
@@ -352,7 +357,7 @@ def load_training_config(params: dict[str, Any] | TrainingConfig) -> TrainingCon
     recipes = params.pop("recipes", {}) or {}
     name = resolve_recipe_name(params)
     if name not in recipes and recipes:
-        raise ValueError(
+        raise TrainingConfigError(
             f"training.recipe is '{name}' but training.recipes only defines {sorted(recipes)}; "
             "add the block or pick one of those."
         )
@@ -369,22 +374,22 @@ def load_training_config(params: dict[str, Any] | TrainingConfig) -> TrainingCon
 
 def _check_choices(config: TrainingConfig) -> None:
     if config.strategy not in STRATEGIES:
-        raise ValueError(
+        raise TrainingConfigError(
             f"training.strategy must be one of {' | '.join(STRATEGIES)} (used with training.devices > 1), "
             f"got {config.strategy!r}"
         )
     if not isinstance(config.compile, bool):
-        raise TypeError(f"training.compile must be true or false, got {config.compile!r}")
+        raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
     if config.loss.mask_loss not in ("points", "dense"):
-        raise ValueError(f"training.loss.mask_loss must be 'points' or 'dense', got {config.loss.mask_loss!r}")
+        raise TrainingConfigError(f"training.loss.mask_loss must be 'points' or 'dense', got {config.loss.mask_loss!r}")
     if config.trainable.embeddings not in ("full", "new_tokens", "frozen"):
-        raise ValueError(
+        raise TrainingConfigError(
             "training.trainable.embeddings must be full | new_tokens | frozen, "
             f"got {config.trainable.embeddings!r}"
         )
     resume = config.checkpoint.resume
     if not isinstance(resume, bool) and not (isinstance(resume, str) and resume and "/" not in resume):
-        raise ValueError(f"training.checkpoint.resume must be true, false or a run id (a folder name), got {resume!r}")
+        raise TrainingConfigError(f"training.checkpoint.resume must be true, false or a run id (a folder name), got {resume!r}")
     _check_prompt_forms(config.prompt.questions, "{class_name}", "training.prompt.questions")
     _check_prompt_forms(config.prompt.answers, "[SEG]", "training.prompt.answers")
 
@@ -394,4 +399,4 @@ def _check_prompt_forms(forms: str | list[str], needle: str, name: str) -> None:
     if forms == "official":
         return
     if isinstance(forms, str) or not forms or any(str(f).count(needle) != 1 for f in forms):
-        raise ValueError(f"{name} must be 'official' or a list of forms each containing {needle} once, got {forms!r}")
+        raise TrainingConfigError(f"{name} must be 'official' or a list of forms each containing {needle} once, got {forms!r}")

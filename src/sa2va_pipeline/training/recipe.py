@@ -18,13 +18,17 @@ from typing import Any
 
 from sa2va_pipeline.training.artifacts import TrainedModel
 from sa2va_pipeline.training.checkpoint import resolve_run
-from sa2va_pipeline.training.config import TrainingConfig, load_training_config
+from sa2va_pipeline.training.config import TrainingConfig, TrainingConfigError, load_training_config
 from sa2va_pipeline.training.distributed import Job, spawn_workers, train_as_torchrun_rank0
 from sa2va_pipeline.training.ranks import launched_by_torchrun
 from sa2va_pipeline.training.trainer import MetricsLogger
 from sa2va_pipeline.training.worker import train_on_rank
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDataError(TrainingConfigError):
+    """The splits cannot give a meaningful run (no validation frames, too few training frames)."""
 
 
 def run_training(
@@ -63,13 +67,13 @@ def check_training_data(
     training frames than ``training.min_train_samples``. The messages say what to do."""
     config = load_training_config(params)
     if not val_samples:
-        raise ValueError(
+        raise TrainingDataError(
             "The val split is empty: training would run without any validation (and the threshold pipeline "
             "would have nothing to choose on). Check split_manifest (a damaged or truncated file?) and the split "
             "fractions in conf/base/parameters_split.yml, then run the split again."
         )
     if len(train_samples) < config.min_train_samples:
-        raise ValueError(
+        raise TrainingDataError(
             f"The train split holds {len(train_samples)} image(s), fewer than training.min_train_samples = "
             f"{config.min_train_samples}. Check split_manifest (a damaged or truncated file?) and the split "
             "fractions, or lower training.min_train_samples if this is intended."
