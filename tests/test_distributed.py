@@ -233,3 +233,51 @@ def test_torchrun_two_ranks_train_like_spawned_workers(two_worker_runs, tmp_path
     want = two_worker_runs["ddp"]["trained"].model.predict_proba(images, "blood vessel")
     assert probs.shape == (3, 64, 64)
     torch.testing.assert_close(probs, want, rtol=0, atol=1e-4)
+
+
+def _budget_rank(rank: int, rendezvous: str, out_dir: str) -> None:
+    """One rank of the time-budget test: the toy model, rank 1 three times slower per batch."""
+    import time as _time
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).parent / "training"))
+    from training_toy_model import ToySa2VA, loss_fn, make_batch, make_samples
+
+    from sa2va_pipeline.training.config import load_training_config
+    from sa2va_pipeline.training.prepare import prepare_for_training
+    from sa2va_pipeline.training.ranks import init_file_group
+    from sa2va_pipeline.training.trainer import TrainingLoop
+
+    ctx = init_file_group(rank, 2, rendezvous, use_cuda=False)
+    try:
+        config = load_training_config({
+            "recipe": "toy", "seed": 1, "batch_size": 2, "lora": {"r": 2, "alpha": 4},
+            "schedule": {"max_steps": None, "epochs": None, "time_budget_s": 6.0, "calibration_steps": 2},
+            "eval": {"at_start": False}, "prefetch": 0,
+            "checkpoint": {"dir": str(Path(out_dir) / "ckpt"), "keep_last": 1},
+        })
+        prepared = prepare_for_training(ToySa2VA(), config.lora, config.trainable)
+
+        def slow_batch(samples, rng):
+            _time.sleep(0.05 * (1 + 2 * rank))
+            return make_batch(samples, rng)
+
+        loop = TrainingLoop(prepared.model, prepared.params_by_group, make_samples(), config, slow_batch, loss_fn,
+                            progress=False, run_dir=Path(out_dir) / "ckpt" / "run", ctx=ctx)
+        result = loop.run()
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"total": result.total_steps, "done": result.steps_done, "late": result.stopped_by_time}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_time_budget(tmp_path):
+    """Two ranks (toy model, rank 1 slower) size a time-budgeted run alike and stop at the same step."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_budget_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert a == b and a["total"] >= 1 and a["done"] <= a["total"]
+    assert [p.name for p in list_checkpoints(tmp_path / "ckpt" / "run")] == [f"step_{a['done']:08d}"]
