@@ -35,13 +35,13 @@ PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
 def prepared_inputs(model: Any, images: list) -> dict[str, Any]:
     """What ``predict_proba`` builds on the CPU for a chunk, moved to the GPU."""
     from sa2va_pipeline.model.prompts import clean_phrase
-    from sa2va_pipeline.model.sa2va import DEFAULT_ANSWER, DEFAULT_QUESTION, pad_rows
+    from sa2va_pipeline.model.processing import DEFAULT_ANSWER, DEFAULT_QUESTION, pad_rows, prompt_ids
     from sa2va_pipeline.model.preprocessing import sam2_pixel_values, to_pil_rgb, vit_pixel_values
 
     pils = [to_pil_rgb(im) for im in images]
     tiles = [vit_pixel_values(p, model.image_size, model.max_dynamic_patch, model.use_thumbnail) for p in pils]
     question = DEFAULT_QUESTION.format(phrase=clean_phrase("blood vessel"))
-    rows = [model._prompt_ids(question, DEFAULT_ANSWER, t.shape[0]) for t in tiles]
+    rows = [prompt_ids(model, question, DEFAULT_ANSWER, t.shape[0]) for t in tiles]
     ids, attention = pad_rows(rows, model.pad_id)
     sam2 = torch.stack([sam2_pixel_values(p, model.sam2_image_size, "bf16") for p in pils])
     return G.to_device({"input_ids": ids, "attention_mask": attention, "tiles": torch.cat(tiles).to(torch.bfloat16),
@@ -49,7 +49,7 @@ def prepared_inputs(model: Any, images: list) -> dict[str, Any]:
 
 
 class Parts:
-    """The GPU stages of ``Sa2VA._predict_chunk``, callable one by one (for the per-component times)."""
+    """The GPU stages of ``streaming.launch_chunk``, callable one by one (for the per-component times)."""
 
     def __init__(self, model: Any, x: dict[str, Any]) -> None:
         self.model, self.x = model, x
@@ -60,8 +60,8 @@ class Parts:
 
     def llm(self, image_embeds):
         m = self.model
-        hidden = m._llm_hidden(self.x["input_ids"], image_embeds)
-        return m._seg_states(hidden, self.x["input_ids"])
+        hidden = m.adapter.llm_hidden(m, self.x["input_ids"], image_embeds)
+        return m.seg_states(hidden, self.x["input_ids"])
 
     def sam2(self):
         return self.model.encode_sam2(self.x["sam2"])
@@ -82,15 +82,19 @@ def host_preprocessing_rate(model: Any, images: list) -> dict[str, float]:
     import time
     from concurrent.futures import ThreadPoolExecutor
 
+    from functools import partial
+
+    from sa2va_pipeline.model.streaming import preprocess_image
+
     size = model.sam2_image_size
     sam2 = torch.empty((len(images), size, size, 3), dtype=torch.uint8, pin_memory=True)
     t0 = time.perf_counter()
     for i, im in enumerate(images[:16]):
-        model._preprocess_image(im, sam2[i])
+        preprocess_image(model, im, sam2[i])
     one = 16 / (time.perf_counter() - t0)
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         t0 = time.perf_counter()
-        list(pool.map(model._preprocess_image, images, sam2))
+        list(pool.map(partial(preprocess_image, model), images, sam2))
         pooled = len(images) / (time.perf_counter() - t0)
     return {"one_thread": one, "pool": pooled}
 
@@ -99,7 +103,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     from sa2va_pipeline.model import Sa2VA
 
     rows: list[dict[str, Any]] = []
-    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16).eval()
+    sizes = {"sam2_image_size": args.sam2_image_size} if args.sam2_image_size else {}
+    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16, **sizes).eval()
     if args.compile:
         model.compile_for_inference(mode=args.compile_mode)
     data = [im for im, _ in G.frames(max(args.n_images, max(args.batch_sizes)), seed=2)]
@@ -196,6 +201,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="Sa2VA.compile_for_inference() first")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sam2-image-size", type=int, default=None,
+                        help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")
     parser.add_argument("--results", type=Path, default=G.RESULTS)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path("."))

@@ -98,7 +98,7 @@ def test_validation_metrics_from_counts_equal_the_threshold_sweep():
     best = best_index(sweep["dice_mean"].to_numpy())
     assert got["val_best_threshold"] == grid[best]
     assert got["val_dice_best_threshold"] == pytest.approx(sweep["dice_mean"].iloc[best])
-    assert got["val.blood vessel.dice_best_threshold"] == got["val_dice_best_threshold"]
+    assert got["val_dice_best_threshold.blood vessel"] == got["val_dice_best_threshold"]
     assert got["val_dice_at_0.5"] == pytest.approx(sweep["dice_mean"].iloc[2])
 
 

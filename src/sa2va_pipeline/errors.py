@@ -27,3 +27,7 @@ class UserError(Exception):
 def debug_enabled() -> bool:
     """True when ``SA2VA_DEBUG`` is set to a true value (1, true, yes, on)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+class DamagedArtefactError(UserError):
+    """A saved artefact differs from the completeness record its writer left (truncated or modified)."""

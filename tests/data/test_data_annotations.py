@@ -11,7 +11,7 @@ from data_fakes import png_bytes, vessel_mask
 
 from sa2va_pipeline.data.annotations import (
     AnnotationFormatError,
-    annotate_manifest,
+    annotate_objects,
     entry_to_masks,
     mask_to_entry,
     parse_annotations,
@@ -86,24 +86,32 @@ def test_all_problems_are_listed_and_bad_json(tmp_path):
         read_annotations(tmp_path / "missing.json")
 
 
-def test_annotate_manifest_report_and_user_file(tmp_path):
+def test_annotate_objects_report_one_row_per_object(tmp_path):
     masks = {"a": vessel_mask(seed=0), "b": np.zeros((32, 32), np.uint8)}
-    rows = []
     for stem, m in masks.items():
-        (tmp_path / f"{stem}_mask.png").write_bytes(png_bytes(m * 255))
-        rows.append({"id": stem, "image": str(tmp_path / f"{stem}.jpg"), "mask": str(tmp_path / f"{stem}_mask.png"),
-                     "width": 32, "height": 32})
-    manifest = pd.DataFrame(rows)
-    entries, report = annotate_manifest(manifest, "blood vessel", 0.995)
-    assert [e["image"] for e in entries] == ["a.jpg", "b.jpg"]
-    assert report["dice"].tolist() == [1.0, 1.0] and not report["below_floor"].any()
-    assert entries[1]["mask"] == [[]]  # empty mask kept, with no polygons
-    # a user file: a coarse square for "a" (low Dice -> flagged) and an entry for an unknown image
-    user = [{"image": "a.jpg", "text": ["vessel"], "mask": [[SQUARE]]},
-            {"image": "zzz.jpg", "text": ["vessel"], "mask": [[SQUARE]]}]
-    entries, report = annotate_manifest(manifest, "blood vessel", 0.995, user)
-    by_source = report.set_index("image")
-    assert by_source.loc["a.jpg", "source"] == "user" and bool(by_source.loc["a.jpg", "below_floor"])
-    assert by_source.loc["b.jpg", "source"] == "generated"
-    assert by_source.loc["zzz.jpg", "source"] == "user_unmatched"
-    assert entries[0]["text"] == ["vessel"]
+        (tmp_path / f"{stem}.png").write_bytes(png_bytes(m * 255))
+    manifest = pd.DataFrame([{"id": s, "image": str(tmp_path / "images" / f"{s}.jpg"), "width": 32, "height": 32}
+                             for s in ("a", "b", "c")])
+    objects = [
+        {"id": "a", "image": "a.jpg", "objects": [
+            {"phrase": "blood vessel", "source": "masks", "origin": "m/a", "mask": str(tmp_path / "a.png")},
+            {"phrase": "catheter", "source": "coco_polygons", "origin": "coco", "polygons": [SQUARE]},
+            {"phrase": "catheter", "source": "coco_polygons", "origin": "coco", "polygons": [[1, 1, 1.1, 1, 1.1, 1.1]]},
+        ]},
+        {"id": "b", "image": "b.jpg", "objects": [
+            {"phrase": "blood vessel", "source": "masks", "origin": "m/b", "mask": str(tmp_path / "b.png")}]},
+        {"id": "c", "image": "c.jpg", "objects": []},
+    ]
+    entries, report = annotate_objects(manifest, objects, 0.995)
+    assert [e["image"] for e in entries] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert entries[0]["text"] == ["blood vessel", "catheter", "catheter"]  # same phrase: separate objects
+    assert entries[0]["mask"][1] == [SQUARE] and entries[1]["mask"] == [[]] and entries[2] == {"image": "c.jpg", "text": [], "mask": []}
+    np.testing.assert_array_equal(entry_to_masks(entries[0], 32, 32)[0], masks["a"])
+    assert len(report) == 4 and list(report["object"]) == [0, 1, 2, 0]
+    rows = report.set_index(["id", "object"])
+    assert rows.loc[("a", 0), "dice"] == 1.0 and rows.loc[("a", 0), "pixels"] == masks["a"].sum()
+    assert np.isnan(rows.loc[("a", 1), "dice"]) and rows.loc[("a", 1), "pixels"] == 25 and rows.loc[("a", 1), "valid"]
+    assert not rows.loc[("a", 2), "valid"] and rows.loc[("a", 2), "pixels"] == 0  # fills no pixel
+    assert rows.loc[("b", 0), "dice"] == 1.0 and rows.loc[("b", 0), "n_polygons"] == 0
+    with pytest.raises(ValueError, match="no record for manifest id 'c'"):
+        annotate_objects(manifest, objects[:2], 0.995)

@@ -10,7 +10,15 @@ from data_fakes import jpeg_bytes, png_bytes, vessel_mask
 from PIL import Image
 
 from sa2va_pipeline.data.image_io import read_mask01, read_rgb
-from sa2va_pipeline.data.ingestion import IngestionConfig, decode_image, decode_mask, ingest, manifest_from_records
+from sa2va_pipeline.data.ingestion import (
+    IngestionConfig,
+    decode_image,
+    decode_mask,
+    ingest,
+    manifest_from_records,
+    objects_with_paths,
+)
+from sa2va_pipeline.data.sources import SourceError
 
 MASK = png_bytes(vessel_mask() * 255)
 
@@ -34,9 +42,11 @@ def test_good_pair_is_ok_and_copied(make_raw, rgb32):
     assert _row(result, "masks/a_mask.png")["status"] == "ok"
     rec = result.records.iloc[0]
     assert rec["id"] == "a" and rec["width"] == 32 and rec["height"] == 32 and rec["status"] == "ok"
-    assert rec["vessel_fraction"] == pytest.approx(vessel_mask().mean(), abs=1e-6)
+    assert result.source == "masks" and rec["n_objects"] == 1
+    assert result.objects[0]["objects"][0]["phrase"] == "blood vessel"
     assert result.files["images/a.png"]() == png_bytes(rgb32)  # unchanged bytes
-    assert set(np.unique(Image.open(io.BytesIO(result.files["masks/a_mask.png"]())))) <= {0, 255}
+    written = np.asarray(Image.open(io.BytesIO(result.files["objects/a/0.png"]())))
+    np.testing.assert_array_equal(written, vessel_mask() * 255)
 
 
 def test_every_bad_kind(make_raw, rgb32, tmp_path):
@@ -101,7 +111,7 @@ def test_every_bad_kind(make_raw, rgb32, tmp_path):
     assert status("images/deep.tif")[0] == "fixed" and "scaled as 12-bit" in status("images/deep.tif")[1]
     assert status("images/rotated.jpg") == ("fixed", "EXIF orientation 6 applied")
     assert status("masks/soft_mask.png")[0] == "fixed" and "binarised at >= 128" in status("masks/soft_mask.png")[1]
-    assert status("masks/empty_mask.png") == ("ok", "empty mask (no vessel pixels): kept")
+    assert status("masks/empty_mask.png") == ("ok", "empty mask (no 'blood vessel' pixels): kept as an object with no polygons")
     assert status("images/notes.gif")[0] == "rejected" and "unsupported image extension" in status("images/notes.gif")[1]
     assert status("masks/readme.txt")[0] == "rejected"
     assert status("masks/stray.png")[0] == "rejected" and "_mask.png" in status("masks/stray.png")[1]
@@ -110,7 +120,7 @@ def test_every_bad_kind(make_raw, rgb32, tmp_path):
     records = result.records.set_index("id")
     assert set(records.index) == {"gray", "rgba", "deep", "rotated", "soft", "empty", "Zoë Ünïcødé (7)^x [1] #frame"}
     assert records.loc["rotated", "width"] == 32 and records.loc["rotated", "height"] == 20
-    assert records.loc["empty", "vessel_fraction"] == 0.0 and records.loc["empty", "status"] == "ok"
+    assert records.loc["empty", "n_objects"] == 1 and records.loc["empty", "status"] == "ok"
     assert records.loc["soft", "status"] == "fixed" and records.loc["gray", "image"] == "images/gray.png"
 
     # the planned files decode to the normalised content; the manifest points into the saved folder
@@ -119,9 +129,10 @@ def test_every_bad_kind(make_raw, rgb32, tmp_path):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes(make())
     manifest = manifest_from_records(result.records, out).set_index("id")
+    objects = {rec["id"]: rec for rec in objects_with_paths(result.objects, out)}
     assert read_rgb(manifest.loc["gray", "image"]).shape == (32, 32, 3)
     assert read_rgb(manifest.loc["deep", "image"]).max() == pytest.approx(255, abs=16)
-    np.testing.assert_array_equal(read_mask01(manifest.loc["soft", "mask"]), vessel_mask())
+    np.testing.assert_array_equal(read_mask01(objects["soft"]["objects"][0]["mask"]), vessel_mask())
     assert read_rgb(manifest.loc["Zoë Ünïcødé (7)^x [1] #frame", "image"]).shape == (32, 32, 3)
 
 
@@ -155,14 +166,16 @@ def test_missing_folders_are_clear_errors(tmp_path):
         ingest(tmp_path / "noimages")
 
 
-def test_missing_masks_folder_rejects_every_image(tmp_path, rgb32):
+def test_no_label_source_is_a_clear_error_unless_masks_are_asked_for(tmp_path, rgb32):
     (tmp_path / "raw" / "images").mkdir(parents=True)
     (tmp_path / "raw" / "images" / "a.png").write_bytes(png_bytes(rgb32))
-    result = ingest(tmp_path / "raw")
+    with pytest.raises(SourceError, match="no labels"):
+        ingest(tmp_path / "raw")
+    result = ingest(tmp_path / "raw", IngestionConfig(source="masks"))
     assert result.report["status"].tolist() == ["rejected"] and result.records.empty
 
 
 def test_custom_mask_suffix(make_raw, rgb32):
     raw = make_raw({"images/a.png": png_bytes(rgb32), "masks/a-label.png": MASK})
     result = ingest(raw, IngestionConfig(mask_suffix="-label"))
-    assert (result.report["status"] == "ok").all() and result.records["mask"].tolist() == ["masks/a-label.png"]
+    assert (result.report["status"] == "ok").all() and result.objects[0]["objects"][0]["origin"] == "masks/a-label.png"

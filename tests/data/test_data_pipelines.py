@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog, MemoryDataset
@@ -14,11 +17,19 @@ from sa2va_pipeline.pipelines import annotation, ingestion, sample_data, split
 PARAMS = {
     "sample_data": {"output_dir": None, "new_images_dir": None, "seed": 5, "n_videos": 4, "frames_per_video": 2,
                     "size": 128, "n_new_images": 2},
-    "ingestion": {"mask_suffix": "_mask", "mask_threshold": 128, "image_extensions": [".jpg", ".png"]},
-    "annotation": {"dice_floor": 0.995, "annotations_path": None},
+    "ingestion": {"source": "auto", "mask_suffix": "_mask", "mask_threshold": 128, "image_extensions": [".jpg", ".png"],
+                  "annotations_path": None, "coco_path": None, "max_pixels": 64_000_000, "follow_links_inside": False},
+    "annotation": {"dice_floor": 0.995},
     "split": {"group_regex": r"^(?P<group>.+)_frame_\d+", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
               "seed": 1, "split_file": None},
 }
+
+
+class KeptMemoryDataset(MemoryDataset):
+    """A MemoryDataset the runner cannot release (annotations feed the split, the test reads them after)."""
+
+    def _release(self) -> None:
+        pass
 
 
 def _catalog(tmp_path, raw_dir):
@@ -32,32 +43,55 @@ def _catalog(tmp_path, raw_dir):
     for key, value in params.items():
         catalog[f"params:{key}"] = value
     for name in ("sample_ready", "ingestion_report", "ingestion_report_mlflow", "ingestion_records",
-                 "ingestion_metrics", "ingestion_manifest", "annotations", "annotation_report",
+                 "ingestion_planned_objects", "ingestion_objects", "ingestion_metrics", "ingestion_manifest",
+                 "annotations", "annotation_report",
                  "annotation_report_mlflow", "annotation_metrics", "split_manifest", "split_manifest_mlflow",
                  "split_metrics"):
         catalog[name] = MemoryDataset()
+    catalog["annotations"] = KeptMemoryDataset()
     return catalog
 
 
-def test_data_chain_runs_end_to_end(tmp_path):
-    pipe = sample_data.create_pipeline() + ingestion.create_pipeline() + annotation.create_pipeline() + split.create_pipeline()
+def test_ingestion_alone_generates_the_sample_when_raw_dir_is_its_folder(tmp_path):
+    """No sample_data node, no sample_ready: ingestion + annotation + split run on their own."""
+    pipe = ingestion.create_pipeline() + annotation.create_pipeline() + split.create_pipeline()
     catalog = _catalog(tmp_path, tmp_path / "sample")
     SequentialRunner().run(pipe, catalog)
-    # (intermediate MemoryDatasets such as sample_ready and ingestion_manifest are released by the runner)
     report = catalog.load("ingestion_report")
-    assert len(report) == 16 and (report["status"] == "ok").all()
+    n_catheter = len(list((tmp_path / "sample" / "masks" / "catheter").glob("*.png")))
+    assert 0 < n_catheter < 8 and len(report) == 16 + n_catheter and (report["status"] == "ok").all()
     metrics = catalog.load("ingestion_metrics")
-    assert metrics["files_in"]["value"] == 16 and metrics["rejected"]["value"] == 0
+    assert metrics["rejected"]["value"] == 0 and metrics["objects"]["value"] == 8 + n_catheter
     folder = catalog.load("ingested_samples")
-    assert isinstance(folder, FileFolder) and len(folder.files) == 16
+    assert isinstance(folder, FileFolder) and len(folder.files) == 16 + n_catheter  # images + object masks
     table = catalog.load("split_manifest")
-    assert list(table.columns[:8]) == ["id", "image", "mask", "width", "height", "vessel_fraction", "group", "status"]
-    assert len(catalog.load("annotations")) == 8
-    assert catalog.load("annotation_metrics")["dice_min"]["value"] == 1.0
+    assert list(table.columns[:7]) == ["id", "image", "width", "height", "group", "status", "source_image"]
+    entries = catalog.load("annotations")
+    assert len(entries) == 8 and sorted(e["image"] for e in entries) == sorted(Path(p).name for p in table["image"])
+    assert {t for e in entries for t in e["text"]} == {"blood vessel", "catheter"}
+    annotation_report = catalog.load("annotation_report")
+    assert len(annotation_report) == 8 + n_catheter and (annotation_report["dice"] == 1.0).all()
+    assert catalog.load("annotation_metrics")["phrases"]["value"] == 2
     assert (table.groupby("group")["split"].nunique() == 1).all() and set(table["split"]) == {"train", "val", "test"}
-    samples = load_samples(table, "train", "blood vessel")
-    assert samples and samples[0]["image"].shape == (128, 128, 3) and samples[0]["masks"].shape == (1, 128, 128)
-    assert set(pd.unique(samples[0]["masks"].ravel())) <= {0, 1} and samples[0]["phrases"] == ["blood vessel"]
+    samples = load_samples(table, entries, split="train")
+    assert samples and samples[0]["image"].shape == (128, 128, 3) and samples[0]["masks"].shape[1:] == (128, 128)
+    assert set(pd.unique(samples[0]["masks"].ravel())) <= {0, 1}
+    assert {p for s in samples for p in s["phrases"]} <= {"blood vessel", "catheter"}
+
+
+def test_ingestion_of_own_data_never_touches_the_sample_folder(tmp_path, rgb32):
+    from data_fakes import png_bytes
+
+    raw = tmp_path / "mine"
+    (raw / "images").mkdir(parents=True)
+    (raw / "images" / "a.png").write_bytes(png_bytes(rgb32))
+    (raw / "annotations.json").write_text(json.dumps([{"image": "a.png", "text": ["vessel"],
+                                                       "mask": [[[1, 1, 20, 1, 20, 20]]]}]))
+    catalog = _catalog(tmp_path, raw)
+    SequentialRunner().run(ingestion.create_pipeline() + annotation.create_pipeline(), catalog)
+    assert not (tmp_path / "sample").exists()
+    assert catalog.load("annotations") == [{"image": "a.png", "text": ["vessel"], "mask": [[[1.0, 1.0, 20.0, 1.0, 20.0, 20.0]]]}]
+    assert catalog.load("annotation_report")["source"].tolist() == ["annotations"]
 
 
 def test_foreign_sample_folder_is_left_alone(tmp_path):
@@ -72,27 +106,8 @@ def test_foreign_sample_folder_is_left_alone(tmp_path):
 
 def test_missing_raw_dir_names_the_path(tmp_path):
     catalog = _catalog(tmp_path, tmp_path / "does_not_exist")
-    catalog["sample_ready"] = MemoryDataset({"status": "ready"})
     with pytest.raises(FileNotFoundError, match="does_not_exist"):
         SequentialRunner().run(ingestion.create_pipeline(), catalog)
-
-
-def test_user_annotations_file_is_used(tmp_path):
-    import json
-
-    catalog = _catalog(tmp_path, tmp_path / "sample")
-    SequentialRunner().run(sample_data.create_pipeline() + ingestion.create_pipeline(), catalog)
-    manifest = catalog.load("ingestion_manifest")  # terminal output of this run, so still there
-    first = manifest.iloc[0]
-    user = tmp_path / "user.json"
-    user.write_text(json.dumps([{"image": f"{first['id']}.jpg", "text": "vessel", "mask": [[1, 1, 20, 1, 20, 20]]}]))
-    params = dict(PARAMS["annotation"], annotations_path=str(user))
-    catalog["params:annotation"] = params
-    catalog["ingestion_manifest"] = MemoryDataset(manifest)
-    SequentialRunner().run(annotation.create_pipeline(), catalog)
-    report = catalog.load("annotation_report").set_index("id")
-    assert report.loc[first["id"], "source"] == "user" and bool(report.loc[first["id"], "below_floor"])
-    assert catalog.load("annotations")[0]["text"] == ["vessel"]
 
 
 def test_file_folder_dataset_versions_never_overwrite(tmp_path):

@@ -13,6 +13,7 @@ VERSIONED = [
     "data/08_reporting/ingestion_report.csv",
     "data/03_primary/ingested_samples",
     "data/03_primary/ingestion_manifest.csv",
+    "data/03_primary/ingestion_objects.json",
     "data/05_model_input/annotations.json",
     "data/08_reporting/annotation_report.csv",
     "data/05_model_input/split_manifest.csv",
@@ -50,9 +51,10 @@ def test_two_runs_keep_every_version(kedro_project):
     manifest = pd.read_csv(manifest_path)
     assert len(manifest) == 8 and set(manifest["split"]) == {"train", "val", "test"}
     # the first run's manifest still points at files that exist (the first version of the folder)
-    assert all(Path(p).is_file() for p in manifest["image"]) and all(Path(p).is_file() for p in manifest["mask"])
+    assert all(Path(p).is_file() for p in manifest["image"]) and "mask" not in manifest.columns
     assert all("/ingested_samples/" in p for p in manifest["image"])
     report = sorted((project / "data/08_reporting/ingestion_report.csv").glob("*/ingestion_report.csv"))[0]
-    assert len(pd.read_csv(report)) == 16
+    n_catheter = len(list((project / "data/01_raw/sample/masks/catheter").glob("*.png")))
+    assert len(pd.read_csv(report)) == 16 + n_catheter
     assert (project / "data/01_raw/sample/.sa2va_synthetic.json").is_file()
     assert len(list((project / "data/01_raw/sample_new_images").glob("*.jpg"))) == 1

@@ -78,3 +78,17 @@ def test_user_split_file_by_group_and_by_id(tmp_path):
         split_manifest(m, FRACTIONS, 0, REGEX, bad)
     with pytest.raises(SplitError, match="does not exist"):
         split_manifest(m, FRACTIONS, 0, REGEX, tmp_path / "nope.csv")
+
+
+def test_split_node_checks_every_image_has_an_annotation_entry():
+    from sa2va_pipeline.data.samples import MissingAnnotationError
+    from sa2va_pipeline.pipelines.split.nodes import split_samples
+
+    m = _manifest(4)
+    m["image"] = [f"/data/images/{i}.jpg" for i in m["id"]]
+    entries = [{"image": f"{i}.jpg", "text": [], "mask": []} for i in m["id"]]
+    params = {"fractions": FRACTIONS, "seed": 0, "group_regex": REGEX, "split_file": None}
+    out = split_samples(m, entries, params)
+    assert len(out["manifest"]) == len(m) and out["metrics"]["train_frames"]["value"] > 0
+    with pytest.raises(MissingAnnotationError, match="no entry in annotations.json"):
+        split_samples(m, entries[1:], params)

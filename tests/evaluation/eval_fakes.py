@@ -1,8 +1,10 @@
-"""Fakes for the evaluation tests: a tiny split manifest, samples, and a model with ``predict_proba``.
+"""Fakes for the evaluation tests: a tiny project on disk (frames, split manifest, annotations.json with two
+phrases) and a model with ``iter_predict_proba``.
 
-The fake model "predicts" the red channel of each frame divided by 255, so a test designs the
-probabilities it wants by writing them into the frame. ``sa2va_pipeline.data.samples`` and
-``sa2va_pipeline.training.artifacts`` are replaced in ``sys.modules`` so the tests depend on neither.
+The fake model "predicts" one colour channel of each frame divided by 255: red for ``blood vessel``, green for
+``catheter`` (any other phrase: blue), so a test designs the probabilities it wants by writing them into the
+frame. Ground truth is real: annotations.json entries (polygons from the masks) read by ``load_samples``.
+Only ``sa2va_pipeline.training.artifacts`` is replaced in ``sys.modules`` (no real model is built).
 """
 
 from __future__ import annotations
@@ -14,96 +16,100 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+
+from sa2va_pipeline.data.polygons import mask_to_polygons
 
 SIZE = 32
 PHRASE = "blood vessel"
+CATHETER = "catheter"
+PHRASES = [PHRASE, CATHETER]
+CHANNEL = {PHRASE: 0, CATHETER: 1}
 
 
 class FakeModel:
-    """Stands in for ``Sa2VA``: ``iter_predict_proba`` yields red / 255 as float32 [H, W] maps, recording the
-    size of each chunk of ``batch_size`` it "runs"."""
+    """Stands in for ``Sa2VA``: ``iter_predict_proba`` yields a channel / 255 as float32 [H, W] maps, recording
+    the size of each chunk of ``batch_size`` it "runs" and the phrases it was asked."""
 
-    def __init__(self, calls: list):
+    def __init__(self, calls: list, asked: list):
         self.calls = calls
+        self.asked = asked
 
     def iter_predict_proba(self, images, phrases, question_template=None, answer=None, batch_size=8):
         assert len(images) == len(phrases)
+        self.asked.extend(phrases)
         for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
+            chunk = list(zip(images[start : start + batch_size], phrases[start : start + batch_size]))
             self.calls.append(len(chunk))
-            yield from (np.asarray(im)[..., 0].astype(np.float32) / 255.0 for im in chunk)
+            yield from (np.asarray(im)[..., CHANNEL.get(p, 2)].astype(np.float32) / 255.0 for im, p in chunk)
 
 
-def make_frame(rng: np.random.Generator, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """A frame whose red channel encodes a noisy probability map, and its vessel mask."""
-    mask = np.zeros((SIZE, SIZE), np.uint8)
+def _noisy(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    return np.where(mask > 0, rng.uniform(0.45, 0.95, mask.shape), rng.uniform(0.0, 0.55, mask.shape))
+
+
+def make_frame(rng: np.random.Generator, kind: str, catheter: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A frame whose red / green channels encode noisy vessel / catheter probabilities, and both masks."""
+    vessel = np.zeros((SIZE, SIZE), np.uint8)
     if kind == "vessels":
-        mask[rng.integers(4, 12), 2:30] = 1
-        mask[4:28, rng.integers(16, 28)] = 1
-        mask[20:22, 3:25] = 1
-    prob = np.where(mask > 0, rng.uniform(0.45, 0.95, mask.shape), rng.uniform(0.0, 0.55, mask.shape))
-    image = np.stack(
-        [np.rint(prob * 255), rng.integers(0, 255, mask.shape), np.full(mask.shape, 90)], axis=-1
-    )
-    return image.astype(np.uint8), mask
+        vessel[rng.integers(4, 12), 2:30] = 1
+        vessel[4:28, rng.integers(16, 28)] = 1
+        vessel[20:22, 3:25] = 1
+    cath = np.zeros((SIZE, SIZE), np.uint8)
+    if catheter:
+        cath[26:29, 2:20] = 1
+    image = np.stack([np.rint(_noisy(rng, vessel) * 255), np.rint(_noisy(rng, cath) * 200), np.full(vessel.shape, 90)],
+                     axis=-1)
+    return image.astype(np.uint8), vessel, cath
+
+
+def entry(image_name: str, objects: dict[str, np.ndarray]) -> dict:
+    """An annotations.json entry with one object per non-empty mask."""
+    kept = {p: m for p, m in objects.items() if m.any()}
+    return {"image": image_name, "text": list(kept), "mask": [mask_to_polygons(m) for m in kept.values()]}
 
 
 class FakeProject:
-    """Manifest, samples by id, a trained-model folder and a record of predict_proba calls."""
+    """Frames on disk, the split manifest, annotations, samples by id, a model folder, recorded calls."""
 
     def __init__(self, root: Path, seed: int = 0):
         rng = np.random.default_rng(seed)
         splits = ["train"] * 2 + ["val"] * 5 + ["test"] * 4
         kinds = ["vessels"] * 10 + ["empty"]  # the last test frame has no vessel
+        (root / "images").mkdir()
         self.samples: dict[str, dict] = {}
+        self.annotations: list[dict] = []
         rows = []
         for index, (split, kind) in enumerate(zip(splits, kinds)):
             sample_id = f"video{index // 2}_frame{index:03d}"
-            image, mask = make_frame(rng, kind)
-            self.samples[sample_id] = {
-                "id": sample_id,
-                "image": image,
-                "masks": mask[None],
-                "phrases": [PHRASE],
-            }
-            rows.append(
-                {
-                    "id": sample_id,
-                    "image": f"images/{sample_id}.jpg",
-                    "mask": f"masks/{sample_id}.png",
-                    "width": SIZE,
-                    "height": SIZE,
-                    "vessel_fraction": float(mask.mean()),
-                    "group": f"video{index // 2}",
-                    "status": "ok",
-                    "split": split,
-                }
-            )
+            image, vessel, cath = make_frame(rng, kind, catheter=index % 2 == 0)  # catheter in half the frames
+            path = root / "images" / f"{sample_id}.png"
+            Image.fromarray(image).save(path)
+            self.annotations.append(entry(path.name, {PHRASE: vessel, CATHETER: cath}))
+            present = {p: m for p, m in ((PHRASE, vessel), (CATHETER, cath)) if m.any()}
+            self.samples[sample_id] = {"id": sample_id, "image": image, "truth": {PHRASE: vessel, CATHETER: cath},
+                                       "phrases": list(present)}
+            rows.append({"id": sample_id, "image": str(path), "width": SIZE, "height": SIZE,
+                         "group": f"video{index // 2}", "status": "ok", "source_image": str(path), "split": split})
         self.manifest = pd.DataFrame(rows)
         self.model_dir = root / "trained_model"
         self.model_dir.mkdir()
         (self.model_dir / "config.json").write_text("{}")
         self.calls: list[int] = []
+        self.asked: list[str] = []
         self.loads: list[tuple] = []
-
-    def load_samples(self, manifest: pd.DataFrame, split: str, phrase: str) -> list[dict]:
-        ids = manifest.loc[manifest["split"] == split, "id"]
-        return [{**self.samples[i], "phrases": [phrase]} for i in ids]
 
     def load_trained_model(self, path, device, dtype):
         self.loads.append((str(path), device, dtype))
-        return FakeModel(self.calls)
+        return FakeModel(self.calls, self.asked)
 
 
 @pytest.fixture
 def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeProject:
-    """A FakeProject whose loaders replace the real samples and trained-model modules."""
+    """A FakeProject whose model loader replaces the real trained-model module."""
     project = FakeProject(tmp_path)
-    samples_module = types.ModuleType("sa2va_pipeline.data.samples")
-    samples_module.load_samples = project.load_samples
     artifacts_module = types.ModuleType("sa2va_pipeline.training.artifacts")
     artifacts_module.load_trained_model = project.load_trained_model
-    monkeypatch.setitem(sys.modules, "sa2va_pipeline.data.samples", samples_module)
     monkeypatch.setitem(sys.modules, "sa2va_pipeline.training.artifacts", artifacts_module)
     return project
 
@@ -117,15 +123,9 @@ PREDICTION = {
     "answer": None,
 }
 THRESHOLD = {"start": 0.05, "stop": 0.95, "step": 0.01, "objective": "pooled_dice"}
-EVALUATION = {
-    "hd_percentile": 95,
-    "reference_threshold": 0.5,
-    "overlay": {
-        "alpha": 0.7,
-        "colors": {
-            "true_positive": [0, 200, 0],
-            "false_positive": [230, 0, 0],
-            "false_negative": [0, 110, 255],
-        },
-    },
+EVALUATION = {"hd_percentile": 95, "reference_threshold": 0.5}
+OVERLAY = {
+    "alpha": 0.7,
+    "show_raw": True,
+    "colors": {"true_positive": [0, 158, 115], "false_positive": [213, 94, 0], "false_negative": [86, 180, 233]},
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fakes import PHRASE, fake_project  # noqa: F401  (fixture)
+from eval_fakes import PHRASE, PHRASES, fake_project  # noqa: F401  (fixture)
 from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
@@ -38,6 +38,7 @@ def _real_catalog(config: OmegaConfigLoader, project, pipelines) -> DataCatalog:
     catalog = DataCatalog.from_config(config["catalog"])
     catalog["trained_model"] = MemoryDataset(project.model_dir, copy_mode="assign")
     catalog["split_manifest"] = MemoryDataset(project.manifest)
+    catalog["annotations"] = MemoryDataset(project.annotations)
     params = config["parameters"]
     params["phrase"] = PHRASE
     params["prediction"]["device"] = "cpu"
@@ -79,11 +80,15 @@ def test_pipelines_on_the_real_catalog(fake_project, tmp_path, monkeypatch):  # 
     summary_file = next(Path("data/08_reporting/evaluation/test/summary.json").glob("*/summary.json"))
     summary = json.loads(summary_file.read_text())
     assert summary["threshold"] == frozen["threshold"] and summary["split"] == "test"
+    assert list(summary["phrases"]) == frozen["phrases"] == PHRASES and "macro" in summary
+    per_image = next(Path("data/08_reporting/evaluation/test/per_image.csv").glob("*/per_image.csv"))
+    assert per_image.read_text().splitlines()[0].startswith("id,phrase,threshold,")
     assert Path("data/08_reporting/evaluation/test/mlflow/summary.json").is_file()
     assert Path("data/08_reporting/threshold/mlflow/threshold_sweep.png").stat().st_size > 10_000
-    assert len(list(Path("data/08_reporting/evaluation/val/overlays").glob("*/overlays/*.png"))) == 3
-    masks = list(Path("data/07_model_output/inference").glob("*/inference/masks/new.png"))
-    assert len(masks) == 1 and set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
+    assert len(list(Path("data/08_reporting/evaluation/val/overlays").glob("*/overlays/*/*.png"))) == 6
+    masks = sorted(Path("data/07_model_output/inference").glob("*/inference/masks/*/new.png"))
+    assert [m.parent.name for m in masks] == ["blood_vessel", "catheter"]
+    assert set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
     loads = len(fake_project.loads)
 
     # Second threshold run: the stored val maps of the same model are read back from disk and re-used.

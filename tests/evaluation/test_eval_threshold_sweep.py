@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sa2va_pipeline.evaluation.metrics import dice
-from sa2va_pipeline.evaluation.probabilities import binarize, dequantise, quantise
+from sa2va_pipeline.prediction.maps import binarize, dequantise, quantise
 from sa2va_pipeline.evaluation.threshold_sweep import (
     choose_threshold,
     oracle_thresholds,

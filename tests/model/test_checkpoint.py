@@ -223,3 +223,93 @@ def test_export_merges_in_place_lora_and_trainable_tokens(tmp_path, make_image):
     merged = Sa2VA.from_pretrained(tmp_path)
     assert torch.allclose(merged.predict_proba(make_image(3), "vessel"), expected, atol=1e-5)
     assert not torch.equal(merged.vlm.lm_head.weight[seg], Sa2VA.from_preset("tiny").vlm.lm_head.weight[seg])
+
+
+# ---------------------------------------------------------------- hostile or damaged checkpoints (issue 13)
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_sharded")
+    tiny.save_pretrained(path, max_shard_size="4MB")
+    return path
+
+
+def _move_first_shard_out(sharded, tmp_path):
+    """A copy of the sharded checkpoint whose first shard lies in a sibling folder: (ckpt, index, name, outside)."""
+    ckpt = _copy(sharded, tmp_path / "ckpt")
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    name = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.move(str(ckpt / name), str(outside / name))
+    return ckpt, index, name, outside
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute"])
+def test_index_shard_names_must_stay_inside_the_checkpoint(sharded, tmp_path, how):
+    from sa2va_pipeline.model import Sa2VA
+
+    ckpt, index, name, outside = _move_first_shard_out(sharded, tmp_path)
+    escaped = f"../outside/{name}" if how == "dotdot" else str((outside / name).resolve())
+    index["weight_map"] = {k: escaped if v == name else v for k, v in index["weight_map"].items()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json names .*not a file inside"):
+        Sa2VA.from_pretrained(ckpt)
+
+
+def test_a_shard_symlinked_from_outside_the_checkpoint_is_refused(sharded, tmp_path):
+    from sa2va_pipeline.model import Sa2VA
+
+    ckpt, _, name, outside = _move_first_shard_out(sharded, tmp_path)
+    (ckpt / name).symlink_to(outside / name)
+    with pytest.raises(CheckpointError, match=rf"{name} leads outside the checkpoint folder"):
+        Sa2VA.from_pretrained(ckpt)
+    # a link that stays inside the folder is fine
+    shutil.move(str(outside / name), str(ckpt / "real.safetensors"))
+    (ckpt / name).unlink()
+    (ckpt / name).symlink_to("real.safetensors")
+    assert Sa2VA.from_pretrained(ckpt).family == "internvl"
+
+
+def test_an_integer_tensor_where_a_float_weight_belongs_is_refused(saved, tmp_path):
+    from sa2va_pipeline.model import Sa2VA
+
+    def to_int(state):
+        state["text_hidden_fcs.2.weight"] = state["text_hidden_fcs.2.weight"].to(torch.int64)
+
+    with pytest.raises(CheckpointError, match=r"wrong dtype kind: text_hidden_fcs\.2\.weight: checkpoint torch\.int64"):
+        Sa2VA.from_pretrained(_perturb(saved, tmp_path, to_int))
+
+
+def _damage(file, how):
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "empty":
+        file.write_bytes(b"")
+    else:  # a header length of 1 TB
+        file.write_bytes((2**40).to_bytes(8, "little") + data[8:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "oversized_header"])
+def test_damaged_safetensors_are_named_with_what_to_do(saved, sharded, tmp_path, how):
+    from sa2va_pipeline.model import Sa2VA
+
+    single = _copy(saved, tmp_path / "single")
+    _damage(single / "model.safetensors", how)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors \(\d+ bytes\) cannot be read .*re-download"):
+        Sa2VA.from_pretrained(single)
+    shards = _copy(sharded, tmp_path / "shards")
+    name = sorted(json.loads((shards / "model.safetensors.index.json").read_text())["weight_map"].values())[-1]
+    _damage(shards / name, how)
+    with pytest.raises(CheckpointError, match=rf"{name} \(\d+ bytes\) cannot be read"):
+        Sa2VA.from_pretrained(shards)
+
+
+@pytest.mark.parametrize("file", ["config.json", "model.safetensors.index.json", "tokenizer_config.json"])
+def test_invalid_json_files_are_named_with_what_to_do(saved, sharded, tmp_path, file):
+    from sa2va_pipeline.model import Sa2VA
+
+    ckpt = _copy(sharded if file.startswith("model") else saved, tmp_path / "ckpt")
+    (ckpt / file).write_text('{"model_type": "sa2va_chat", ')  # cut short
+    with pytest.raises(CheckpointError, match=rf"{file.replace('.', chr(92) + '.')} is not valid JSON.*re-download"):
+        Sa2VA.from_pretrained(ckpt)

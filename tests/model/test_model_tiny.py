@@ -97,13 +97,13 @@ def test_training_forward_lm_loss_matches_full_logits(tiny, make_image, make_mas
     with torch.no_grad():
         out = tiny.training_forward(batch)
         vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
-        hidden = tiny._llm_hidden(batch["input_ids"], vit)
+        hidden = tiny.adapter.llm_hidden(tiny, batch["input_ids"], vit)
         logits = tiny.vlm.lm_head(hidden)
         full = F.cross_entropy(
             logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
         )
     assert torch.allclose(out["llm"], full, atol=1e-5)
-    assert set(out) == {"llm", "mask_bce", "mask_dice", "total"}
+    assert set(out) == {"llm", "mask_bce", "mask_dice", "total", "per_object"}
     assert torch.allclose(out["total"], out["llm"] + 2.0 * out["mask_bce"] + 0.5 * out["mask_dice"])
 
 
@@ -178,7 +178,7 @@ def test_precomputed_features_give_the_same_losses(tiny, make_image, make_mask):
         cached = dict(batch, **tiny.encode_images(batch["pixel_values"], batch["sam2_pixel_values"]))
         del cached["pixel_values"], cached["sam2_pixel_values"]
         again = tiny.training_forward(cached, generator=torch.Generator().manual_seed(0))
-    for key in direct:
+    for key in ("llm", "mask_bce", "mask_dice", "total"):
         assert torch.allclose(direct[key], again[key], atol=1e-6), key
 
 
@@ -254,7 +254,7 @@ def test_llm_hidden_without_padding_mask_equals_masked_forward_at_real_tokens(ti
     assert batch["attention_mask"].sum(1).tolist()[0] < batch["input_ids"].shape[1]  # row 0 is padded
     with torch.no_grad():
         vit = tiny.project_vit(tiny.encode_vit(batch["pixel_values"]))
-        ours = tiny._llm_hidden(batch["input_ids"], vit)
+        ours = tiny.adapter.llm_hidden(tiny, batch["input_ids"], vit)
         embeds = tiny.vlm.get_input_embeddings()(batch["input_ids"])
         embeds = embeds.masked_scatter(
             (batch["input_ids"] == tiny.img_context_id)[..., None], vit.reshape(-1, embeds.shape[-1])

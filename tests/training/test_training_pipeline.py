@@ -41,8 +41,10 @@ def test_parameters_file_resolves_both_recipes():
         load_training_config({**params, "optimizer": {"lrr": 1.0}})
 
 
-def _manifest(tmp_path: Path) -> pd.DataFrame:
-    rows = []
+def _manifest(tmp_path: Path) -> tuple[pd.DataFrame, list[dict]]:
+    from sa2va_pipeline.data.annotations import mask_to_entry
+
+    rows, entries = [], []
     for i, split in enumerate(["train"] * 4 + ["val"] * 2):
         mask = np.zeros((64, 64), np.uint8)
         mask[:, 10 + 5 * i : 14 + 5 * i] = 255
@@ -51,7 +53,8 @@ def _manifest(tmp_path: Path) -> pd.DataFrame:
         Image.fromarray(mask).save(tmp_path / f"f{i}_mask.png")
         rows.append({"id": f"v{i}_frame_0", "image": str(tmp_path / f"f{i}.png"),
                      "mask": str(tmp_path / f"f{i}_mask.png"), "split": split})
-    return pd.DataFrame(rows)
+        entries.append(mask_to_entry(f"f{i}.png", mask > 0, "blood vessel"))
+    return pd.DataFrame(rows), entries
 
 
 @pytest.mark.slow
@@ -67,10 +70,11 @@ def test_training_pipeline_writes_a_loadable_model(tmp_path, devices):
     params["model"]["overrides"] = {"sam2_image_size": 64}
     params["lora"] = {"r": 4, "alpha": 8}
     params["checkpoint"]["dir"] = str(tmp_path / "ckpt")
+    manifest, annotations = _manifest(tmp_path)
     catalog = DataCatalog(
         {
-            "split_manifest": MemoryDataset(_manifest(tmp_path)),
-            "params:phrase": MemoryDataset("blood vessel"),
+            "split_manifest": MemoryDataset(manifest),
+            "annotations": MemoryDataset(annotations),
             "params:training": MemoryDataset(params, copy_mode="assign"),
             "trained_model": TrainedModelDataset(str(tmp_path / "trained_model"), version=None),
         }

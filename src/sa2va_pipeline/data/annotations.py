@@ -1,4 +1,5 @@
-"""Sa2VA ``annotations.json``: write it from binary masks, read and validate existing ones.
+"""Sa2VA ``annotations.json``: read and validate a user's file (a label source of its own), and build
+the ONE annotations.json of the ingested data from each image's objects, with a per-object report.
 
 Format (one entry per image)::
 
@@ -24,11 +25,13 @@ import pandas as pd
 
 from sa2va_pipeline.data.image_io import read_mask01
 from sa2va_pipeline.data.polygons import dice, mask_to_polygons, rasterize_polygons
+from sa2va_pipeline.data.sources import DetectedSource, ImageFile, ImageListing, Labels, PlannedObject
+from sa2va_pipeline.errors import UserError
 
 MAX_ERRORS_SHOWN = 20
 
 
-class AnnotationFormatError(ValueError):
+class AnnotationFormatError(UserError, ValueError):
     """Malformed ``annotations.json`` entries; ``errors`` lists one message per problem."""
 
     def __init__(self, source: str, errors: list[str]):
@@ -104,6 +107,26 @@ def _normalise_objects(mask: Any) -> list[list[Any]]:
     ]
 
 
+def polygon_problem(poly: Any, size: tuple[int, int] | None = None) -> str | None:
+    """What is wrong with one flat polygon (``size`` = (height, width) bounds the points), or None."""
+    if not isinstance(poly, list) or not all(_is_number(c) for c in poly):
+        return "coordinates must be a flat list of numbers"
+    if len(poly) % 2:
+        return f"odd number of coordinates ({len(poly)})"
+    if len(poly) < 6:
+        return f"{len(poly) // 2} point(s); a polygon needs at least 3"
+    coords = [float(c) for c in poly]
+    if not all(math.isfinite(c) for c in coords):
+        return "non-finite coordinate"
+    if size is not None:
+        h, w = size
+        xs, ys = coords[0::2], coords[1::2]
+        if min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h:
+            return (f"point(s) outside the {w}x{h} image "
+                    f"(x in [{min(xs):g}, {max(xs):g}], y in [{min(ys):g}, {max(ys):g}])")
+    return None
+
+
 def parse_annotations(
     data: Any,
     image_sizes: Mapping[str, tuple[int, int]] | None = None,
@@ -148,6 +171,9 @@ def parse_annotations(
         if not isinstance(text, list) or not all(isinstance(t, str) for t in text):
             errors.append(f"{where}: 'text' must be a string or a list of strings")
             continue
+        if not all(t.strip() for t in text):
+            errors.append(f"{where}: 'text' holds an empty phrase; every object needs its phrase")
+            continue
         objects = _normalise_objects(raw["mask"])
         if not isinstance(objects, list) or not all(isinstance(o, list) for o in objects):
             errors.append(f"{where}: 'mask' must be a list of objects, each a list of polygons")
@@ -161,35 +187,12 @@ def parse_annotations(
         for j, polygons in enumerate(objects):
             clean_polys = []
             for k, poly in enumerate(polygons):
-                pwhere = f"{where}, object {j}, polygon {k}"
-                if not isinstance(poly, list) or not all(_is_number(c) for c in poly):
-                    errors.append(f"{pwhere}: coordinates must be a flat list of numbers")
+                problem = polygon_problem(poly, size)
+                if problem:
+                    errors.append(f"{where}, object {j}, polygon {k}: {problem}")
                     entry_ok = False
                     continue
-                if len(poly) % 2:
-                    errors.append(f"{pwhere}: odd number of coordinates ({len(poly)})")
-                    entry_ok = False
-                    continue
-                if len(poly) < 6:
-                    errors.append(f"{pwhere}: {len(poly) // 2} point(s); a polygon needs at least 3")
-                    entry_ok = False
-                    continue
-                coords = [float(c) for c in poly]
-                if not all(math.isfinite(c) for c in coords):
-                    errors.append(f"{pwhere}: non-finite coordinate")
-                    entry_ok = False
-                    continue
-                if size is not None:
-                    h, w = size
-                    xs, ys = coords[0::2], coords[1::2]
-                    if min(xs) < 0 or min(ys) < 0 or max(xs) > w or max(ys) > h:
-                        errors.append(
-                            f"{pwhere}: point(s) outside the {w}x{h} image "
-                            f"(x in [{min(xs):g}, {max(xs):g}], y in [{min(ys):g}, {max(ys):g}])"
-                        )
-                        entry_ok = False
-                        continue
-                clean_polys.append(coords)
+                clean_polys.append([float(c) for c in poly])
             clean_objects.append(clean_polys)
         if entry_ok:
             entries.append({"image": image, "text": list(text), "mask": clean_objects})
@@ -223,57 +226,129 @@ def polygon_stats(entry: Mapping[str, Any]) -> tuple[int, int]:
     return len(polys), sum(len(p) // 2 for p in polys)
 
 
-# ------------------------------------------------------------------------- manifest -> annotations
-REPORT_COLUMNS = ["id", "image", "source", "n_polygons", "n_points", "vessel_pixels", "dice", "below_floor"]
+# ------------------------------------------------------------------------ annotations.json as a source
+def _match_entries(data: Any, listing: ImageListing) -> tuple[dict[int, ImageFile], dict[str, tuple[int, int]]]:
+    """Entry index -> ingested image (by file name, else by stem), and the sizes to check points against."""
+    by_name, by_stem = listing.by_name(), listing.by_stem()
+    matches: dict[int, ImageFile] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for i, raw in enumerate(data if isinstance(data, list) else []):
+        image = raw.get("image") if isinstance(raw, Mapping) else None
+        if isinstance(image, str) and image:
+            found = by_name.get(Path(image).name) or by_stem.get(Path(image).stem)
+            if found is not None:
+                matches[i] = found
+                sizes[image] = (found.height, found.width)
+    return matches, sizes
 
 
-def annotate_manifest(
-    manifest: pd.DataFrame,
-    phrase: str,
-    dice_floor: float,
-    user_entries: Sequence[Mapping[str, Any]] | None = None,
+def read_sa2va_labels(root: Path, source: DetectedSource, listing: ImageListing, config: Any = None) -> Labels:
+    """Objects of every image from a Sa2VA ``annotations.json`` (polygons kept verbatim), with report rows.
+
+    Entries are matched to ``images/`` by file name, else by stem; only names are compared, so an entry
+    can never make us read a file outside ``images/``. An entry whose image is absent is a rejected row
+    ``<file>#entry <i>``; an image no entry names is rejected (add an entry with empty ``text``/``mask``
+    for an image without objects).
+
+    Raises:
+        AnnotationFormatError: malformed entries, points outside their image, two entries for one image
+            (every problem listed, each naming the entry index and image).
+    """
+    path = source.evidence[0]
+    name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+    matches, sizes = _match_entries(source.data, listing)
+    entries = parse_annotations(source.data, sizes, source=str(path))
+    seen: dict[str, int] = {}
+    errors = []
+    for i, image in sorted(matches.items()):
+        if image.rel in seen:
+            errors.append(f"entries {seen[image.rel]} and {i} both name image {image.path.name!r}: merge them")
+        seen.setdefault(image.rel, i)
+    if errors:
+        raise AnnotationFormatError(str(path), errors)
+    labels = Labels(missing=f"no entry of {name} names this image (an image without objects needs an entry "
+                            'with "text": [] and "mask": [])')
+    for i, entry in enumerate(entries):
+        image = matches.get(i)
+        if image is None:
+            key = Path(entry["image"]).name
+            note = listing.name_notes.get(key) or f"image {entry['image']!r} not found in images/"
+            labels.rows[f"{name}#entry {i}"] = ("rejected", note)
+            continue
+        labels.objects[image.rel] = [
+            PlannedObject(text, "annotations", f"{name} entry {i} object {j}", polygons=polygons)
+            for j, (text, polygons) in enumerate(zip(entry["text"], entry["mask"]))
+        ]
+    n_objects = sum(len(e["text"]) for e in entries)
+    labels.rows[name] = ("ok", f"Sa2VA annotations: {len(entries)} entries, {n_objects} objects")
+    return labels
+
+
+# ------------------------------------------------------------------------- objects -> annotations
+REPORT_COLUMNS = [
+    "id", "image", "object", "phrase", "source", "origin", "n_polygons", "n_points", "pixels", "dice", "valid",
+    "below_floor",
+]
+
+
+def _object_row(obj: Mapping[str, Any], height: int, width: int, dice_floor: float) -> tuple[list, dict[str, Any]]:
+    """Polygons of one ingested object and its report fields.
+
+    A raster object (``mask``: a 0/1 PNG) is encoded as polygons and rasterised back (round-trip Dice);
+    a polygon object is kept verbatim: its filled pixel count is reported and it is ``valid`` when every
+    polygon fills at least one pixel (Dice is then not applicable: NaN).
+    """
+    if "mask" in obj:
+        mask = read_mask01(obj["mask"])
+        if mask.shape != (height, width):
+            raise ValueError(
+                f"object mask '{obj['mask']}' is {mask.shape[1]}x{mask.shape[0]}, its image {width}x{height}"
+            )
+        polygons = mask_to_polygons(mask)
+        score = dice(mask, rasterize_polygons(polygons, height, width))
+        fields = {"pixels": int(mask.sum()), "dice": round(score, 6), "valid": True,
+                  "below_floor": score < dice_floor}
+    else:
+        polygons = [list(p) for p in obj["polygons"]]
+        filled = [int(rasterize_polygons([p], height, width).sum()) for p in polygons]
+        pixels = int(rasterize_polygons(polygons, height, width).sum())
+        fields = {"pixels": pixels, "dice": float("nan"), "valid": all(filled), "below_floor": False}
+    fields.update(n_polygons=len(polygons), n_points=sum(len(p) // 2 for p in polygons))
+    return polygons, fields
+
+
+def annotate_objects(
+    manifest: pd.DataFrame, objects: Sequence[Mapping[str, Any]], dice_floor: float
 ) -> tuple[list[dict[str, Any]], pd.DataFrame]:
-    """Build annotations.json entries for every manifest row, with a per-sample round-trip report.
+    """Build the ONE annotations.json of the ingested data, with one report row per object.
 
-    Each entry's ``image`` is the file name of the ingested image (the image folder is the ingested
-    ``images/`` folder). Masks are read one at a time. With ``user_entries`` (already validated, see
-    :func:`read_annotations`), a user entry replaces the generated one when its image matches a sample
-    by file name or stem; the report then measures how well it reproduces the ingested mask.
-    User entries that match no sample are reported (``source`` = ``user_unmatched``), never dropped
-    silently; samples the user file lacks get generated entries.
+    Args:
+        manifest: the ingestion manifest (``id``, ``image`` absolute path, ``width``, ``height``).
+        objects: the ingestion objects, one record per manifest row: ``{"id", "image", "objects": [
+            {"phrase", "source", "origin", "mask": <0/1 PNG path>} or {..., "polygons": [[x, y, ...]]}]}``.
+        dice_floor: raster objects whose polygons reproduce them with a lower Dice are flagged.
 
     Returns:
-        ``(entries, report)``; report columns: id, image, source, n_polygons, n_points, vessel_pixels,
-        dice, below_floor.
+        ``(entries, report)``: one entry per manifest row, in manifest order (``image`` = the ingested
+        file name; objects in ingestion order, objects sharing a phrase stay separate objects); report
+        columns :data:`REPORT_COLUMNS`.
+
+    Raises:
+        ValueError: a manifest row has no objects record (the two come from different ingestion runs).
     """
-    by_key: dict[str, Mapping[str, Any]] = {}
-    for entry in user_entries or []:
-        by_key.setdefault(Path(entry["image"]).name, entry)
-        by_key.setdefault(Path(entry["image"]).stem, entry)
-    used: set[int] = set()
+    by_id = {str(rec["id"]): rec for rec in objects}
     entries, rows = [], []
     for row in manifest.itertuples(index=False):
+        record = by_id.get(str(row.id))
+        if record is None:
+            raise ValueError(f"ingestion_objects has no record for manifest id {row.id!r}: re-run ingestion")
         image_name = Path(row.image).name
-        mask = read_mask01(row.mask)
-        user = by_key.get(image_name) or by_key.get(str(row.id))
-        if user is not None:
-            used.add(id(user))
-            entry = {"image": image_name, "text": list(user["text"]), "mask": user["mask"]}
-            source = "user"
-        else:
-            entry = mask_to_entry(image_name, mask, phrase)
-            source = "generated"
-        score = round_trip_dice(mask, entry)
-        n_polys, n_points = polygon_stats(entry)
+        entry = {"image": image_name, "text": [], "mask": []}
+        for k, obj in enumerate(record["objects"]):
+            polygons, fields = _object_row(obj, int(row.height), int(row.width), dice_floor)
+            entry["text"].append(obj["phrase"])
+            entry["mask"].append(polygons)
+            rows.append({"id": str(row.id), "image": image_name, "object": k, "phrase": obj["phrase"],
+                         "source": obj["source"], "origin": obj.get("origin", ""), **fields})
         entries.append(entry)
-        rows.append({
-            "id": row.id, "image": image_name, "source": source, "n_polygons": n_polys, "n_points": n_points,
-            "vessel_pixels": int(mask.sum()), "dice": round(score, 6), "below_floor": bool(score < dice_floor),
-        })
-    for entry in user_entries or []:
-        if id(entry) not in used:
-            rows.append({
-                "id": "", "image": entry["image"], "source": "user_unmatched", "n_polygons": polygon_stats(entry)[0],
-                "n_points": polygon_stats(entry)[1], "vessel_pixels": 0, "dice": float("nan"), "below_floor": False,
-            })
     return entries, pd.DataFrame(rows, columns=REPORT_COLUMNS)

@@ -11,22 +11,52 @@ import cv2
 import numpy as np
 from PIL import Image
 
-# Decompression-bomb guard stays on, but real angiography frames are far below it.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+# PIL's own decompression-bomb guard keeps its default (a warning above ~89M pixels, an error above
+# ~179M); every reader of this module also checks the header against ``max_pixels`` BEFORE decoding.
+# 64M pixels is far above a 4k x 4k frame (16.8M) and far below the 400M a 20000 x 20000 header claims.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 # The image file types every reader of this project accepts (ingestion, inference), lower-case.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as ``(H, W, 3)`` uint8 RGB (files written by ingestion are already RGB)."""
-    with Image.open(io.BytesIO(Path(path).read_bytes())) as img:
+class ImageTooLargeError(ValueError):
+    """An image whose header claims more pixels than allowed; nothing was decoded."""
+
+
+def check_pixels(img: Image.Image, max_pixels: int | None, what: str = "image") -> None:
+    """Refuse an opened (not yet decoded) PIL image whose header size exceeds ``max_pixels``.
+
+    Raises:
+        ImageTooLargeError: ``width * height > max_pixels`` (the message gives both numbers).
+    """
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise ImageTooLargeError(
+            f"{what} is {img.width}x{img.height} = {img.width * img.height:,} pixels, above the limit of "
+            f"{max_pixels:,} (ingestion.max_pixels); not decoded. Downscale it, or raise the limit if it is real."
+        )
+
+
+def open_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, what: str = "image") -> Image.Image:
+    """Open image bytes lazily with PIL and check the header's pixel count before anything is decoded."""
+    img = Image.open(io.BytesIO(data))
+    check_pixels(img, max_pixels, what)
+    return img
+
+
+def read_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` uint8 RGB (files written by ingestion are already RGB).
+
+    Raises:
+        ImageTooLargeError: the header claims more than ``max_pixels`` pixels (checked before decoding).
+    """
+    with open_image(Path(path).read_bytes(), max_pixels, f"image '{path}'") as img:
         return np.asarray(img.convert("RGB"))
 
 
-def read_mask01(path: str | Path) -> np.ndarray:
-    """Read a binary mask PNG (0/255 or 0/1) as ``(H, W)`` uint8 0/1."""
-    with Image.open(io.BytesIO(Path(path).read_bytes())) as img:
+def read_mask01(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read a binary mask PNG (0/255 or 0/1) as ``(H, W)`` uint8 0/1 (header checked as in :func:`read_rgb`)."""
+    with open_image(Path(path).read_bytes(), max_pixels, f"mask '{path}'") as img:
         arr = np.asarray(img)
     if arr.ndim == 3:
         arr = arr.max(axis=2)

@@ -4,10 +4,13 @@ Each "video" is one vessel tree (one or two roots: curved centrelines, tapering 
 to 0.7 px, branches that cross, a few anastomoses that close loops) seen over several frames while it
 deforms a little (a cardiac-like wobble plus drift). A frame is a textured background (soft blobs,
 rib-like bands, collimator vignetting), the vessels as attenuation (thicker = darker, crossings add up),
-in some videos an unlabelled catheter-like tube, then blur, noise and JPEG compression.
+in some videos a catheter (a constant-width tube, labelled as its own structure), then blur, noise and
+JPEG compression.
 
-Files follow the real data's naming: ``images/<Patient Name>(<id>)_<seq>_<hash>_frame_<NNNNNN>.jpg``
-and ``masks/<same stem>_mask.png`` (0/255). A marker file records the generator and its parameters:
+Files follow the real data's naming, ``images/<Patient Name>(<id>)_<seq>_<hash>_frame_<NNNNNN>.jpg``,
+with one mask folder per structure (the multi-structure layout): ``masks/blood vessel/<same stem>_mask.png``
+for every frame and ``masks/catheter/<same stem>_mask.png`` (0/255) for frames that show a catheter
+(frames without one have no catheter object). A marker file records the generator and its parameters:
 we only ever write into an empty folder or one holding our own marker, so data we did not generate is
 never overwritten.
 """
@@ -30,8 +33,11 @@ from sa2va_pipeline.data.image_io import encode_jpeg, encode_png
 log = logging.getLogger(__name__)
 
 MARKER_NAME = ".sa2va_synthetic.json"
+# The phrases of the two labelled structures: the names of their mask folders.
+VESSEL_PHRASE = "blood vessel"
+CATHETER_PHRASE = "catheter"
 GENERATOR = "sa2va_pipeline.data.synthetic"
-GENERATOR_VERSION = 1  # bump when the drawing changes, so an old sample is regenerated
+GENERATOR_VERSION = 2  # bump when the drawing changes, so an old sample is regenerated (2: catheter labelled)
 
 _FIRST_NAMES = ["Anna", "Jürgen", "Maria", "Tomasz", "Zoë", "Hiroshi", "Fatima", "Lars", "Chloé", "Rafael", "Ingrid",
                 "Kofi"]
@@ -57,6 +63,7 @@ class SampleSpec:
     jpeg_quality_max: int = 92
     catheter_probability: float = 0.5
     noise_sigma: float = 7.0
+    vessel_width_scale: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for the marker and for comparisons)."""
@@ -175,7 +182,7 @@ def _tree(rng: np.random.Generator, size: int, spec_budget: float = 16.0) -> lis
 
 
 def _catheter(rng: np.random.Generator, size: int) -> np.ndarray:
-    """A long, smooth, constant-width tube from the image border (not a vessel: never in the mask)."""
+    """A long, smooth, constant-width tube from the image border (labelled ``catheter``, never ``blood vessel``)."""
     start = np.array([rng.uniform(0.2, 0.8) * size, size + 10.0])
     angle = -math.pi / 2 + rng.normal(0, 0.3)
     pts, pos, curvature = [start], start.copy(), rng.normal(0, 0.004)
@@ -255,15 +262,22 @@ def _draw_tube(canvas: np.ndarray, points: np.ndarray, radii: np.ndarray | float
         cv2.circle(canvas, (cx, cy), r, value, -1, cv2.LINE_8, shift)
 
 
-def render_frame(scene: VideoScene, spec: SampleSpec, t: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one frame of a scene at time ``t``: ``(gray uint8 (S, S), mask uint8 0/1 (S, S))``."""
+def render_frame(
+    scene: VideoScene, spec: SampleSpec, t: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Draw one frame of a scene at time ``t``: ``(gray uint8 (S, S), vessel mask uint8 0/1 (S, S),
+    catheter mask uint8 0/1 (S, S) or None when the frame shows no catheter)``.
+
+    ``spec.vessel_width_scale`` scales every vessel radius as drawn (the trees themselves stay the same).
+    """
     s = spec.size
     mask = np.zeros((s, s), np.uint8)
     attenuation = np.zeros((s, s), np.float32)
     tube = np.zeros((s, s), np.float32)
     for branch in scene.branches:
         pts = _deform(branch.points, scene.motion, t, s)
-        _draw_tube(mask, pts, branch.radii, 1)
+        radii = branch.radii * spec.vessel_width_scale
+        _draw_tube(mask, pts, radii, 1)
         # X-ray attenuation grows with the path length through the vessel: thick vessels are darker;
         # drawing each branch on its own and adding makes crossings darker still.
         tube[:] = 0
@@ -272,23 +286,26 @@ def render_frame(scene: VideoScene, spec: SampleSpec, t: float, rng: np.random.G
         if (hi <= lo).any():
             continue
         sub = tube[lo[1]:hi[1], lo[0]:hi[0]]
-        _draw_tube(sub, pts - lo, branch.radii, 1.0)
+        _draw_tube(sub, pts - lo, radii, 1.0)
         core = np.zeros_like(sub)
-        _draw_tube(core, pts - lo, branch.radii * 0.55, 1.0)
-        thickness = np.interp(np.arange(len(pts)), np.arange(len(pts)), branch.radii).mean()
+        _draw_tube(core, pts - lo, radii * 0.55, 1.0)
+        thickness = np.interp(np.arange(len(pts)), np.arange(len(pts)), radii).mean()
         strength = 22.0 + 6.0 * min(thickness, 6.0)
         attenuation[lo[1]:hi[1], lo[0]:hi[0]] += strength * sub + 0.5 * strength * core
     attenuation = cv2.GaussianBlur(attenuation, (0, 0), 0.9)
     frame = scene.background - attenuation
+    catheter = None
     if scene.catheter is not None:
         cath = np.zeros((s, s), np.float32)
         _draw_tube(cath, _deform(scene.catheter, scene.motion, t, s), scene.catheter_radius, 1.0)
         frame -= 55.0 * cv2.GaussianBlur(cath, (0, 0), 0.6)
+        catheter = (cath > 0).astype(np.uint8)
+        catheter = catheter if catheter.any() else None
     # quantum-like noise: fine grain plus a little correlated noise
     noise = rng.normal(0, spec.noise_sigma, (s, s)).astype(np.float32)
     noise = 0.8 * noise + 0.6 * cv2.GaussianBlur(noise, (0, 0), 1.2) * 2.0
     frame = cv2.GaussianBlur(frame + noise, (0, 0), 0.6)
-    return np.clip(frame, 0, 255).astype(np.uint8), mask
+    return np.clip(frame, 0, 255).astype(np.uint8), mask, catheter
 
 
 # ------------------------------------------------------------------------------------- file layout
@@ -399,8 +416,10 @@ def _write_folder(folder: Path, params: dict[str, Any], files: dict[str, bytes])
 
 
 # ------------------------------------------------------------------------------------------ public
-def render_video(spec: SampleSpec, seed_seq: np.random.SeedSequence, n_frames: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render ``n_frames`` frames (gray, mask) of one video from its own seed sequence."""
+def render_video(
+    spec: SampleSpec, seed_seq: np.random.SeedSequence, n_frames: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Render ``n_frames`` frames (gray, vessel mask, catheter mask or None) of one video from its own seed."""
     rng = np.random.default_rng(seed_seq)
     scene = _scene(rng, spec)
     return [render_frame(scene, spec, float(i), rng) for i in range(n_frames)]
@@ -414,10 +433,12 @@ def _labelled_files(spec: SampleSpec) -> dict[str, bytes]:
     quality_rng = np.random.default_rng(root.spawn(1)[0])
     for info, seq in zip(videos, videos_seq.spawn(spec.n_videos)):
         quality = int(quality_rng.integers(spec.jpeg_quality_min, spec.jpeg_quality_max + 1))
-        for i, (gray, mask) in enumerate(render_video(spec, seq, spec.frames_per_video)):
+        for i, (gray, mask, catheter) in enumerate(render_video(spec, seq, spec.frames_per_video)):
             stem = info.stem(i)
             files[f"images/{stem}.jpg"] = encode_jpeg(np.repeat(gray[:, :, None], 3, axis=2), quality)
-            files[f"masks/{stem}_mask.png"] = encode_png(mask * 255)
+            files[f"masks/{VESSEL_PHRASE}/{stem}_mask.png"] = encode_png(mask * 255)
+            if catheter is not None:
+                files[f"masks/{CATHETER_PHRASE}/{stem}_mask.png"] = encode_png(catheter * 255)
     return files
 
 
@@ -429,7 +450,7 @@ def _new_image_files(spec: SampleSpec) -> dict[str, bytes]:
     videos = _videos(np.random.default_rng(naming_seq), n_videos, 1, offset=7)
     files: dict[str, bytes] = {}
     for info, seq in zip(videos, videos_seq.spawn(n_videos)):
-        for i, (gray, _mask) in enumerate(render_video(spec, seq, 2)):
+        for i, (gray, _mask, _catheter) in enumerate(render_video(spec, seq, 2)):
             if len(files) < spec.n_new_images:
                 files[f"{info.stem(i)}.jpg"] = encode_jpeg(np.repeat(gray[:, :, None], 3, axis=2), 85)
     return files
@@ -470,3 +491,37 @@ def generate_sample(output_dir: str | Path, new_images_dir: str | Path | None, s
         log.info("Synthetic sample: %s %d files in %s.", action, len(files), folder)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     return summary
+
+
+def spec_from_params(params: dict[str, Any]) -> SampleSpec:
+    """The :class:`SampleSpec` of ``params:sample_data`` (keys that are not spec fields are ignored)."""
+    fields_ = set(SampleSpec.__dataclass_fields__)
+    return SampleSpec(**{k: v for k, v in params.items() if k in fields_})
+
+
+def generate_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Generate (or keep) the sample that ``params:sample_data`` describes; a summary with ``status``.
+
+    A folder holding data we did not generate is left alone: the summary says so
+    (``skipped_foreign_data``) and nothing is raised, as the folder may well hold the user's data.
+    """
+    spec = spec_from_params(params)
+    try:
+        summary = generate_sample(params["output_dir"], params.get("new_images_dir"), spec)
+        summary["status"] = "ready"
+    except ForeignDataError as exc:
+        log.warning("sample_data: %s", exc)
+        summary = {"status": "skipped_foreign_data", "reason": str(exc), "params": spec.to_dict()}
+    return summary
+
+
+def generate_if_sample_folder(raw_dir: str | Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Generate the sample when ``raw_dir`` is its folder (``params["output_dir"]``), else do nothing.
+
+    This is what lets ingestion run alone on a fresh clone with the default ``raw_dir``, and never touch
+    anything when ``raw_dir`` is the user's folder. Returns the summary, or None when not the sample folder.
+    """
+    output_dir = params.get("output_dir")
+    if not output_dir or Path(raw_dir).absolute().resolve() != Path(output_dir).absolute().resolve():
+        return None
+    return generate_from_params(params)

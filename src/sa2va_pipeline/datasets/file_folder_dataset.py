@@ -3,7 +3,8 @@
 The ingestion node returns ``{relative_path: bytes | callable}``; callables are called only while the
 dataset saves, one after the other, so thousands of frames never sit in memory together. Each save goes
 to ``<filepath>/<version>/<name>/`` (Kedro's versioned layout) through a temporary sibling folder that is
-renamed at the end, so a crashed save never looks like a finished version and a re-run never touches an
+renamed at the end (with a completeness record checked on load; stale temporaries of killed saves are
+removed at the next save), so a crashed save never looks like a finished version and a re-run never touches an
 earlier version. Loading returns a :class:`FileFolder` (the version's root and its relative file names),
 so downstream nodes can point at the files instead of copying their bytes. Local filesystem only.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
-from sa2va_pipeline.atomic import staged_folder
+from sa2va_pipeline.datasets.atomic_files import check_folder_record, published_folder
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,14 @@ class FileFolderDataset(AbstractVersionedDataset[Mapping[str, FileContent], File
         root = Path(str(self._get_load_path())).absolute()
         if not root.is_dir():
             raise DatasetError(f"{root} is not a folder written by FileFolderDataset")
+        check_folder_record(root)
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         return FileFolder(root=root, files=files)
 
     def save(self, data: Mapping[str, FileContent]) -> None:
         """Write every entry (calling callables one at a time) into a new version folder."""
-        with staged_folder(Path(str(self._get_save_path()))) as staging:
+        target = Path(str(self._get_save_path()))
+        with published_folder(target, Path(str(self._filepath))) as staging:
             for name, content in data.items():
                 rel = PurePosixPath(name)
                 if rel.is_absolute() or ".." in rel.parts:

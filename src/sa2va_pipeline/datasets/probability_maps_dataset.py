@@ -1,9 +1,11 @@
-"""``ProbabilityMapsDataset``: a split's probability maps as one compressed ``.npz``, versioned.
+"""``ProbabilityMapsDataset``: a split's maps per (image, phrase) as one compressed ``.npz``, versioned.
 
 Layout inside the archive (loaded with ``allow_pickle=False``; nothing is pickled):
-``ids`` (unicode array), ``metadata`` (a JSON string: model identity, split, phrase, prompt, encoding)
-and ``map_00000``, ``map_00001``, ... in the order of ``ids``, each HxW ``uint8`` (round(p * 255)) or
-``float16`` as produced by :func:`sa2va_pipeline.evaluation.probabilities.predict_probability_maps`.
+``ids`` and ``phrases`` (unicode arrays, one element per map), ``metadata`` (a JSON string: model identity,
+split, phrases, prompt, encoding) and ``map_00000``, ``map_00001``, ... in the order of ``ids``/``phrases``,
+each HxW ``uint8`` (round(p * 255)) or ``float16`` as produced by
+:func:`sa2va_pipeline.prediction.predict_maps`. Files of the single-phrase version (no ``phrases`` array) load
+with every map under ``metadata["phrase"]``.
 
 ``missing_ok: true`` makes ``load`` return ``None`` when no version has been saved yet. The threshold and
 evaluation pipelines use this on a second, read-only entry pointing at the same file to find the latest
@@ -19,11 +21,26 @@ from typing import Any
 import numpy as np
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, VersionNotFoundError
 
-from sa2va_pipeline.evaluation.probabilities import ProbabilityMaps
+from sa2va_pipeline.atomic import atomic_write_bytes
+from sa2va_pipeline.prediction.maps import ProbabilityMaps
+
+
+def read_maps(path: Path) -> ProbabilityMaps:
+    """Read one archive (either layout, see the module docstring)."""
+    with np.load(path, allow_pickle=False) as archive:
+        ids = [str(i) for i in archive["ids"]]
+        metadata = json.loads(str(archive["metadata"]))
+        if "phrases" in archive.files:
+            phrases = [str(p) for p in archive["phrases"]]
+        else:  # single-phrase file
+            phrases = [str(metadata.get("phrase") or "")] * len(ids)
+            metadata.setdefault("phrases", [phrases[0]] if phrases else [])
+        maps = {(i, p): archive[f"map_{index:05d}"] for index, (i, p) in enumerate(zip(ids, phrases))}
+    return ProbabilityMaps(maps=maps, metadata=metadata)
 
 
 class ProbabilityMapsDataset(AbstractVersionedDataset[ProbabilityMaps, "ProbabilityMaps | None"]):
-    """Saves and loads :class:`ProbabilityMaps` as a compressed ``.npz`` file.
+    """Saves and loads :class:`~sa2va_pipeline.prediction.maps.ProbabilityMaps` as a compressed ``.npz`` file.
 
     Example catalog entry::
 
@@ -56,26 +73,25 @@ class ProbabilityMapsDataset(AbstractVersionedDataset[ProbabilityMaps, "Probabil
         if not path.is_file():
             if self._missing_ok:
                 return None
-            raise DatasetError(
-                f"probability maps file '{path}' does not exist; run the pipeline that predicts it"
-            )
-        with np.load(path, allow_pickle=False) as archive:
-            ids = [str(i) for i in archive["ids"]]
-            metadata = json.loads(str(archive["metadata"]))
-            maps = {sample_id: archive[f"map_{index:05d}"] for index, sample_id in enumerate(ids)}
-        return ProbabilityMaps(maps=maps, metadata=metadata)
+            raise DatasetError(f"probability maps file '{path}' does not exist; run the pipeline making it")
+        return read_maps(path)
 
     def save(self, data: ProbabilityMaps) -> None:
-        """Write the maps and metadata to a new version (compressed)."""
+        """Write the maps and metadata to a new version (compressed, atomically)."""
+        import io
+
         path = Path(str(self._get_save_path()))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ids = list(data.maps)
-        arrays = {f"map_{index:05d}": np.asarray(data.maps[sample_id]) for index, sample_id in enumerate(ids)}
-        tmp = path.with_name(path.name + ".partial.npz")  # numpy appends .npz to names without it
+        keys = data.keys()
+        arrays = {f"map_{index:05d}": np.asarray(data.maps[key]) for index, key in enumerate(keys)}
+        buffer = io.BytesIO()
         np.savez_compressed(
-            tmp, ids=np.array(ids, dtype=str), metadata=np.array(json.dumps(data.metadata)), **arrays
+            buffer,
+            ids=np.array([i for i, _ in keys], dtype=str),
+            phrases=np.array([p for _, p in keys], dtype=str),
+            metadata=np.array(json.dumps(data.metadata)),
+            **arrays,
         )
-        tmp.rename(path)
+        atomic_write_bytes(path, buffer.getvalue())
         self._clear_version_cache()
 
     def _exists(self) -> bool:

@@ -3,7 +3,8 @@
 Saving takes the in-memory :class:`sa2va_pipeline.training.artifacts.TrainedModel` returned by the
 training node and writes it with :func:`~sa2va_pipeline.training.artifacts.save_trained_model` into
 ``<filepath>/<version>/<name>/`` through a temporary sibling folder renamed at the end (a crashed save never
-looks like a finished version). Loading returns the version folder's :class:`~pathlib.Path`; rebuild the
+looks like a finished version; a completeness record is checked on load; stale temporaries of killed saves
+are removed at the next save). Loading returns the version folder's :class:`~pathlib.Path`; rebuild the
 model from it with :func:`sa2va_pipeline.training.artifacts.load_trained_model`, so downstream nodes decide
 the device and dtype themselves and nothing heavy is built on load.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
 
-from sa2va_pipeline.atomic import staged_folder
+from sa2va_pipeline.datasets.atomic_files import check_folder_record, published_folder
 
 
 class TrainedModelDataset(AbstractVersionedDataset[Any, Path]):
@@ -39,13 +40,15 @@ class TrainedModelDataset(AbstractVersionedDataset[Any, Path]):
             raise DatasetError(
                 f"{root} is not a trained-model folder (no model_source.json); run the training pipeline first."
             )
+        check_folder_record(root)
         return root
 
     def save(self, data: Any) -> None:
         """Write the trained model into a new version folder (atomically)."""
         from sa2va_pipeline.training.artifacts import save_trained_model
 
-        with staged_folder(Path(str(self._get_save_path()))) as staging:
+        target = Path(str(self._get_save_path()))
+        with published_folder(target, Path(str(self._filepath))) as staging:
             save_trained_model(data, staging)
         self._clear_version_cache()
 

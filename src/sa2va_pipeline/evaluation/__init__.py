@@ -1,8 +1,8 @@
-"""Evaluation library: metrics, threshold sweeps, probability maps, reports and overlays.
+"""Evaluation library: metrics, threshold sweeps, per-phrase frozen thresholds, reports and overlays.
 
 Plain Python (numpy, scipy, scikit-image, pandas, matplotlib); nothing here imports Kedro.
 Modules: ``metrics`` (per-image metrics and conventions), ``threshold_sweep`` (vectorised sweep and
-threshold choice), ``probabilities`` (batched prediction and storage encoding of probability maps),
-``report`` (per-image tables and summary.json), ``overlays`` and ``plots`` (figures),
-``new_images`` (reading an inference input folder).
+threshold choice), ``frozen_threshold`` (one threshold per phrase and the frozen-threshold JSON),
+``report`` (per-image tables and summary.json per phrase, with a macro mean), ``overlays`` and ``plots``
+(figures). Probability maps come from :mod:`sa2va_pipeline.prediction`.
 """

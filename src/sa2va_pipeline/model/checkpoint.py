@@ -14,14 +14,12 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ..errors import UserError
 from .conversion import native_to_official, official_to_native
-
-if TYPE_CHECKING:
-    from .sa2va import Sa2VA
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,8 +37,11 @@ TOKENIZER_FILES = (
 _NAMES_SHOWN = 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded as it is; the message says what and where."""
+class CheckpointError(UserError, ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message says what, where and what to do.
+
+    A :class:`~sa2va_pipeline.errors.UserError` (the CLI prints it without a traceback) and a ``ValueError``
+    (what it was before)."""
 
 
 def _names(keys: list[str]) -> str:
@@ -50,22 +51,56 @@ def _names(keys: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- reading
+DAMAGED = "re-download the checkpoint (or re-export it with save_pretrained)"
+
+
+def read_json(file: Path) -> Any:
+    """A checkpoint's JSON file; a file that is not valid JSON raises :class:`CheckpointError` naming it."""
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{file} is not valid JSON ({error}); {DAMAGED}.") from None
+
+
+def inside(folder: Path, name: str, listed_in: Path) -> Path:
+    """``folder / name``, refused unless it stays inside ``folder`` once resolved: no absolute names, no
+    ``..``, no symbolic link leading out (a checkpoint never reads files from elsewhere)."""
+    candidate = Path(name)
+    if not name or candidate.is_absolute() or ".." in candidate.parts:
+        raise CheckpointError(
+            f"{listed_in} names {name!r}, which is not a file inside {folder}; weights are only read from the "
+            f"checkpoint folder: {DAMAGED}."
+        )
+    resolved = (folder / candidate).resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise CheckpointError(
+            f"{folder / name} leads outside the checkpoint folder {folder} (to {resolved}, through a symbolic "
+            "link); weights are only read from the checkpoint folder: copy the file into it."
+        )
+    return folder / candidate
+
+
 def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory; pickled weights are refused."""
+    """The safetensors files of a checkpoint directory, all inside it; pickled weights are refused."""
     index = path / INDEX_FILE
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        content = read_json(inside(path, INDEX_FILE, path))
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index} has no 'weight_map' of tensor name -> shard file; {DAMAGED}.")
+        shards = sorted(set(weight_map.values()))
         bad = [s for s in shards if not s.endswith(".safetensors")]
         if bad:
             raise CheckpointError(
                 f"{index} lists non-safetensors shards {bad}: pickled weights are never loaded."
             )
-        missing = [s for s in shards if not (path / s).is_file()]
+        files = [inside(path, s, index) for s in shards]
+        missing = [s for s, f in zip(shards, files) if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are not in {path}: {missing}")
-        return [path / s for s in shards]
+        return files
     if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
+        return [inside(path, SINGLE_FILE, path)]
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
@@ -75,15 +110,47 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no {SINGLE_FILE} and no {INDEX_FILE}.")
 
 
+def _damaged(file: Path, error: Exception) -> CheckpointError:
+    size = file.stat().st_size if file.exists() else 0
+    return CheckpointError(
+        f"{file} ({size} bytes) cannot be read as safetensors ({error}): the file is truncated, empty or "
+        f"damaged; {DAMAGED}."
+    )
+
+
 def read_keys(files: list[Path]) -> list[str]:
-    """Tensor names of safetensors files, without reading the tensors."""
+    """Tensor names of safetensors files, without reading the tensors; a damaged file is named."""
     from safetensors import safe_open
 
     keys: list[str] = []
     for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            keys += list(handle.keys())
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                keys += list(handle.keys())
+        except Exception as error:  # safetensors raises its own SafetensorError (and OSError) for bad files
+            raise _damaged(f, error) from None
     return keys
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """All tensors of safetensors files on the CPU; a damaged file is named."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f), device="cpu"))
+        except Exception as error:  # as read_keys: the file changed or its data is incomplete
+            raise _damaged(f, error) from None
+    return state
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"
 
 
 def check_family(config: dict[str, Any], keys: list[str], path: Path) -> None:
@@ -133,10 +200,10 @@ def _added_tokens(path: Path) -> dict[str, int]:
     added: dict[str, int] = {}
     config_file = path / "tokenizer_config.json"
     if config_file.is_file():
-        decoder = json.loads(config_file.read_text()).get("added_tokens_decoder") or {}
+        decoder = read_json(config_file).get("added_tokens_decoder") or {}
         added.update({entry["content"]: int(i) for i, entry in decoder.items()})
     if (path / "added_tokens.json").is_file():
-        for token, token_id in json.loads((path / "added_tokens.json").read_text()).items():
+        for token, token_id in read_json(path / "added_tokens.json").items():
             if added.get(token, token_id) != token_id:
                 raise CheckpointError(
                     f"{path}: token {token!r} has id {token_id} in added_tokens.json but {added[token]} in "
@@ -167,46 +234,33 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
             f"{path} has no tokenizer.json (and no tokenizer.model for an InternLM2 LLM); a fast tokenizer is "
             "required (no remote code)."
         )
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            read_json(path / name)  # a damaged file is named rather than failing inside transformers
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
+    except Exception as error:  # the tokenizers library raises plain Exceptions for files it cannot parse
+        raise CheckpointError(f"{path}: cannot read the tokenizer files ({error}); {DAMAGED}.") from None
 
 
 def load_pretrained(
-    cls: type[Sa2VA], path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
-):
-    """Build ``cls`` from an official checkpoint directory; see :meth:`Sa2VA.from_pretrained`."""
-    from safetensors.torch import load_file
-
+    cls: type, path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(inside(path, "config.json", path))
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / 'config.json'} is not a JSON object; {DAMAGED}.")
     files = weight_files(path)
     check_family(config, read_keys(files), path)
     tokenizer = load_tokenizer(path, config)
     model = cls.build(config, tokenizer, device, dtype, init_weights=False)
 
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f), device="cpu"))
-    native, kept, unknown = official_to_native(state, model.layout)
+    native, kept, unknown = official_to_native(read_tensors(files), model.layout)
     _untie_qwen_vl_lm_head(model, native, config)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in native]
-    unexpected = unknown + [k for k in native if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in native.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    problems = []
-    if unknown or [k for k in native if k not in expected]:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    if missing:
-        problems.append(f"missing keys (native names): {_names(missing)}")
-    if shapes:
-        problems.append(f"mis-shaped keys: {_names(shapes)}")
-    if problems:
-        raise CheckpointError(f"{path}: the weights do not match the config. " + "; ".join(problems))
+    check_state(native, unknown, model.state_dict(), path)
     model.load_state_dict(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, strict=True
     )
@@ -225,7 +279,38 @@ def load_pretrained(
     return model.to(device).eval()
 
 
-def _untie_qwen_vl_lm_head(model: Sa2VA, native: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+def check_state(
+    native: dict[str, torch.Tensor], unknown: list[str], expected: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Refuse converted weights that do not match the model exactly, naming every bad key: unknown, unexpected,
+    missing, mis-shaped, or of another dtype kind (an integer tensor where a float weight belongs is never cast
+    silently; float precisions may differ, they are cast to the model's dtype)."""
+    missing = [k for k in expected if k not in native]
+    unexpected = unknown + [k for k in native if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in native.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    kinds = [
+        f"{k}: checkpoint {v.dtype} vs model {expected[k].dtype}"
+        for k, v in native.items()
+        if k in expected and _dtype_kind(v.dtype) != _dtype_kind(expected[k].dtype)
+    ]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected keys: {_names(unexpected)}")
+    if missing:
+        problems.append(f"missing keys (native names): {_names(missing)}")
+    if shapes:
+        problems.append(f"mis-shaped keys: {_names(shapes)}")
+    if kinds:
+        problems.append(f"keys of the wrong dtype kind: {_names(kinds)}")
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not match the config. " + "; ".join(problems))
+
+
+def _untie_qwen_vl_lm_head(model: Any, native: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
     """A Qwen-VL checkpoint whose config ties the output embedding (as the base Qwen2.5-VL-3B / Qwen3-VL-4B
     do) and that ships no ``lm_head`` gets an untied copy of ``embed_tokens``; its config is marked untied, so
     an export writes ``lm_head`` and official loaders do not re-tie trained weights."""
@@ -322,7 +407,7 @@ def write_safetensors(state: dict[str, torch.Tensor], path: Path, max_shard_size
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def save_pretrained(model: Sa2VA, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+def save_pretrained(model: Any, path: str | Path, max_shard_size: int | str = "5GB") -> None:
     """See :meth:`Sa2VA.save_pretrained`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -362,7 +447,7 @@ def write_tokenizer(tokenizer: Any, path: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def write_sentencepiece_tokenizer(model: Sa2VA, path: Path) -> None:
+def write_sentencepiece_tokenizer(model: Any, path: Path) -> None:
     """Write a code-built InternLM2 tokenizer as the released checkpoints ship it: ``tokenizer.model``,
     ``added_tokens.json`` and a ``tokenizer_config.json`` naming InternLM2Tokenizer (the official loader needs
     the checkpoint's ``tokenization_internlm2.py`` next to it; our loader reads ``tokenizer.model``)."""

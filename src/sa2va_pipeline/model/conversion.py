@@ -1,7 +1,9 @@
 """Official Sa2VA checkpoint keys <-> the native composition (transformers InternVL + Sam2Model + fcs).
 
-One table serves both directions: ``{n}`` is a layer number, ``{w}`` a parameter name (weight/bias),
-``{rest}`` the remainder of a key. The first matching row wins. Three tensor operations are not renames:
+One named table per part (``VIT_ROWS``, ``PROJECTOR_ROWS``, ``LLM_ROWS[llm]``, ``QWEN_VL_ROWS``,
+``TEXT_HIDDEN_FCS_ROWS``, ``SAM2_ROWS`` = encoder + prompt encoder + decoder), composed per family by
+:meth:`Layout.rows`; each serves both directions: ``{n}`` is a layer number, ``{w}`` a parameter name
+(weight/bias), ``{rest}`` the remainder of a key. The first matching row wins. Three tensor operations are not renames:
 InternViT's fused ``attn.qkv`` is split in thirds into q/k/v; SAM2's ``point_embeddings.{0..3}`` are stacked
 into ``point_embed``; SAM2's prompt-encoder gaussian matrix also fills ``shared_image_embedding``. SAM2's
 memory modules (unused for single images) are kept aside unchanged and written back at export.
@@ -30,10 +32,10 @@ O_DEC, N_DEC = G + "sam_mask_decoder.", S + "mask_decoder."
 O_TWT, N_TWT = O_DEC + "transformer.", N_DEC + "transformer."
 N_GAUSSIAN = N_PROMPT + "shared_embedding.positional_embedding"
 
-# (official, native); the first matching row wins in either direction.
+# (official, native) rows, one named table per part; a layout composes them (Layout.rows) and the first
+# matching row wins in either direction.
 # fmt: off
-RENAMES: list[tuple[str, str]] = [
-    # InternViT -> InternVLVisionModel
+VIT_ROWS: list[tuple[str, str]] = [  # InternViT -> InternVLVisionModel (InternVL family)
     ("vision_model.embeddings.class_embedding", VIT + "embeddings.cls_token"),
     ("vision_model.embeddings.position_embedding", VIT + "embeddings.position_embeddings"),
     ("vision_model.embeddings.patch_embedding.{w}", VIT + "embeddings.patch_embeddings.projection.{w}"),
@@ -45,12 +47,14 @@ RENAMES: list[tuple[str, str]] = [
     (O_VIT + "attn.q_norm.{w}", N_VIT + "attention.q_norm.{w}"),
     (O_VIT + "attn.k_norm.{w}", N_VIT + "attention.k_norm.{w}"),
     (O_VIT + "mlp.{rest}", N_VIT + "mlp.{rest}"),
-    # projector mlp1 = (LayerNorm, Linear, GELU, Linear)
+]
+PROJECTOR_ROWS: list[tuple[str, str]] = [  # mlp1 = (LayerNorm, Linear, GELU, Linear) (InternVL family)
     ("mlp1.0.{w}", LLM_NATIVE + "multi_modal_projector.layer_norm.{w}"),
     ("mlp1.1.{w}", LLM_NATIVE + "multi_modal_projector.linear_1.{w}"),
     ("mlp1.3.{w}", LLM_NATIVE + "multi_modal_projector.linear_2.{w}"),
-    ("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}"),
-    # SAM2 image encoder: Hiera trunk + FPN neck
+]
+TEXT_HIDDEN_FCS_ROWS: list[tuple[str, str]] = [("text_hidden_fcs.{rest}", "text_hidden_fcs.{rest}")]
+SAM2_ENCODER_ROWS: list[tuple[str, str]] = [  # SAM2 image encoder: Hiera trunk + FPN neck
     (O_TRUNK + "patch_embed.proj.{w}", N_TRUNK + "patch_embed.projection.{w}"),
     (O_TRUNK + "blocks.{n}.norm1.{w}", N_TRUNK + "blocks.{n}.layer_norm1.{w}"),
     (O_TRUNK + "blocks.{n}.norm2.{w}", N_TRUNK + "blocks.{n}.layer_norm2.{w}"),
@@ -58,7 +62,8 @@ RENAMES: list[tuple[str, str]] = [
     (O_TRUNK + "blocks.{n}.mlp.layers.1.{w}", N_TRUNK + "blocks.{n}.mlp.proj_out.{w}"),
     (O_TRUNK + "{rest}", N_TRUNK + "{rest}"),  # pos_embed(_window), attn.qkv/proj, proj
     (G + "image_encoder.neck.convs.{n}.conv.{w}", S + "vision_encoder.neck.convs.{n}.{w}"),
-    # SAM2 prompt encoder
+]
+SAM2_PROMPT_ROWS: list[tuple[str, str]] = [  # SAM2 prompt encoder
     (O_PROMPT + "pe_layer.positional_encoding_gaussian_matrix", N_GAUSSIAN),
     (O_PROMPT + "mask_downscaling.0.{w}", N_PROMPT + "mask_embed.conv1.{w}"),
     (O_PROMPT + "mask_downscaling.1.{w}", N_PROMPT + "mask_embed.layer_norm1.{w}"),
@@ -66,7 +71,8 @@ RENAMES: list[tuple[str, str]] = [
     (O_PROMPT + "mask_downscaling.4.{w}", N_PROMPT + "mask_embed.layer_norm2.{w}"),
     (O_PROMPT + "mask_downscaling.6.{w}", N_PROMPT + "mask_embed.conv3.{w}"),
     (O_PROMPT + "{rest}", N_PROMPT + "{rest}"),  # not_a_point_embed, no_mask_embed
-    # SAM2 mask decoder
+]
+SAM2_DECODER_ROWS: list[tuple[str, str]] = [  # SAM2 mask decoder (and the no-memory embedding it adds)
     (O_TWT + "layers.{n}.{a}.out_proj.{w}", N_TWT + "layers.{n}.{a}.o_proj.{w}"),
     (O_TWT + "layers.{n}.norm{k}.{w}", N_TWT + "layers.{n}.layer_norm{k}.{w}"),
     (O_TWT + "layers.{n}.mlp.layers.0.{w}", N_TWT + "layers.{n}.mlp.proj_in.{w}"),
@@ -83,9 +89,8 @@ RENAMES: list[tuple[str, str]] = [
     (O_DEC + "{rest}", N_DEC + "{rest}"),  # tokens, conv_s0/s1, attention q/k/v_proj
     (G + "no_mem_embed", S + "no_memory_embedding"),
 ]
+SAM2_ROWS = SAM2_ENCODER_ROWS + SAM2_PROMPT_ROWS + SAM2_DECODER_ROWS
 
-VIT_ROWS = RENAMES[:14]  # InternViT + mlp1: the InternVL family only
-SHARED_ROWS = RENAMES[14:]  # text_hidden_fcs + SAM2: every family
 O_LLM, N_LLM = "language_model.model.layers.{n}.", LLM_NATIVE + "language_model.layers.{n}."
 LLM_ROWS: dict[str, list[tuple[str, str]]] = {
     # Qwen2 LLM: transformers names already
@@ -160,11 +165,13 @@ class Layout:
     num_kv_heads: int = 0
 
     def rows(self) -> list[tuple[str, str]]:
+        """The key table of this layout, composed from the named part tables (order: first match wins)."""
+        grounding = TEXT_HIDDEN_FCS_ROWS + SAM2_ROWS  # every family
         if self.family == "qwen_vl":
-            return SHARED_ROWS + QWEN_VL_ROWS
+            return grounding + QWEN_VL_ROWS
         if self.llm not in LLM_ROWS:
             raise ValueError(f"No key table for LLM {self.llm!r}; known: {sorted(LLM_ROWS)}")
-        return VIT_ROWS + LLM_ROWS[self.llm] + SHARED_ROWS
+        return VIT_ROWS + PROJECTOR_ROWS + LLM_ROWS[self.llm] + grounding
 
 
 DEFAULT_LAYOUT = Layout()

@@ -38,12 +38,17 @@ def uncertain_point_coords(
     return torch.cat([picked, random_coords], dim=1)
 
 
-def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Naive Dice on sigmoid probabilities, per mask over the last dimension, mean over masks."""
+def dice_per_mask(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Naive Dice loss (1 - Dice) on sigmoid probabilities, one value per mask [N] (over its last dims)."""
     probs = logits.sigmoid().flatten(1)
     targets = targets.flatten(1)
     dice = (2 * (probs * targets).sum(1) + eps) / (probs.sum(1) + targets.sum(1) + eps)
-    return (1 - dice).mean()
+    return 1 - dice
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Naive Dice on sigmoid probabilities, per mask over the last dimension, mean over masks."""
+    return dice_per_mask(logits, targets, eps).mean()
 
 
 def mask_losses(
@@ -56,11 +61,30 @@ def mask_losses(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(BCE, Dice) between mask logits [N, h, w] and binary targets [N, h, w] ('points' or 'dense')."""
+    bce, dice, _, _ = mask_losses_per_object(
+        logits, gt_masks, mode, num_points, oversample_ratio, importance_sample_ratio, generator
+    )
+    return bce, dice
+
+
+def mask_losses_per_object(
+    logits: torch.Tensor,
+    gt_masks: torch.Tensor,
+    mode: str = "points",
+    num_points: int = 12544,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(BCE, Dice, BCE per object [N] detached, Dice per object [N] detached) of :func:`mask_losses`.
+
+    The scalars are the means over the N objects (BCE over points and objects, as the official recipe; every
+    object has the same number of points, so that is also the mean of the per-object values)."""
     logits = logits.float()
     gt_masks = gt_masks.to(logits)
     if logits.shape[0] == 0:
         zero = logits.sum() * 0.0
-        return zero, zero
+        return zero, zero, logits.new_zeros(0), logits.new_zeros(0)
     if mode == "points":
         with torch.no_grad():
             coords = uncertain_point_coords(
@@ -72,8 +96,9 @@ def mask_losses(
         preds, targets = logits.flatten(1), gt_masks.flatten(1)
     else:
         raise ValueError(f"mask loss mode must be 'points' or 'dense', got {mode!r}")
-    bce = F.binary_cross_entropy_with_logits(preds, targets)
-    return bce, dice_loss(preds, targets)
+    bce = F.binary_cross_entropy_with_logits(preds, targets, reduction="none")
+    dice = dice_per_mask(preds, targets)
+    return bce.mean(), dice.mean(), bce.detach().mean(1), dice.detach()
 
 
 def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:

@@ -132,7 +132,7 @@ def spawn_workers(job: Job, log_metrics: Callable | None = None) -> TrainedModel
     import torch.multiprocessing as mp
 
     from sa2va_pipeline.devices import resolve_device
-    from sa2va_pipeline.training.artifacts import TrainedModel, load_trained_model
+    from sa2va_pipeline.training.artifacts import TrainedModel, load_trained_model, read_model_source
     from sa2va_pipeline.training.trainer import TrainResult
 
     config = job.config
@@ -162,7 +162,8 @@ def spawn_workers(job: Job, log_metrics: Callable | None = None) -> TrainedModel
         _drain(queue, log_metrics)
         model = load_trained_model(Path(out_dir) / "model", device="cpu", merge=False)
         result = TrainResult(**json.loads((Path(out_dir) / "result.json").read_text()))
-    return TrainedModel(model=model, config=config, result=result)
+        phrases = read_model_source(Path(out_dir) / "model").get("phrases", [])
+    return TrainedModel(model=model, config=config, result=result, phrases=phrases)
 
 
 def _drain(queue: Any, log_metrics: Callable | None) -> None:

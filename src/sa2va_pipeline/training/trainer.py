@@ -51,7 +51,7 @@ from sa2va_pipeline.training.checkpoint import (
 from sa2va_pipeline.training.gradient_check import GradientReachCheck
 from sa2va_pipeline.training.optim import build_optimizer, set_lr
 from sa2va_pipeline.training.ranks import any_rank, gather_objects, max_over_ranks
-from sa2va_pipeline.training.validation import metric_name
+from sa2va_pipeline.evaluation.report import metric_key
 
 if TYPE_CHECKING:
     import torch
@@ -357,7 +357,7 @@ class TrainingLoop:
         self.result.evaluations.append(row)
         self.emit({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step)
         log.info("validation at step %d: %s", step,
-                 {k: v for k, v in row.items() if not isinstance(v, list) and not k.startswith("val.")})
+                 {k: v for k, v in row.items() if not isinstance(v, list) and "." not in k})
         return seconds
 
     def save(self, step: int) -> None:
@@ -476,8 +476,8 @@ def _phrase_means(sums: dict[str, list[float]], ctx: DistributedContext | None) 
             entry[0], entry[1], entry[2] = entry[0] + b, entry[1] + d, entry[2] + n
     out = {}
     for phrase, (b, d, n) in merged.items():
-        out[f"phrase.{metric_name(phrase)}.loss_mask_bce"] = b / n
-        out[f"phrase.{metric_name(phrase)}.loss_mask_dice"] = d / n
+        out[f"phrase.{metric_key(phrase)}.loss_mask_bce"] = b / n
+        out[f"phrase.{metric_key(phrase)}.loss_mask_dice"] = d / n
     return out
 
 

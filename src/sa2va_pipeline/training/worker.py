@@ -104,7 +104,7 @@ def train_on_rank(
         # the same plain model as DDP / one device (on the CPU) on rank 0; the others keep their shards
         model = gather_full_model(model, skeleton, ctx) or model
     model.eval()
-    return TrainedModel(model=model, config=given, result=result)
+    return TrainedModel(model=model, config=given, result=result, phrases=phrases)
 
 
 def _build_prepared(config: TrainingConfig, device: str, amp_dtype: torch.dtype | None,
@@ -168,7 +168,10 @@ def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
             skip_pixels=cache.parts if cache is not None else (),  # cached features replace those pixels
             **object_cap,
         )
-        return cache.attach(batch, [s["image"] for s in samples]) if cache is not None else batch
+        if cache is None:
+            return batch
+        kept = batch.get("sample_index", range(len(samples)))  # collate leaves object-less samples out
+        return cache.attach(batch, [samples[i]["image"] for i in kept])
 
     return make_batch
 

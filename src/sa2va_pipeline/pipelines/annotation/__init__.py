@@ -1,4 +1,4 @@
-"""``annotation``: binary masks -> Sa2VA annotations.json (or a validated user file), with fidelity report."""
+"""``annotation``: the ingested objects -> the one Sa2VA annotations.json, with a per-object fidelity report."""
 
 from .pipeline import create_pipeline
 

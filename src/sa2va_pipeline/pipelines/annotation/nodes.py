@@ -7,49 +7,46 @@ from typing import Any
 
 import pandas as pd
 
-from sa2va_pipeline.data.image_io import IMAGE_EXTENSIONS
-from sa2va_pipeline.data.annotations import annotate_manifest, read_annotations
+from sa2va_pipeline.data.annotations import annotate_objects
 
 log = logging.getLogger(__name__)
 
 
-def build_annotations(
-    manifest: pd.DataFrame, phrase: str, params: dict[str, Any]
-) -> dict[str, Any]:
-    """Write annotations.json entries from the ingested masks, or take the user's file
-    (``params["annotations_path"]``), with ``phrase`` as the text of every object, and measure the polygon round-trip Dice of every sample.
-
-    Returns ``annotations`` (the entries), ``report`` and ``metrics``.
-    """
-    user_entries = None
-    if params.get("annotations_path"):
-        sizes: dict[str, tuple[int, int]] = {}
-        for row in manifest.itertuples(index=False):
-            for key in (str(row.id) + ext for ext in ("", *IMAGE_EXTENSIONS)):
-                sizes[key] = (int(row.height), int(row.width))
-        user_entries = read_annotations(params["annotations_path"], image_sizes=sizes)
-        log.info("annotation: using %d entries of %s", len(user_entries), params["annotations_path"])
-    entries, report = annotate_manifest(manifest, phrase, float(params["dice_floor"]), user_entries)
-    matched = report[report["source"] != "user_unmatched"]
-    low = matched[matched["below_floor"]]
-    if len(low):
-        log.warning(
-            "annotation: %d sample(s) reproduce their mask with Dice below %.4f, e.g. %s",
-            len(low), params["dice_floor"], low["id"].head(5).tolist(),
-        )
-    unmatched = int((report["source"] == "user_unmatched").sum())
-    if unmatched:
-        log.warning("annotation: %d entr(y/ies) of the user file match no ingested sample (see the report)", unmatched)
-    dice = matched["dice"]
-    metrics = {
+def _metrics(entries: list[dict[str, Any]], report: pd.DataFrame) -> dict[str, float]:
+    raster = report[report["dice"].notna()]
+    dice = raster["dice"].astype(float)
+    return {
         "entries": len(entries),
+        "objects": len(report),
+        "phrases": int(report["phrase"].nunique()),
+        "images_without_objects": sum(1 for e in entries if not e["text"]),
         "dice_mean": float(dice.mean()) if len(dice) else float("nan"),
         "dice_min": float(dice.min()) if len(dice) else float("nan"),
-        "below_floor": len(low),
-        "user_unmatched": unmatched,
+        "below_floor": int(report["below_floor"].sum()),
+        "invalid_objects": int((~report["valid"].astype(bool)).sum()),
     }
-    log.info("annotation: %d entries, polygon round-trip Dice mean %.6f, min %.6f",
-             metrics["entries"], metrics["dice_mean"], metrics["dice_min"])
+
+
+def build_annotations(manifest: pd.DataFrame, objects: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+    """Write the ONE annotations.json (Sa2VA format) of the ingested images from their objects, and report
+    every object: raster objects (masks, label maps, RLE) as polygons with their round-trip Dice, polygon
+    objects (annotations.json, COCO) kept verbatim with their filled pixel count and validity.
+
+    Returns ``annotations`` (one entry per manifest row), ``report`` (one row per object) and ``metrics``.
+    """
+    entries, report = annotate_objects(manifest, objects, float(params["dice_floor"]))
+    low = report[report["below_floor"].astype(bool)]
+    if len(low):
+        log.warning("annotation: %d object(s) reproduce their mask with Dice below %.4f, e.g. %s",
+                    len(low), params["dice_floor"], low["origin"].head(5).tolist())
+    invalid = report[~report["valid"].astype(bool)]
+    if len(invalid):
+        log.warning("annotation: %d polygon object(s) have a polygon that fills no pixel, e.g. %s",
+                    len(invalid), invalid["origin"].head(5).tolist())
+    metrics = _metrics(entries, report)
+    per_phrase = report.groupby("phrase").size().to_dict() if len(report) else {}
+    log.info("annotation: %d entries, %d objects %s; round-trip Dice mean %.6f, min %.6f",
+             metrics["entries"], metrics["objects"], per_phrase, metrics["dice_mean"], metrics["dice_min"])
     return {
         "annotations": entries,
         "report": report,

@@ -7,12 +7,12 @@ from .nodes import build_annotations
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """One node: manifest masks -> annotations.json + round-trip report + metrics."""
+    """One node: the ingested objects of every image -> annotations.json + per-object report + metrics."""
     return Pipeline(
         [
             node(
                 with_mlflow_copies(build_annotations, "report"),
-                inputs=["ingestion_manifest", "params:phrase", "params:annotation"],
+                inputs=["ingestion_manifest", "ingestion_objects", "params:annotation"],
                 outputs=outputs_with_copies(
                     {"annotations": "annotations", "report": "annotation_report", "metrics": "annotation_metrics"},
                     "report",

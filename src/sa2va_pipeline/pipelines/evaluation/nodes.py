@@ -1,7 +1,8 @@
-"""Nodes of the ``evaluation`` pipeline: test probabilities, per-image metrics and summary, overlays.
+"""Nodes of the ``evaluation`` pipeline: test maps, per-image metrics and summary per phrase, overlays.
 
-Every split is scored at the threshold frozen on validation (the ``frozen_threshold`` input); 0.5 and the
-per-image oracle are reported next to it for reference only.
+Every split is scored at the thresholds frozen on validation (the ``frozen_threshold`` input), every trained
+phrase on every image; 0.5 and the per-image oracle are reported next to them for reference only. Ground
+truth comes from annotations.json only.
 """
 
 from __future__ import annotations
@@ -12,16 +13,13 @@ from typing import Any
 
 import pandas as pd
 
-from sa2va_pipeline.evaluation.overlays import (
-    add_legend_strip,
-    error_overlay,
-    overlay_grid_figure,
-    pick_best_median_worst,
-)
-from sa2va_pipeline.evaluation.probabilities import ProbabilityMaps, binarize
+from sa2va_pipeline.data.samples import load_samples, phrase_truths
+from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, thresholds_by_phrase
+from sa2va_pipeline.evaluation.overlay_panels import evaluation_overlays
 from sa2va_pipeline.evaluation.report import evaluate_split, summary_metrics
-from sa2va_pipeline.evaluation.split_data import load_split_samples, predict_split_probabilities, truth_mask
 from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
+from sa2va_pipeline.prediction.maps import ProbabilityMaps
+from sa2va_pipeline.prediction.stored import predict_split_maps
 
 logger = logging.getLogger(__name__)
 
@@ -29,63 +27,64 @@ logger = logging.getLogger(__name__)
 def predict_test_probabilities(
     trained_model: Path,
     split_manifest: pd.DataFrame,
+    annotations: list[dict[str, Any]],
     stored_test_probabilities: ProbabilityMaps | None,
+    frozen_threshold: dict[str, Any],
     phrase: str,
     prediction: dict[str, Any],
 ) -> ProbabilityMaps:
-    """Test probability maps of the trained model; the stored ones if made by the same model."""
-    return predict_split_probabilities(
-        trained_model, split_manifest, "test", phrase, prediction, stored=stored_test_probabilities
+    """Test maps of every phrase the threshold was frozen for; the stored ones if made by the same model."""
+    phrases = record_phrases(frozen_threshold) or [phrase]
+    return predict_split_maps(
+        trained_model, split_manifest, annotations, "test", phrases, prediction, stored_test_probabilities
     )
+
+
+def _provenance(
+    probabilities: ProbabilityMaps, frozen_threshold: dict[str, Any], split: str
+) -> dict[str, Any]:
+    """Which model chose the thresholds and which one made the maps (warned about when they differ)."""
+    now = probabilities.metadata.get("model", {}).get("fingerprint")
+    then = frozen_threshold.get("model", {}).get("fingerprint")
+    if now and then and now != then:
+        logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s "
+                       "(%s): re-run `kedro run --pipeline=threshold` first", then, split, now)
+    return {
+        "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
+        "threshold_model": frozen_threshold.get("model", {}),
+        "probabilities_model": probabilities.metadata.get("model", {}),
+        "same_model": bool(now and now == then),
+    }
 
 
 def score_split(
     probabilities: ProbabilityMaps,
     split_manifest: pd.DataFrame,
+    annotations: list[dict[str, Any]],
     frozen_threshold: dict[str, Any],
-    phrase: str,
     evaluation: dict[str, Any],
     split: str,
 ) -> dict[str, Any]:
-    """Per-image metrics, summary.json and MLflow metrics of one split at the frozen threshold."""
-    model_now = probabilities.metadata.get("model", {}).get("fingerprint")
-    model_then = frozen_threshold.get("model", {}).get("fingerprint")
-    if model_now and model_then and model_now != model_then:
-        logger.warning(
-            "The frozen threshold was chosen for another model (%s) than the one scored on %s (%s): "
-            "re-run `kedro run --pipeline=threshold` first",
-            model_then,
-            split,
-            model_now,
-        )
-    samples = load_split_samples(split_manifest, split, phrase, ids=probabilities.ids())
-    truths = {s["id"]: truth_mask(s) for s in samples}
+    """Per-image metrics (one row per image and phrase), summary.json and MLflow metrics of one split."""
+    phrases = record_phrases(frozen_threshold) or probabilities.phrases()
+    samples = load_samples(split_manifest, annotations, split=split, ids=probabilities.ids())
     grid = frozen_threshold.get("grid", {"start": 0.05, "stop": 0.95, "step": 0.01})
     table, summary = evaluate_split(
         probabilities,
-        truths,
-        threshold=float(frozen_threshold["threshold"]),
+        {p: phrase_truths(samples, p) for p in phrases},
+        thresholds_by_phrase(frozen_threshold, phrases),
         oracle_grid=threshold_grid(grid["start"], grid["stop"], grid["step"]),
         split=split,
         hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
         reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
-        extra={
-            "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
-            "threshold_model": frozen_threshold.get("model", {}),
-            "probabilities_model": probabilities.metadata.get("model", {}),
-            "same_model": bool(model_now and model_now == model_then),
-        },
+        extra=_provenance(probabilities, frozen_threshold, split),
     )
-    at = summary["at_threshold"]
-    logger.info(
-        "%s at threshold %.2f: Dice %.4f +- %.4f per image, %.4f pooled (%d images)",
-        split,
-        summary["threshold"],
-        at["mean"]["dice"]["mean"],
-        at["mean"]["dice"]["sd"] or 0.0,
-        at["pooled"]["dice"],
-        summary["n_images"],
-    )
+    for phrase, block in summary["phrases"].items():
+        at = block["at_threshold"]
+        dice = at["mean"]["dice"]
+        logger.info("%s, %s at threshold %.2f: Dice %.4f +- %.4f per image, %.4f pooled (%d images)", split,
+                    phrase, block["threshold"], dice["mean"], dice["sd"] or 0.0, at["pooled"]["dice"],
+                    block["n_images"])
     return {"per_image": table, "summary": summary, "metrics": summary_metrics(summary)}
 
 
@@ -93,35 +92,19 @@ def draw_overlays(
     probabilities: ProbabilityMaps,
     per_image: pd.DataFrame,
     split_manifest: pd.DataFrame,
+    annotations: list[dict[str, Any]],
     frozen_threshold: dict[str, Any],
-    phrase: str,
-    evaluation: dict[str, Any],
+    overlay: dict[str, Any],
     split: str,
 ) -> dict[str, Any]:
-    """Overlays (TP/FP/FN colours) of the best, median and worst frames by Dice, and a grid figure.
+    """Per phrase, overlays (TP/FP/FN colours) of the best, median and worst frame by Dice, and a grid figure.
 
     Returns ``overlays`` ({file name: PNG bytes}, for a ``FileFolderDataset``) and ``grid`` (a figure).
     """
-    from sa2va_pipeline.data.image_io import encode_png
-
-    overlay_params = evaluation.get("overlay", {})
-    colors = overlay_params.get("colors")
-    alpha = float(overlay_params.get("alpha", 0.7))
-    threshold = float(frozen_threshold["threshold"])
-    picks = pick_best_median_worst(dict(zip(per_image["id"].astype(str), per_image["dice"])))
-    samples = {
-        s["id"]: s for s in load_split_samples(split_manifest, split, phrase, ids=sorted(set(picks.values())))
-    }
-    dice_by_id = dict(zip(per_image["id"].astype(str), per_image["dice"]))
-    files: dict[str, bytes] = {}
-    panels = []
-    for rank, sample_id in picks.items():
-        sample = samples[sample_id]
-        pred = binarize(probabilities.probabilities(sample_id), threshold)
-        overlay = error_overlay(sample["image"], pred, truth_mask(sample), colors, alpha)
-        files[f"{rank}_{sample_id}.png"] = encode_png(add_legend_strip(overlay, colors))
-        panels.append({"overlay": overlay, "title": f"{rank}: {sample_id}\nDice {dice_by_id[sample_id]:.3f}"})
-    grid = overlay_grid_figure(
-        panels, colors, title=f"{split}: best, median and worst frame by Dice at threshold {threshold:.2f}"
+    phrases = record_phrases(frozen_threshold) or probabilities.phrases()
+    thresholds = thresholds_by_phrase(frozen_threshold, phrases)
+    files, grid = evaluation_overlays(
+        probabilities, per_image, lambda ids: load_samples(split_manifest, annotations, split=split, ids=ids),
+        thresholds, overlay, title=f"{split}: best, median and worst frame by Dice per phrase",
     )
     return {"overlays": files, "grid": grid}

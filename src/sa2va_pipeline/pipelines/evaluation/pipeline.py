@@ -15,14 +15,16 @@ SPLITS = ("val", "test")
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Predict (or re-use) test probabilities; score val and test at the frozen threshold; draw overlays."""
+    """Predict (or re-use) test maps per phrase; score val and test at the frozen thresholds; overlays."""
     steps = [
         node(
             nodes.predict_test_probabilities,
             inputs=[
                 "trained_model",
                 "split_manifest",
+                "annotations",
                 "test_probabilities_stored",
+                "frozen_threshold",
                 "params:phrase",
                 "params:prediction",
             ],
@@ -37,8 +39,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     f"{split}_probabilities",
                     "split_manifest",
+                    "annotations",
                     "frozen_threshold",
-                    "params:phrase",
                     "params:evaluation",
                 ],
                 outputs=outputs_with_copies(
@@ -58,9 +60,9 @@ def create_pipeline(**kwargs) -> Pipeline:
                     f"{split}_probabilities",
                     f"evaluation_per_image_{split}",
                     "split_manifest",
+                    "annotations",
                     "frozen_threshold",
-                    "params:phrase",
-                    "params:evaluation",
+                    "params:overlay",
                 ],
                 outputs=outputs_with_copies(
                     {"overlays": f"evaluation_overlays_{split}", "grid": f"evaluation_overlay_grid_{split}"},

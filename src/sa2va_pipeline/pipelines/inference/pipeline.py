@@ -10,7 +10,7 @@ from . import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Segment a folder of new images at the frozen threshold."""
+    """Segment a folder of new images for every phrase at its frozen threshold."""
     return Pipeline(
         [
             node(
@@ -21,7 +21,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:phrase",
                     "params:prediction",
                     "params:inference",
-                    "params:evaluation.overlay",
+                    "params:overlay",
                 ],
                 outputs=outputs_with_copies(
                     {

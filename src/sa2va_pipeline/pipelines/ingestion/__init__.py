@@ -1,4 +1,5 @@
-"""``ingestion``: checks raw images/masks, writes normalised copies, the manifest and a per-file report."""
+"""``ingestion``: checks raw images and their label source, writes normalised copies, the manifest, the
+objects of each image and a per-file report."""
 
 from .pipeline import create_pipeline
 

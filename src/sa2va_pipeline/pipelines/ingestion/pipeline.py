@@ -7,17 +7,21 @@ from .nodes import build_manifest, ingest_raw_data
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Check + normalise raw files, then write the manifest pointing at the saved normalised files."""
+    """Check + normalise raw files and read their objects, then write the manifest and objects pointing at
+    the saved normalised files. Needs no other pipeline: the synthetic sample is generated here when
+    ``raw_dir`` is its folder."""
     return Pipeline(
         [
             node(
                 with_mlflow_copies(ingest_raw_data, "report"),
-                inputs=["sample_ready", "params:raw_dir", "params:ingestion", "params:split.group_regex"],
+                inputs=["params:raw_dir", "params:ingestion", "params:phrase", "params:split.group_regex",
+                        "params:sample_data"],
                 outputs=outputs_with_copies(
                     {
                         "report": "ingestion_report",
                         "files": "ingested_samples",
                         "records": "ingestion_records",
+                        "objects": "ingestion_planned_objects",
                         "metrics": "ingestion_metrics",
                     },
                     "report",
@@ -26,8 +30,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 build_manifest,
-                inputs=["ingestion_records", "ingested_samples"],
-                outputs="ingestion_manifest",
+                inputs=["ingestion_records", "ingestion_planned_objects", "ingested_samples"],
+                outputs={"manifest": "ingestion_manifest", "objects": "ingestion_objects"},
                 name="build_manifest",
             ),
         ]

@@ -7,18 +7,21 @@ from typing import Any
 
 import pandas as pd
 
+from sa2va_pipeline.data.samples import check_annotations_cover
 from sa2va_pipeline.data.split import split_manifest, split_sizes
 
 log = logging.getLogger(__name__)
 
 
 def split_samples(
-    manifest: pd.DataFrame, params: dict[str, Any]
+    manifest: pd.DataFrame, annotations: list[dict[str, Any]], params: dict[str, Any]
 ) -> dict[str, Any]:
-    """Assign every accepted sample to train/val/test by group (or from the user's split file).
+    """Assign every accepted sample to train/val/test by group (or from the user's split file), after checking
+    that every manifest image has its annotations.json entry (the only ground truth downstream).
 
     Returns ``manifest`` (the split manifest) and ``metrics`` (the split sizes).
     """
+    check_annotations_cover(manifest, annotations)
     table = split_manifest(
         manifest,
         fractions=params["fractions"],

@@ -7,7 +7,7 @@ from . import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Predict (or re-use) validation probabilities, sweep thresholds, freeze the best one, plot."""
+    """Predict (or re-use) val maps per phrase, sweep thresholds, freeze the best one per phrase, plot."""
     return Pipeline(
         [
             node(
@@ -15,6 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "trained_model",
                     "split_manifest",
+                    "annotations",
                     "val_probabilities_stored",
                     "params:phrase",
                     "params:prediction",
@@ -24,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 with_mlflow_copies(nodes.sweep_val_thresholds, "sweep"),
-                inputs=["val_probabilities", "split_manifest", "params:phrase", "params:threshold"],
+                inputs=["val_probabilities", "split_manifest", "annotations", "params:threshold"],
                 outputs=outputs_with_copies(
                     {"sweep": "threshold_sweep", "curves": "threshold_sweep_curves"}, "sweep"
                 ),
@@ -32,7 +33,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             node(
                 with_mlflow_copies(nodes.freeze_threshold, "threshold"),
-                inputs=["threshold_sweep", "val_probabilities", "params:threshold"],
+                inputs=[
+                    "threshold_sweep",
+                    "val_probabilities",
+                    "split_manifest",
+                    "annotations",
+                    "params:threshold",
+                ],
                 outputs=outputs_with_copies(
                     {"threshold": "frozen_threshold", "metrics": "threshold_metrics"}, "threshold"
                 ),

@@ -9,25 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
 
 log = logging.getLogger(__name__)
-
-
-def mlflow_metrics_logger() -> Callable[[dict[str, float], int], None] | None:
-    """A ``(metrics, step)`` callback that logs to the active MLflow run, or None when there is none."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return None
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
-
-    return log_metrics
 
 
 def training_summary(trained: Any) -> dict[str, Any]:
@@ -56,22 +42,27 @@ def training_summary(trained: Any) -> dict[str, Any]:
     }
 
 
-def train_model(split_manifest: pd.DataFrame, phrase: str, training: dict[str, Any]) -> dict[str, Any]:
+def train_model(
+    split_manifest: pd.DataFrame, annotations: list[dict[str, Any]], training: dict[str, Any]
+) -> dict[str, Any]:
     """Fine-tune Sa2VA on the train split, validating on val; returns the model, its summary and plot.
+
+    Ground truth comes from the annotations.json entries only (every object with its phrase).
 
     Outputs: ``model`` (the in-memory trained model, written by ``TrainedModelDataset``), ``summary``
     (JSON) and ``loss_curve`` (figure).
     """
     started_at = time.monotonic()
     from sa2va_pipeline.data.samples import load_samples
+    from sa2va_pipeline.tracking import training_metrics_logger
     from sa2va_pipeline.training.plots import loss_curve_figure
     from sa2va_pipeline.training.recipe import check_training_data, run_training
 
-    train_samples = load_samples(split_manifest, "train", phrase)
-    val_samples = load_samples(split_manifest, "val", phrase)
+    train_samples = load_samples(split_manifest, annotations, split="train")
+    val_samples = load_samples(split_manifest, annotations, split="val")
     check_training_data(train_samples, val_samples, training)
     log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
-    logger = mlflow_metrics_logger()
+    logger = training_metrics_logger()  # grouped metric names (tracking.py); None without an MLflow run
     trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)
     summary = training_summary(trained)
     if logger is not None:

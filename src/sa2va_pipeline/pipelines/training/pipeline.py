@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 with_mlflow_copies(nodes.train_model, "model", "summary", "loss_curve"),
-                inputs=["split_manifest", "params:phrase", "params:training"],
+                inputs=["split_manifest", "annotations", "params:training"],
                 outputs=outputs_with_copies(
                     {"model": "trained_model", "summary": "training_summary", "loss_curve": "training_loss_curve"},
                     "model", "summary", "loss_curve",

@@ -1,0 +1,175 @@
+"""Turning samples into token rows and batches: prompts, tiling, collate.
+
+A conversation is the official multi-turn format: one turn per object, ``"<image>\\n"`` only before the first
+question (the family adapter expands it into image tokens), each answer holding one ``[SEG]``. A turn is
+``template.instruction.format(input=question)`` (not trained), then ``answer + template.suffix`` (trained),
+then ``template.sep`` (not trained). InternLM2 models start every row with BOS ``<s>`` (``model.bos_ids``).
+
+Every function takes the model (:class:`.sa2va.Sa2VA`) for its tokenizer, template, token ids, family adapter
+and SAM2 input size; none runs a network.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .losses import IGNORE_INDEX
+from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb
+from .prompts import clean_phrase, sample_answer, sample_question
+
+DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
+DEFAULT_ANSWER = "Sure, [SEG]."
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows to the longest one: (tensor [B, T] filled with ``value``, attention mask [B, T]).
+    """
+    length = max(len(r) for r in rows)
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention[i, : len(row)] = 1
+    return out, attention
+
+
+def encode(model: nn.Module, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens added by the tokenizer."""
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(model: nn.Module, question: str, answer: str, n_images: int) -> list[int]:
+    """Prediction row: BOS (InternLM2) + the first turn's prompt + ``answer`` (teacher-forced, no suffix).
+
+    ``n_images``: tiles (InternVL) or ``<|image_pad|>`` tokens (Qwen-VL) of the image."""
+    text = model.adapter.first_turn_input(question, n_images)
+    prompt = encode(model, model.template.instruction.format(input=text))
+    return model.bos_ids + prompt + encode(model, answer)
+
+
+def conversation(
+    model: nn.Module,
+    image_text: str,
+    phrases: Sequence[str],
+    rng: random.Random,
+    questions: Sequence[str] | None = None,
+    answer: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one sample: one question/answer turn per phrase, in order.
+
+    ``image_text`` is the first turn's input with ``{question}`` where the question goes (image tokens before
+    it). Questions are drawn from ``questions`` (default: the official SEG_QUESTIONS) and answers from
+    ANSWER_LIST (or ``answer`` if given), with ``rng``. Labels are -100 except the answer tokens (incl. [SEG]
+    and the template suffix)."""
+    template = model.template
+    sep = encode(model, template.sep)
+    ids: list[int] = list(model.bos_ids)
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for turn, phrase in enumerate(phrases):
+        question = sample_question(phrase, rng, questions)
+        text = image_text.replace("{question}", question) if turn == 0 else question
+        reply = answer if answer is not None else sample_answer(rng)
+        prompt = encode(model, template.instruction.format(input=text))
+        out = encode(model, reply + template.suffix)
+        ids += prompt + out + sep
+        labels += [IGNORE_INDEX] * len(prompt) + out + [IGNORE_INDEX] * len(sep)
+    return ids, labels
+
+
+def sample_objects(sample: Any, index: int) -> tuple[Any, list[Any], list[str]]:
+    """(image, masks, phrases) of a sample: a dict with ``image``/``masks``/``phrases`` (the contract's sample:
+    ``masks`` uint8 [n_objects, H, W]) or a tuple ``(image, masks, phrases)``.
+
+    ``masks``: one HxW mask, a list of them, or an [n, H, W] array/tensor (n may be 0); ``phrases``: one
+    string for every mask, or one per mask."""
+    image, masks, phrases = (
+        (sample["image"], sample["masks"], sample["phrases"]) if isinstance(sample, dict) else sample
+    )
+    if isinstance(masks, (np.ndarray, torch.Tensor)) and masks.ndim == 3:
+        masks = list(masks)  # [n_objects, H, W]
+    elif not isinstance(masks, (list, tuple)):
+        masks = [masks]
+    masks = list(masks)
+    phrases = [phrases] * len(masks) if isinstance(phrases, str) else list(phrases)
+    if len(phrases) != len(masks):
+        raise ValueError(f"Sample {index}: {len(masks)} masks but {len(phrases)} phrases")
+    return image, masks, phrases
+
+
+def choose_objects(n_objects: int, max_objects: int | None, rng: random.Random) -> list[int]:
+    """Indices of the objects a sample keeps: all of them, or ``max_objects`` drawn with ``rng`` when it has
+    more (in their original order). Draws nothing from ``rng`` when all are kept."""
+    if max_objects is None or n_objects <= max_objects:
+        return list(range(n_objects))
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1 or None, got {max_objects}")
+    return sorted(rng.sample(range(n_objects), max_objects))
+
+
+def collate(
+    model: nn.Module,
+    samples: Sequence[Any],
+    rng: random.Random | None = None,
+    seed: int | None = None,
+    answer: str | None = None,
+    questions: Sequence[str] | None = None,
+    skip_pixels: Sequence[str] = (),
+    max_objects: int | None = None,
+) -> dict[str, Any]:
+    """A training batch from samples; see :meth:`.sa2va.Sa2VA.collate` for the keys and rules."""
+    rng = rng if rng is not None else random.Random(0 if seed is None else seed)
+    adapter = model.adapter
+    rows, pixels, fields, sam2_inputs, gt_masks = [], [], [], [], []
+    object_image, object_phrases, kept = [], [], []
+    for i, sample in enumerate(samples):
+        image, masks, phrases = sample_objects(sample, i)
+        keep = choose_objects(len(masks), max_objects, rng)
+        if not keep:
+            continue  # no object: no [SEG] turn, nothing to supervise (see Sa2VA.collate)
+        masks, phrases = [masks[k] for k in keep], [phrases[k] for k in keep]
+        pil = to_pil_rgb(image)
+        pv, n_image, field = adapter.training_image(pil, with_pixels="vit" not in skip_pixels)
+        if pv is not None:
+            pixels.append(pv)
+        fields.append(field)
+        if "sam2" not in skip_pixels:
+            sam2_inputs.append(sam2_pixel_values(pil, model.sam2_image_size, "exact"))
+        mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
+        if mask_stack.shape[-2:] != (pil.height, pil.width):
+            raise ValueError(
+                f"Sample {i}: mask shape {tuple(mask_stack.shape[-2:])} != image {pil.height}x{pil.width}"
+            )
+        gt_masks.append(resize_masks_area(mask_stack, model.mask_size))
+        object_image += [len(kept)] * len(masks)
+        object_phrases += [clean_phrase(p) for p in phrases]
+        kept.append(i)
+        image_text = adapter.first_turn_input("{question}", n_image)
+        rows.append(conversation(model, image_text, phrases, rng, questions, answer))
+    if not rows:
+        raise ValueError(
+            f"None of the {len(samples)} samples of this batch has an object: samples without objects have no "
+            "[SEG] turn and are left out of training batches; draw batches from samples with objects."
+        )
+    input_ids, attention = pad_rows([ids for ids, _ in rows], model.pad_id)
+    labels, _ = pad_rows([labels for _, labels in rows], IGNORE_INDEX)
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        **adapter.batch_fields(fields),
+        "gt_masks": torch.cat(gt_masks),
+        "object_image_index": torch.tensor(object_image),
+        "object_phrases": object_phrases,
+        "sample_index": kept,
+    }
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+    if sam2_inputs:
+        batch["sam2_pixel_values"] = torch.stack(sam2_inputs)
+    return batch

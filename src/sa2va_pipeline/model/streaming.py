@@ -1,0 +1,195 @@
+"""The streaming prediction pipeline behind ``Sa2VA.predict_proba`` / ``iter_predict_proba``.
+
+A pipeline, so that neither the GPU nor the CPU waits on the other: a thread pool resizes the next chunk's
+images (PIL, outside the GIL) while the current chunk runs; pixels travel as uint8 (a quarter of the bytes)
+through pinned memory and are normalised on the device (bit-identical to the CPU); token positions are found
+on the host, so no step waits for the GPU; and a chunk's maps come back to the host (an async copy into pinned
+memory) while the next chunk already computes. Family differences (tiles or patches, how the [SEG] state is
+obtained) are the family adapter's (:mod:`.families`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .preprocessing import normalize, sam2_constants, sam2_uint8, to_pil_rgb
+from .processing import pad_rows, prompt_ids
+from .prompts import SEG_TOKEN, clean_phrase
+
+NO_OBJECT_SCORE = -1024.0  # SAM2's mask logit for "no object"
+MAX_WORKERS = 8  # host preprocessing threads (PIL releases the GIL while resizing)
+
+
+def as_image_list(images: Any) -> list[Any]:
+    """A PIL image / HxWx3 array, a list of them, or an [N, H, W, 3] uint8 batch -> a list of images."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return [np.asarray(im) for im in images]
+    return list(images) if isinstance(images, (list, tuple)) else [images]
+
+
+def iter_predict_proba(
+    model: nn.Module,
+    images: Any,
+    phrases: str | Sequence[str],
+    question_template: str,
+    answer: str,
+    batch_size: int,
+    object_score_gate: bool,
+) -> Iterator[torch.Tensor]:
+    """One float32 [H, W] probability map per image, in input order (:meth:`.sa2va.Sa2VA.predict_proba`)."""
+    images = as_image_list(images)
+    phrases = [phrases] * len(images) if isinstance(phrases, str) else list(phrases)
+    if len(phrases) != len(images):
+        raise ValueError(f"{len(images)} images but {len(phrases)} phrases")
+    if answer.count(SEG_TOKEN) != 1:
+        raise ValueError(f"The answer must contain exactly one {SEG_TOKEN}: {answer!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()  # deterministic even mid-training (LoRA dropout)
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="sa2va-preprocess") as pool:
+
+            def submit(start: int) -> tuple[list[Future], torch.Tensor]:
+                chunk = images[start : start + batch_size]
+                # the workers write the SAM2 frames (most of the bytes) straight into upload memory
+                size = model.sam2_image_size
+                sam2_host = torch.empty(
+                    (len(chunk), size, size, 3), dtype=torch.uint8, pin_memory=model.device.type == "cuda"
+                )
+                futures = [
+                    pool.submit(preprocess_image, model, im, sam2_host[i]) for i, im in enumerate(chunk)
+                ]
+                return futures, sam2_host
+
+            pending, in_flight = submit(0), None
+            for start in range(0, len(images), batch_size):
+                prepared, sam2_host = [f.result() for f in pending[0]], pending[1]
+                if start + batch_size < len(images):
+                    pending = submit(start + batch_size)
+                with torch.inference_mode():
+                    launched = launch_chunk(
+                        model, prepared, sam2_host, phrases[start : start + batch_size], question_template,
+                        answer, object_score_gate,
+                    )  # fmt: skip
+                if in_flight is not None:
+                    yield from in_flight.collect()
+                in_flight = launched
+            if in_flight is not None:
+                yield from in_flight.collect()
+    finally:
+        model.train(was_training)
+
+
+def preprocess_image(model: nn.Module, image: Any, sam2_out: torch.Tensor) -> dict[str, Any]:
+    """Host-side inputs of one image (thread-pool work): its size and the family's uint8 LLM-side pixels; the
+    uint8 SAM2 frame is written into ``sam2_out`` [S, S, 3]."""
+    pil = to_pil_rgb(image)
+    out: dict[str, Any] = {"size": (pil.height, pil.width), **model.adapter.host_pixels(pil)}
+    sam2_out.numpy()[...] = sam2_uint8(pil, model.sam2_image_size)
+    return out
+
+
+def upload(arrays: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Concatenate uint8 arrays along dim 0 into (pinned, on a GPU) host memory and start the copy."""
+    first = arrays[0]
+    shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
+    host = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    np.concatenate([np.asarray(a) for a in arrays], axis=0, out=host.numpy())
+    return host.to(device, non_blocking=True)
+
+
+def launch_chunk(
+    model: nn.Module,
+    prepared: list[dict[str, Any]],
+    sam2_host: torch.Tensor,
+    phrases: list[str],
+    question_template: str,
+    answer: str,
+    object_score_gate: bool,
+) -> PendingMaps:
+    """Queue one chunk's forward pass on the device without waiting for it; :meth:`PendingMaps.collect`
+    waits and returns the maps."""
+    device = model.device
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:  # through pinned memory: no wait for the GPU
+        if device.type != "cuda":
+            return t
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+    counts = model.adapter.prompt_counts(prepared)
+    rows = [
+        prompt_ids(model, question_template.format(phrase=clean_phrase(p)), answer, n)
+        for p, n in zip(phrases, counts)
+    ]
+    ids_host, attention_host = pad_rows(rows, model.pad_id)
+    seg_positions = (ids_host.reshape(-1) == model.seg_id).nonzero()[:, 0]
+    if len(seg_positions) != len(prepared):  # the answer has one [SEG]; a question template may add more
+        raise ValueError(
+            f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
+        )
+    input_ids = to_device(ids_host)
+    sam2_pixels = normalize(to_device(sam2_host).movedim(-1, -3), *sam2_constants("bf16"))
+    fpn = model.encode_sam2(sam2_pixels)
+    hidden = model.adapter.prediction_hidden(
+        model, prepared, input_ids, ids_host, attention_host, lambda a: upload(a, device), to_device
+    )
+    seg = model.seg_states(hidden, input_ids, to_device(seg_positions))
+    logits, _, object_score = model.decode_masks(fpn, torch.arange(len(prepared), device=device), seg)
+    if object_score_gate:
+        no_object = torch.full_like(logits, NO_OBJECT_SCORE)
+        logits = torch.where(object_score[:, None, None] > 0, logits, no_object)
+    return PendingMaps.start(*probability_maps(logits, [p["size"] for p in prepared], model.sam2_image_size))
+
+
+def probability_maps(
+    logits: torch.Tensor, sizes: list[tuple[int, int]], sam2_image_size: int
+) -> tuple[list[torch.Tensor], bool]:
+    """Mask logits [N, S/4, S/4] -> S (SAM2 input) -> each original size (bilinear, align_corners False) ->
+    sigmoid: (one [N, H, W] tensor when all sizes agree, else one [H, W] per image; whether stacked)."""
+    logits = F.interpolate(
+        logits[:, None].float(), size=(sam2_image_size,) * 2, mode="bilinear", align_corners=False
+    )
+    if len(set(sizes)) == 1:
+        maps = F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False).sigmoid()[:, 0]
+        return [maps], True
+    maps = [
+        F.interpolate(logits[i : i + 1], size=s, mode="bilinear", align_corners=False).sigmoid()[0, 0]
+        for i, s in enumerate(sizes)
+    ]
+    return maps, False
+
+
+class PendingMaps:
+    """Probability maps of one chunk on their way to the host (an async copy into pinned memory on a GPU)."""
+
+    def __init__(self, host: list[torch.Tensor], stacked: bool, event: Any) -> None:
+        self.host, self.stacked, self.event = host, stacked, event
+
+    @classmethod
+    def start(cls, maps: list[torch.Tensor], stacked: bool) -> PendingMaps:
+        """Start copying ``maps`` (one [B, H, W] tensor when ``stacked``, else [H, W] tensors) to the host."""
+        if maps[0].device.type != "cuda":
+            return cls(maps, stacked, None)
+        host = [torch.empty(m.shape, dtype=m.dtype, pin_memory=True) for m in maps]
+        for h, m in zip(host, maps):
+            h.copy_(m, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(host, stacked, event)
+
+    def collect(self) -> list[torch.Tensor]:
+        """Wait for the copy; one [H, W] map per image (own memory, so pinned buffers are recycled)."""
+        if self.event is not None:
+            self.event.synchronize()
+        maps = list(self.host[0]) if self.stacked else self.host
+        return [m.clone() for m in maps]

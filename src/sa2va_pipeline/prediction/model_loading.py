@@ -1,0 +1,44 @@
+"""The trained model ready to predict (device, dtype, compile) and the phrases it was trained on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def load_prediction_model(model_dir: str | os.PathLike, prediction: dict[str, Any]) -> Any:
+    """The trained model ready to predict, as the ``prediction`` parameters say: ``device``, ``dtype`` and
+    ``compile`` (``torch.compile`` the encoders and LLM layers: worth it on a GPU for hundreds of images)."""
+    from sa2va_pipeline.devices import resolve_device, resolve_dtype
+    from sa2va_pipeline.training.artifacts import load_trained_model
+
+    device = resolve_device(prediction.get("device", "auto"))
+    model = load_trained_model(model_dir, device, resolve_dtype(prediction.get("dtype", "auto"), device))
+    logger.info("Prediction model on %s%s", device, ", compiled" if prediction.get("compile", False) else "")
+    if prediction.get("compile", False):
+        model.compile_for_inference()
+    return model
+
+
+def model_phrases(model_dir: str | os.PathLike) -> list[str] | None:
+    """The phrases a trained-model folder says it was trained on, or ``None`` when it does not say.
+
+    Read from ``model_source.json``: a top-level ``phrases`` list, else ``training_config.phrases``. Folders
+    written by the single-phrase version record neither (the caller falls back to the ``phrase`` parameter).
+    """
+    file = Path(model_dir) / "model_source.json"
+    if not file.is_file():
+        return None
+    try:
+        source = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    for phrases in (source.get("phrases"), (source.get("training_config") or {}).get("phrases")):
+        if isinstance(phrases, list) and phrases and all(isinstance(p, str) for p in phrases):
+            return list(phrases)
+    return None
