@@ -98,6 +98,7 @@ def test_training_pipeline_writes_a_loadable_model(tmp_path, devices):
     assert trained_tensors and not any(".vision_tower." in n for n in trained_tensors)
     assert any(n.startswith("sam2.vision_encoder.") for n in trained_tensors)
     assert source["training_config"]["devices"] == devices
+    assert source["phrases"] == ["blood vessel"]  # what prediction.model_phrases reads
     model = load_trained_model(path, device="cpu", dtype=torch.float32)
     probs = model.predict_proba([np.full((64, 64, 3), 128, np.uint8)], "blood vessel")
     assert probs.shape == (1, 64, 64) and torch.isfinite(probs).all()
