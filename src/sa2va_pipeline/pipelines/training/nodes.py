@@ -16,6 +16,14 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
+def mlflow_metrics_logger() -> Any:
+    """A ``(metrics, step)`` callback logging grouped training metrics to the active MLflow run, or None when
+    there is none (``tracking.training_metrics_logger``; kept under this name for other nodes)."""
+    from sa2va_pipeline.tracking import training_metrics_logger
+
+    return training_metrics_logger()
+
+
 def training_summary(trained: Any) -> dict[str, Any]:
     """The JSON summary of a run: untrained vs trained validation Dice, steps, time, counts, history."""
     result = trained.result
@@ -54,7 +62,6 @@ def train_model(
     """
     started_at = time.monotonic()
     from sa2va_pipeline.data.samples import load_samples
-    from sa2va_pipeline.tracking import training_metrics_logger
     from sa2va_pipeline.training.plots import loss_curve_figure
     from sa2va_pipeline.training.recipe import check_training_data, run_training
 
@@ -62,7 +69,7 @@ def train_model(
     val_samples = load_samples(split_manifest, annotations, split="val")
     check_training_data(train_samples, val_samples, training)
     log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
-    logger = training_metrics_logger()  # grouped metric names (tracking.py); None without an MLflow run
+    logger = mlflow_metrics_logger()
     trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)
     summary = training_summary(trained)
     if logger is not None:
