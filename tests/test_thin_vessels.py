@@ -139,3 +139,28 @@ def test_high_mask_resolution_doubles_sam2_input_with_the_same_weights(tmp_path:
     assert all(torch.equal(v, ref[k]) for k, v in preset.state_dict().items())  # same seed, same weights
     with pytest.raises(ValueError, match="standard | high"):
         Sa2VA.from_preset("tiny", mask_resolution="ultra")
+
+
+def _training_params(**model: object) -> dict:
+    import yaml
+
+    params = yaml.safe_load((ROOT / "conf/base/parameters_training.yml").read_text())["training"]
+    params["model"].update(model)
+    return params
+
+
+def test_training_config_mode_and_cldice_knobs_default_off_and_reach_the_model() -> None:
+    from sa2va_pipeline.training.config import TrainingConfigError, load_training_config
+    from sa2va_pipeline.training.prepare import build_model
+
+    default = load_training_config(_training_params())
+    assert default.model.mask_resolution == "standard" and default.loss.cldice_weight == 0.0
+    assert "mask_resolution" not in default.model.describe()  # official-mode folders read as before
+    params = _training_params(mask_resolution="high")
+    params["loss"]["cldice_weight"] = 0.5
+    config = load_training_config(params)
+    assert config.model.describe()["mask_resolution"] == "high"
+    assert config.loss.forward_kwargs()["cldice_weight"] == 0.5
+    assert build_model(config.model, "cpu", seed=0).mask_size == 256
+    with pytest.raises(TrainingConfigError, match="mask_resolution"):
+        load_training_config(_training_params(mask_resolution="ultra"))
