@@ -164,3 +164,36 @@ def test_training_config_mode_and_cldice_knobs_default_off_and_reach_the_model()
     assert build_model(config.model, "cpu", seed=0).mask_size == 256
     with pytest.raises(TrainingConfigError, match="mask_resolution"):
         load_training_config(_training_params(mask_resolution="ultra"))
+
+
+def test_high_mode_and_cldice_train_and_the_folder_rebuilds_the_same_predictor(tmp_path: Path) -> None:
+    import json
+
+    from sa2va_pipeline.training.artifacts import load_trained_model, save_trained_model
+    from sa2va_pipeline.training.recipe import run_training
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(4):
+        mask = np.zeros((64, 64), np.uint8)
+        mask[:, rng.integers(5, 55) :][:, :2] = 1
+        image = np.full((64, 64, 3), 160, np.uint8)
+        image[mask > 0] = 60
+        samples.append({"id": f"f{i}", "image": image, "masks": mask[None], "phrases": ["blood vessel"]})
+    params = {
+        "model": {"preset": "tiny", "overrides": {"sam2_image_size": 64}, "mask_resolution": "high"},
+        "recipe": "tiny", "seed": 7, "num_threads": 2, "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "batch_size": 2, "loss": {"mask_loss": "dense", "cldice_weight": 1.0, "cldice_iterations": 3},
+        "schedule": {"max_steps": 1, "epochs": None}, "eval": {"at_start": False, "interval": 0},
+        "checkpoint": {"dir": str(tmp_path / "ckpt")},
+    }  # fmt: skip
+    trained = run_training(samples, samples[:2], params, progress=False)
+    assert trained.model.sam2_image_size == 128  # 64 x 2
+    assert "loss_mask_cldice" in trained.result.history[-1]
+    folder = save_trained_model(trained, tmp_path / "model")
+    assert json.loads((folder / "model_source.json").read_text())["source"]["mask_resolution"] == "high"
+    loaded = load_trained_model(folder, device="cpu", dtype=torch.float32)
+    assert loaded.sam2_image_size == 128
+    images = [s["image"] for s in samples[:2]]
+    before = trained.model.predict_proba(images, "blood vessel")
+    assert torch.allclose(before, loaded.predict_proba(images, "blood vessel"), atol=1e-5)
