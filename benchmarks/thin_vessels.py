@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
-    budget = args.budget_s or (90.0 if args.quick else 300.0)
+    budget = args.budget_s or (100.0 if args.quick else 300.0)
     started = time.monotonic()
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "ceilings": {}, "training": {}}
 
