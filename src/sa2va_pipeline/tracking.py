@@ -26,7 +26,7 @@ DATASET_GROUPS = {
     "annotation_metrics": "6_data",
     "split_metrics": "6_data",
     "threshold_metrics": "5_threshold",
-    "threshold_sweep_curves": "5_threshold",
+    "threshold_sweep_curves": "5_threshold",  # val sweep curves, step = threshold x 1000
     "evaluation_metrics_val": "3_val",
     "evaluation_metrics_test": "4_test",
     "inference_metrics": "7_inference",

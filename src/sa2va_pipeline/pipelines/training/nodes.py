@@ -18,16 +18,11 @@ log = logging.getLogger(__name__)
 
 
 def mlflow_metrics_logger() -> Callable[[dict[str, float], int], None] | None:
-    """A ``(metrics, step)`` callback that logs to the active MLflow run, or None when there is none."""
-    import mlflow
+    """A ``(metrics, step)`` callback logging to the active MLflow run (names grouped: ``1_train/loss``,
+    ``2_validation/val_dice_best_threshold``, see sa2va_pipeline.tracking), or None when there is none."""
+    from sa2va_pipeline.tracking import training_metrics_logger
 
-    if mlflow.active_run() is None:
-        return None
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=int(step))
-
-    return log_metrics
+    return training_metrics_logger()
 
 
 def training_summary(trained: Any) -> dict[str, Any]:
