@@ -103,7 +103,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     from sa2va_pipeline.model import Sa2VA
 
     rows: list[dict[str, Any]] = []
-    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16).eval()
+    sizes = {"sam2_image_size": args.sam2_image_size} if args.sam2_image_size else {}
+    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16, **sizes).eval()
     if args.compile:
         model.compile_for_inference(mode=args.compile_mode)
     data = [im for im, _ in G.frames(max(args.n_images, max(args.batch_sizes)), seed=2)]
@@ -200,6 +201,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="Sa2VA.compile_for_inference() first")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sam2-image-size", type=int, default=None,
+                        help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")
     parser.add_argument("--results", type=Path, default=G.RESULTS)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path("."))

@@ -45,7 +45,7 @@ import gpu_common as G  # noqa: E402
 PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
 
 
-def build(preset: str) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
+def build(preset: str, sam2_image_size: int | None = None) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
     """Model in bf16 on the GPU with the official trainable set; trainable tensors cast to fp32 masters."""
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts
@@ -54,7 +54,8 @@ def build(preset: str) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
 
     G.reset_peak()
     t0 = G.sync_time()
-    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16)
+    sizes = {"sam2_image_size": sam2_image_size} if sam2_image_size else {}
+    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16, **sizes)
     build_s = G.sync_time() - t0
     prepare_for_training(model, LoraSettings(), TrainableParts(), added_token_ids(model), False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +111,7 @@ def forward_backward(model: Any, batch: dict[str, Any]):
 
 def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, out_dir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    model, trainable, info = build(preset)
+    model, trainable, info = build(preset, args.sam2_image_size)
     print(f"[{preset}] built in {info['build_s']:.1f} s: {info['params_total'] / 1e9:.2f} B params, "
           f"{info['params_trainable'] / 1e6:.1f} M trainable, {info['weights_gb']:.1f} GB", flush=True)
     optimizer = torch.optim.AdamW(trainable, lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
@@ -290,6 +291,8 @@ def main() -> None:
     parser.add_argument("--min-iters", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=2.0)
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the largest cached batch")
+    parser.add_argument("--sam2-image-size", type=int, default=None,
+                        help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")
     parser.add_argument("--compile", action="store_true", help="also: cached path with torch.compile'd LLM layers")
     parser.add_argument("--compile-batch-sizes", default="16")
     parser.add_argument("--results", type=Path, default=G.RESULTS, help="markdown file to append the section to")

@@ -5,7 +5,6 @@ segments per phrase."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -89,18 +88,6 @@ def _annotations_folder(root: Path) -> Path:
     return raw
 
 
-def _masks_for_old_ingestion(raw: Path) -> dict:
-    """Until ingestion reads annotations.json alone (data-sources), main's ingestion pairs images with masks:
-    write them from the polygons and hand annotations.json to the annotation stage as the user's file."""
-    from sa2va_pipeline.data.annotations import entry_to_masks
-
-    (raw / "masks").mkdir()
-    for entry in json.loads((raw / "annotations.json").read_text()):
-        union = entry_to_masks(entry, 64, 64).max(axis=0)
-        Image.fromarray(union * 255).save(raw / "masks" / f"{Path(entry['image']).stem}_mask.png")
-    return {"annotation": {"annotations_path": str(raw / "annotations.json")}}
-
-
 @pytest.mark.slow
 def test_run_from_annotations_json_without_masks_trains_and_evaluates_per_phrase(kedro_project, tmp_path):
     from kedro.framework.session import KedroSession
@@ -108,12 +95,10 @@ def test_run_from_annotations_json_without_masks_trains_and_evaluates_per_phrase
     raw = _annotations_folder(tmp_path)
     runtime = {"raw_dir": str(raw), "input_dir": str(tmp_path / "new images"), "training": TRAINING}
     pipelines = ["ingestion", "annotation", "split", "training", "threshold", "evaluation", "inference"]
-    if importlib.util.find_spec("sa2va_pipeline.data.sources") is None:
-        runtime.update(_masks_for_old_ingestion(raw), sample_data=RUNTIME["sample_data"])
-        pipelines.insert(0, "sample_data")  # main's ingestion waits for the sample pipeline
     with KedroSession.create(project_path=kedro_project, env="test", runtime_params=runtime) as session:
         session.run(pipeline_names=pipelines)
 
+    assert not (raw / "masks").exists()
     data = kedro_project / "data"
     manifest = pd.read_csv(_latest(data / "05_model_input/split_manifest.csv", "split_manifest.csv"))
     assert len(manifest) == 8 and set(manifest["split"]) == {"train", "val", "test"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -234,7 +235,8 @@ def sharded(tiny, tmp_path_factory):
 
 
 def _move_first_shard_out(sharded, tmp_path):
-    """A copy of the sharded checkpoint whose first shard lies in a sibling folder: (ckpt, index, name, outside)."""
+    """A copy of the sharded checkpoint whose first shard lies in a sibling folder:
+    (ckpt, index, shard name, outside folder)."""
     ckpt = _copy(sharded, tmp_path / "ckpt")
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())
     name = sorted(set(index["weight_map"].values()))[0]
@@ -276,7 +278,8 @@ def test_an_integer_tensor_where_a_float_weight_belongs_is_refused(saved, tmp_pa
     def to_int(state):
         state["text_hidden_fcs.2.weight"] = state["text_hidden_fcs.2.weight"].to(torch.int64)
 
-    with pytest.raises(CheckpointError, match=r"wrong dtype kind: text_hidden_fcs\.2\.weight: checkpoint torch\.int64"):
+    message = r"wrong dtype kind: text_hidden_fcs\.2\.weight: checkpoint torch\.int64"
+    with pytest.raises(CheckpointError, match=message):
         Sa2VA.from_pretrained(_perturb(saved, tmp_path, to_int))
 
 
@@ -296,10 +299,12 @@ def test_damaged_safetensors_are_named_with_what_to_do(saved, sharded, tmp_path,
 
     single = _copy(saved, tmp_path / "single")
     _damage(single / "model.safetensors", how)
-    with pytest.raises(CheckpointError, match=r"model\.safetensors \(\d+ bytes\) cannot be read .*re-download"):
+    message = r"model\.safetensors \(\d+ bytes\) cannot be read .*re-download"
+    with pytest.raises(CheckpointError, match=message):
         Sa2VA.from_pretrained(single)
     shards = _copy(sharded, tmp_path / "shards")
-    name = sorted(json.loads((shards / "model.safetensors.index.json").read_text())["weight_map"].values())[-1]
+    index = json.loads((shards / "model.safetensors.index.json").read_text())
+    name = sorted(index["weight_map"].values())[-1]
     _damage(shards / name, how)
     with pytest.raises(CheckpointError, match=rf"{name} \(\d+ bytes\) cannot be read"):
         Sa2VA.from_pretrained(shards)
@@ -311,5 +316,5 @@ def test_invalid_json_files_are_named_with_what_to_do(saved, sharded, tmp_path, 
 
     ckpt = _copy(sharded if file.startswith("model") else saved, tmp_path / "ckpt")
     (ckpt / file).write_text('{"model_type": "sa2va_chat", ')  # cut short
-    with pytest.raises(CheckpointError, match=rf"{file.replace('.', chr(92) + '.')} is not valid JSON.*re-download"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(file)} is not valid JSON.*re-download"):
         Sa2VA.from_pretrained(ckpt)

@@ -336,7 +336,10 @@ class QwenVLFamily:
         self.check_vision_cache()
         raise AssertionError("unreachable")
 
-    project_vit = encode_vit
+    def project_vit(self, model: nn.Module, vit_features: torch.Tensor) -> torch.Tensor:
+        """Not available for this family (the merger runs inside the vision tower)."""
+        self.check_vision_cache()
+        raise AssertionError("unreachable")
 
     def image_features(
         self, model: nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
