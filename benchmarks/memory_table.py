@@ -40,7 +40,7 @@ def build(preset: str, embeddings: str) -> tuple[Any, list[torch.Tensor], dict[s
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts
     from sa2va_pipeline.training.prepare import prepare_for_training
-    from sa2va_pipeline.training.recipe import added_token_ids
+    from sa2va_pipeline.training.prepare import added_token_ids
 
     model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16)
     prepare_for_training(model, LoraSettings(), TrainableParts(embeddings=embeddings), added_token_ids(model), False)

@@ -50,7 +50,7 @@ def build(preset: str, sam2_image_size: int | None = None) -> tuple[Any, list[to
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts
     from sa2va_pipeline.training.prepare import prepare_for_training
-    from sa2va_pipeline.training.recipe import added_token_ids
+    from sa2va_pipeline.training.prepare import added_token_ids
 
     G.reset_peak()
     t0 = G.sync_time()

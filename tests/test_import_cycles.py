@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
@@ -130,9 +128,6 @@ def test_no_import_cycle_through_the_model_package():
     assert not cycles, f"import cycles through sa2va_pipeline.model: {_describe(cycles)}"
 
 
-# The training/ and evaluation/ cycles are being removed by their own streams (issue 12 item 4); drop this
-# marker once they have landed.
-@pytest.mark.xfail(strict=False, reason="training/ cycles outside model/ are removed by the training stream")
 def test_no_import_cycle_in_src():
     cycles = import_cycles(import_graph())
     assert not cycles, f"import cycles in src/: {_describe(cycles)}"

@@ -63,9 +63,9 @@ def test_compile_with_fsdp_and_gradient_checkpointing(fresh_dynamo, tmp_path):
     import torch.distributed as dist
 
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts, load_training_config
-    from sa2va_pipeline.training.distributed import DistributedContext, fsdp_shard
-    from sa2va_pipeline.training.prepare import prepare_for_training
-    from sa2va_pipeline.training.recipe import added_token_ids, build_model, compile_llm_layers
+    from sa2va_pipeline.training.fsdp import fsdp_shard
+    from sa2va_pipeline.training.prepare import added_token_ids, build_model, compile_llm_layers, prepare_for_training
+    from sa2va_pipeline.training.ranks import DistributedContext
 
     def prepared(checkpointing: bool):
         torch.manual_seed(0)

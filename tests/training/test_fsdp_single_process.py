@@ -21,17 +21,12 @@ from stripe_frames import stripe_samples
 
 from sa2va_pipeline.training.checkpoint import save_checkpoint
 from sa2va_pipeline.training.config import LoraSettings, TrainableParts, load_training_config
-from sa2va_pipeline.training.distributed import (
-    DistributedContext,
-    fsdp_shard,
-    gather_full_model,
-    unsharded_skeleton,
-)
+from sa2va_pipeline.training.fsdp import fsdp_shard, gather_full_model, unsharded_skeleton
 from sa2va_pipeline.training.gradient_check import GradientReachCheck
 from sa2va_pipeline.training.optim import build_optimizer
 from sa2va_pipeline.training.parameter_groups import named_parameters_by_group
-from sa2va_pipeline.training.prepare import prepare_for_training
-from sa2va_pipeline.training.recipe import added_token_ids, build_model, trainable_to_fp32
+from sa2va_pipeline.training.prepare import added_token_ids, build_model, prepare_for_training, trainable_to_fp32
+from sa2va_pipeline.training.ranks import DistributedContext
 from sa2va_pipeline.training.trainer import _as_float
 from sa2va_pipeline.training.validation import validation_dice
 

@@ -58,8 +58,14 @@ def _manifest(tmp_path: Path) -> tuple[pd.DataFrame, list[dict]]:
 
 
 @pytest.mark.slow
-def test_training_pipeline_writes_a_loadable_model(tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_training_pipeline_writes_a_loadable_model(tmp_path, devices):
+    """One device, and 2 CPU workers (gloo) through the same node: the same trained-model folder."""
     params = copy.deepcopy(_params()["training"])
+    params["devices"] = devices
+    params["device"] = "cpu"
+    if devices > 1:
+        params["batch_size"] = 1  # per device: the same global batch of 2
     params["recipes"]["tiny"]["schedule"] = {"time_budget_s": None, "max_steps": 2}
     params["model"]["overrides"] = {"sam2_image_size": 64}
     params["lora"] = {"r": 4, "alpha": 8}
@@ -80,7 +86,19 @@ def test_training_pipeline_writes_a_loadable_model(tmp_path):
     assert {c["group"] for c in summary["parameter_counts"] if c["trainable"]} >= {"lora", "mask_decoder", "text_hidden_fcs"}
     assert catalog.load("training_loss_curve").axes  # a matplotlib figure
     path = catalog.load("trained_model")
-    assert (path / "adapter_model.safetensors").is_file()
+    assert {p.name for p in path.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", "trained_weights.safetensors", "base_weights.safetensors",
+        "model_source.json", "training_summary.json",
+    }
+    import json
+
+    source = json.loads((path / "model_source.json").read_text())
+    trained_tensors = source["trained_tensors"]
+    # only what trained (the vision tower is frozen; the trainable SAM2 encoder of the tiny recipe is in)
+    assert trained_tensors and not any(".vision_tower." in n for n in trained_tensors)
+    assert any(n.startswith("sam2.vision_encoder.") for n in trained_tensors)
+    assert source["training_config"]["devices"] == devices
+    assert source["phrases"] == ["blood vessel"]  # what prediction.model_phrases reads
     model = load_trained_model(path, device="cpu", dtype=torch.float32)
     probs = model.predict_proba([np.full((64, 64, 3), 128, np.uint8)], "blood vessel")
     assert probs.shape == (1, 64, 64) and torch.isfinite(probs).all()

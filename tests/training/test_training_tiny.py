@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sa2va_pipeline.training.artifacts import load_trained_model, save_trained_model
-from sa2va_pipeline.training.checkpoint import list_checkpoints
+from sa2va_pipeline.training.checkpoint import list_checkpoints, list_runs
 from sa2va_pipeline.training.gradient_check import GradientReachError
 from sa2va_pipeline.training.recipe import run_training
 from sa2va_pipeline.training.trainer import NonFiniteLossError
@@ -40,7 +40,7 @@ def _params(tmp_path: Path, **over) -> dict:
         "optimizer": {"lr": 1e-3},
         "batch_size": 2,
         "grad_accumulation": 1,
-        "mask_loss": "points",
+        "loss": {"mask_loss": "points"},
         "schedule": {"max_steps": 4, "epochs": None},
         "eval": {"at_start": True, "interval": 0, "thresholds": [0.25, 0.5, 0.75]},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 2, "keep_last": 3},
@@ -80,7 +80,7 @@ def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="step 2"):
         run_training(train, val, _params(tmp_path / "b"), progress=False)
     monkeypatch.setattr(Sa2VA, "training_forward", real_forward)
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "ckpt")] == ["step_00000002"]
+    assert [p.name for p in list_checkpoints(list_runs(tmp_path / "b" / "ckpt")[-1])] == ["step_00000002"]
 
     torch.manual_seed(999)  # another process state; the checkpoint restores what matters
     resumed = run_training(train, val, _params(tmp_path / "b", checkpoint={"resume": True}), progress=False)

@@ -9,7 +9,8 @@ Layout of one folder (one version of the ``trained_model`` catalog entry)::
     base_weights.safetensors     presets only: the frozen random weights (a random base cannot be rebuilt
                                  elsewhere: GPU and CPU draw different numbers); checkpoints are referenced
     model_source.json            where the base comes from (preset + overrides + seed, or checkpoint path),
-                                 which files hold what, and the resolved training configuration
+                                 the trained phrases, which files hold what, and the resolved training
+                                 configuration
     training_summary.json        losses per step, validations, parameter counts, gradient-reach report
     merged/                      with training.export_merged: the official Sa2VA layout (save_pretrained)
 
@@ -20,7 +21,7 @@ then merges LoRA into the weights, so callers get a plain ``Sa2VA``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ class TrainedModel:
     model: Sa2VA
     config: TrainingConfig
     result: TrainResult
+    phrases: list[str] = field(default_factory=list)  # the trained phrases, in order of first appearance
 
     def summary(self) -> dict[str, Any]:
         """JSON-able training summary (history, validations, counts, gradient report)."""
@@ -91,6 +93,7 @@ def save_trained_model(trained: TrainedModel, directory: str | Path) -> Path:
         "format_version": FORMAT_VERSION,
         "source": {**config.model.describe(), "seed": config.seed},
         "files": files,
+        "phrases": list(trained.phrases),  # read by prediction.model_loading.model_phrases
         "trained_tensors": sorted(trained_tensors),
         "training_config": config.to_dict(),
     }
@@ -110,13 +113,17 @@ def read_model_source(path: str | Path) -> dict[str, Any]:
     return source
 
 
-def load_trained_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> Sa2VA:
+def load_trained_model(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, merge: bool = True
+) -> Sa2VA:
     """Rebuild the fine-tuned Sa2VA from a trained-model folder, LoRA merged, in eval mode.
 
     Args:
         path: the folder (the ``trained_model`` catalog entry loads as this path).
         device: where the returned model lives.
         dtype: its weights' dtype (default float32).
+        merge: False keeps LoRA injected (the model as training hands it over, which
+            :func:`save_trained_model` can write again: the multi-device path uses this).
     """
     import torch
     from safetensors.torch import load_file
@@ -151,5 +158,10 @@ def load_trained_model(path: str | Path, device: str = "cpu", dtype: torch.dtype
         missing = [k for k in missing if not _is_adapter_tensor(k)]
         if missing:
             raise ValueError(f"{path}: tensors missing from {BASE_WEIGHTS}: {sorted(missing)[:5]}")
-    merge_lora(model.vlm)
+    if merge:
+        merge_lora(model.vlm)
+    else:  # as training left it: only the trained tensors (and the adapter) require grad
+        trained = set(meta.get("trained_tensors", []))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name in trained or _is_adapter_tensor(name))
     return model.to(device=device, dtype=dtype or torch.float32).eval()

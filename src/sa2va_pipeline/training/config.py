@@ -1,9 +1,18 @@
 """The training configuration: a typed view of ``params:training`` (conf/base/parameters_training.yml).
 
-The YAML holds the settings shared by every run plus one block per recipe (``recipes.tiny``,
-``recipes.official``); ``recipe: auto`` picks ``tiny`` for a built-in preset and ``official`` for a
-checkpoint directory. The chosen recipe block is merged over the shared settings, and the result is read
-into the dataclasses below, which reject unknown keys with a message naming them.
+One source of defaults: the dataclasses below. conf/base/parameters_training.yml documents every field
+with its comment; tests/training/test_config.py checks that it names every field and that its shared
+values equal these defaults, so the two cannot drift apart.
+
+Recipes. ``recipe: auto`` picks ``tiny`` for a built-in preset and ``official`` for a checkpoint directory.
+A recipe block (``recipes.<name>``) holds only what that recipe changes; the shared settings are merged
+OVER it, so an override of a shared key always applies (``kedro run --params training.optimizer.lr=1e-3``
+changes the lr of whichever recipe runs). Precedence, lowest first: dataclass defaults < the recipe block <
+the shared settings (YAML + CLI). A key set in both places is reported at start (the shared value wins);
+the YAML itself sets no key in both places (checked by a test).
+
+Values are checked when the config loads: unknown keys, wrong choices, and non-finite or absurd numbers
+(lr 1e45, a negative batch, warmup_ratio > 1, ...) are refused with the key named.
 """
 
 from __future__ import annotations
@@ -11,14 +20,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.training.feature_cache import FeatureCacheSettings
 
+log = logging.getLogger(__name__)
+
 EmbeddingMode = Literal["full", "new_tokens", "frozen"]
-# Multi-device strategies (training/distributed.py): DDP replicas, or FSDP2 sharding of weights and states.
+# Multi-device strategies (training/fsdp.py, training/ranks.py): DDP replicas, or FSDP2 sharding.
 STRATEGIES = ("ddp", "fsdp")
+
+
+class TrainingConfigError(UserError, ValueError):
+    """A training setting that cannot be used; the message names the key and what is allowed."""
 
 
 @dataclass
@@ -75,8 +93,26 @@ class OptimizerSettings:
 
 
 @dataclass
+class LossSettings:
+    """Weights and point sampling of the training loss (passed to ``Sa2VA.training_forward``)."""
+
+    mask_loss: str = "points"  # points (official point-sampled BCE + Dice) | dense (all 256x256 pixels)
+    llm_weight: float = 1.0  # LM cross-entropy on the answer tokens ([SEG] included)
+    bce_weight: float = 2.0  # mask BCE-with-logits
+    dice_weight: float = 0.5  # mask Dice
+    num_points: int = 12544  # points sampled per mask (mask_loss: points)
+    oversample_ratio: float = 3.0  # candidates drawn per point before keeping the most uncertain
+    importance_sample_ratio: float = 0.75  # share of points taken by uncertainty (the rest uniform)
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``Sa2VA.training_forward``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class ScheduleSettings:
-    """How long to train. Exactly one of ``max_steps`` / ``epochs`` / ``time_budget_s`` decides the length."""
+    """How long to train. ``max_steps`` if set, else ``epochs`` over the repeated training set, else the
+    ``time_budget_s``."""
 
     max_steps: int | None = None  # optimiser steps
     epochs: float | None = 1.0  # passes over the (repeated) training set
@@ -87,9 +123,10 @@ class ScheduleSettings:
 
 @dataclass
 class EvalSettings:
-    """Validation Dice during training."""
+    """Validation Dice during training (every val image x every trained phrase)."""
 
-    interval: int = 0  # optimiser steps between validations (0: only at start and end)
+    interval: int | None = None  # optimiser steps between validations; null: spread ``points`` over the run
+    points: int = 6  # with interval null: validations over the run, start and end included (0: none)
     at_start: bool = True  # validate the untrained model at step 0 (the baseline)
     max_samples: int | None = None  # cap the validation set (None: all)
     batch_size: int = 4  # images per predict_proba call
@@ -98,12 +135,12 @@ class EvalSettings:
 
 @dataclass
 class CheckpointSettings:
-    """Resumable checkpoints (safetensors + JSON, written atomically)."""
+    """Resumable checkpoints (safetensors + JSON, written atomically), one folder per run."""
 
-    dir: str = "data/06_models/training_checkpoints"
+    dir: str = "data/06_models/training_checkpoints"  # runs live in <dir>/<run id>/step_*
     interval: int = 0  # optimiser steps between checkpoints (0: only at the end)
-    keep_last: int = 2
-    resume: bool = False  # continue from the newest checkpoint in ``dir``
+    keep_last: int = 2  # checkpoints kept per run (never fewer than 1)
+    resume: bool | str = False  # true: continue the latest run in ``dir``; a run id: that run; false: a new run
 
 
 @dataclass
@@ -116,7 +153,7 @@ class PromptSettings:
 
 @dataclass
 class TrainingConfig:
-    """Everything ``train`` needs, resolved from the parameters."""
+    """Everything training needs, resolved from the parameters."""
 
     model: ModelSource = field(default_factory=ModelSource)
     recipe: str = "tiny"  # the resolved recipe name (never "auto" here)
@@ -130,10 +167,12 @@ class TrainingConfig:
     prefetch: int = 2  # steps whose batches are built ahead on background threads (0: build in the loop)
     batch_size: int = 2
     grad_accumulation: int = 1
-    mask_loss: str = "points"  # points (official point-sampled BCE + Dice) | dense (all 256x256 pixels)
+    max_objects_per_image: int | None = 5  # objects (turns) kept per image per step, drawn at random
+    min_train_samples: int = 4  # fewer training images stop the run before training
     num_threads: int | None = None  # torch CPU threads (None: torch's default)
     log_every: int = 1
     export_merged: bool = False
+    loss: LossSettings = field(default_factory=LossSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     trainable: TrainableParts = field(default_factory=TrainableParts)
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
@@ -148,6 +187,54 @@ class TrainingConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+# Numeric settings and their allowed range (lo, hi, lo_inclusive, hi_inclusive); None = unbounded side.
+# Anything outside (or not a finite number) is refused when the config loads, naming the key.
+NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "seed": (0, None, True, True),
+    "devices": (1, 1024, True, True),
+    "prefetch": (0, 64, True, True),
+    "batch_size": (1, 1_000_000, True, True),
+    "grad_accumulation": (1, 1_000_000, True, True),
+    "max_objects_per_image": (1, 10_000, True, True),
+    "min_train_samples": (1, None, True, True),
+    "num_threads": (1, 4096, True, True),
+    "log_every": (1, None, True, True),
+    "loss.llm_weight": (0, 1e6, True, True),
+    "loss.bce_weight": (0, 1e6, True, True),
+    "loss.dice_weight": (0, 1e6, True, True),
+    "loss.num_points": (1, 1 << 24, True, True),
+    "loss.oversample_ratio": (1, 1000, True, True),
+    "loss.importance_sample_ratio": (0, 1, True, True),
+    "lora.r": (1, 65536, True, True),
+    "lora.alpha": (0, 1e6, False, True),
+    "lora.dropout": (0, 1, True, False),
+    "optimizer.lr": (0, 1, False, True),
+    "optimizer.weight_decay": (0, 10, True, True),
+    "optimizer.betas.0": (0, 1, True, False),
+    "optimizer.betas.1": (0, 1, True, False),
+    "optimizer.grad_clip": (0, 1e6, False, True),
+    "optimizer.warmup_ratio": (0, 1, True, True),
+    "optimizer.warmup_start_factor": (0, 1, True, True),
+    "schedule.max_steps": (1, 1e12, True, True),
+    "schedule.epochs": (0, 1e9, False, True),
+    "schedule.repeats": (1, 1e9, True, True),
+    "schedule.time_budget_s": (0, 1e9, False, True),
+    "schedule.calibration_steps": (1, 1000, True, True),
+    "eval.interval": (0, None, True, True),
+    "eval.points": (0, 10_000, True, True),
+    "eval.max_samples": (1, None, True, True),
+    "eval.batch_size": (1, 100_000, True, True),
+    "checkpoint.interval": (0, None, True, True),
+    "checkpoint.keep_last": (1, 100_000, True, True),
+}
+INTEGER_KEYS = {
+    "seed", "devices", "prefetch", "batch_size", "grad_accumulation", "max_objects_per_image", "min_train_samples",
+    "num_threads", "log_every", "loss.num_points", "lora.r", "schedule.max_steps", "schedule.repeats",
+    "schedule.calibration_steps", "eval.interval", "eval.points", "eval.max_samples", "eval.batch_size",
+    "checkpoint.interval", "checkpoint.keep_last",
+}
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in (over or {}).items():
@@ -158,12 +245,29 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def overlapping_keys(shared: dict[str, Any], recipe: dict[str, Any], where: str = "") -> list[str]:
+    """Dotted keys set both in the shared settings and in a recipe block (the shared value wins)."""
+    out = []
+    for key, value in (recipe or {}).items():
+        if key not in shared:
+            continue
+        if isinstance(value, dict) and isinstance(shared[key], dict) and value and key not in DICT_VALUED:
+            out += overlapping_keys(shared[key], value, f"{where}{key}.")
+        else:
+            out.append(where + key)
+    return out
+
+
+# Settings whose value is itself a free-form dict (merged as a whole, not key by key).
+DICT_VALUED = {"overrides", "lr_by_group"}
+
+
 def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise TrainingConfigError(
             f"Unknown training setting(s) {', '.join(where + k for k in unknown)}; "
             f"allowed under '{where or 'training.'}': {', '.join(sorted(fields))}. "
             "Fix conf/base/parameters_training.yml (or your --params override)."
@@ -172,12 +276,69 @@ def _build(cls: type, values: dict[str, Any] | None, where: str) -> Any:
     for name, value in values.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
+            if value is not None and not isinstance(value, dict):
+                raise TrainingConfigError(f"{where}{name} must be a mapping of settings, got {value!r}")
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
         elif name == "betas":
-            kwargs[name] = tuple(float(v) for v in value)
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise TrainingConfigError(f"{where}betas must be two numbers [beta1, beta2], got {value!r}")
+            kwargs[name] = tuple(_number(v, f"{where}betas") for v in value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TrainingConfigError(f"training.{key} must be a number, got {value!r}") from None
+    return value
+
+
+def _get(config: TrainingConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[int(part)] if part.isdigit() else getattr(value, part)
+    return value
+
+
+def check_numbers(config: TrainingConfig) -> None:
+    """Refuse non-finite, non-integer or out-of-range numeric settings, naming the key and its range."""
+    for key, (lo, hi, lo_in, hi_in) in NUMERIC_RANGES.items():
+        value = _get(config, key)
+        if value is None and key in NULLABLE:
+            continue
+        value = _number(value, key)
+        if not math.isfinite(value):
+            raise TrainingConfigError(f"training.{key} must be a finite number, got {value!r}")
+        if key in INTEGER_KEYS and value != int(value):
+            raise TrainingConfigError(f"training.{key} must be a whole number, got {value!r}")
+        too_low = lo is not None and (value < lo or (value == lo and not lo_in))
+        too_high = hi is not None and (value > hi or (value == hi and not hi_in))
+        if too_low or too_high:
+            low = "-inf" if lo is None else f"{lo:g}"
+            high = "inf" if hi is None else f"{hi:g}"
+            span = f"{'[' if lo_in else '('}{low}, {high}{']' if hi_in else ')'}"
+            raise TrainingConfigError(
+                f"training.{key} = {value!r} is outside its allowed range {span}. "
+                "Fix conf/base/parameters_training.yml (or your --params override)."
+            )
+    for group, lr in config.optimizer.lr_by_group.items():
+        lr = _number(lr, f"optimizer.lr_by_group.{group}")
+        if not (math.isfinite(lr) and 0 < lr <= 1):
+            raise TrainingConfigError(f"training.optimizer.lr_by_group.{group} = {lr!r} must be a number in (0, 1]")
+    for t in config.eval.thresholds:
+        if not (math.isfinite(_number(t, "eval.thresholds")) and 0 < float(t) < 1):
+            raise TrainingConfigError(f"training.eval.thresholds must lie strictly between 0 and 1, got {t!r}")
+
+
+# Settings that may be null (their dataclass default is None or they are optional lengths).
+NULLABLE = {
+    "max_objects_per_image", "num_threads", "schedule.max_steps", "schedule.epochs", "schedule.time_budget_s",
+    "eval.interval", "eval.max_samples",
+}
 
 
 def resolve_recipe_name(params: dict[str, Any]) -> str:
@@ -188,36 +349,49 @@ def resolve_recipe_name(params: dict[str, Any]) -> str:
     return "official" if (params.get("model") or {}).get("checkpoint") else "tiny"
 
 
-def load_training_config(params: dict[str, Any]) -> TrainingConfig:
-    """Turn ``params:training`` into a :class:`TrainingConfig` (recipe block merged over shared settings)."""
+def load_training_config(params: dict[str, Any] | TrainingConfig) -> TrainingConfig:
+    """Turn ``params:training`` into a checked :class:`TrainingConfig` (shared settings over the recipe)."""
+    if isinstance(params, TrainingConfig):
+        return params
     params = copy.deepcopy(dict(params))
     recipes = params.pop("recipes", {}) or {}
     name = resolve_recipe_name(params)
     if name not in recipes and recipes:
-        raise ValueError(
+        raise TrainingConfigError(
             f"training.recipe is '{name}' but training.recipes only defines {sorted(recipes)}; "
             "add the block or pick one of those."
         )
-    merged = _deep_merge(params, recipes.get(name, {}))
+    block = recipes.get(name, {}) or {}
+    for key in overlapping_keys(params, block):
+        log.info("training.%s is set both in the shared settings and in recipes.%s: the shared value applies", key, name)
+    merged = _deep_merge(block, params)
     merged["recipe"] = name
     config = _build(TrainingConfig, merged, "training.")
+    _check_choices(config)
+    check_numbers(config)
+    return config
+
+
+def _check_choices(config: TrainingConfig) -> None:
     if config.strategy not in STRATEGIES:
-        raise ValueError(
+        raise TrainingConfigError(
             f"training.strategy must be one of {' | '.join(STRATEGIES)} (used with training.devices > 1), "
             f"got {config.strategy!r}"
         )
     if not isinstance(config.compile, bool):
-        raise TypeError(f"training.compile must be true or false, got {config.compile!r}")
-    if config.mask_loss not in ("points", "dense"):
-        raise ValueError(f"training.mask_loss must be 'points' or 'dense', got {config.mask_loss!r}")
+        raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
+    if config.loss.mask_loss not in ("points", "dense"):
+        raise TrainingConfigError(f"training.loss.mask_loss must be 'points' or 'dense', got {config.loss.mask_loss!r}")
     if config.trainable.embeddings not in ("full", "new_tokens", "frozen"):
-        raise ValueError(
+        raise TrainingConfigError(
             "training.trainable.embeddings must be full | new_tokens | frozen, "
             f"got {config.trainable.embeddings!r}"
         )
+    resume = config.checkpoint.resume
+    if not isinstance(resume, bool) and not (isinstance(resume, str) and resume and "/" not in resume):
+        raise TrainingConfigError(f"training.checkpoint.resume must be true, false or a run id (a folder name), got {resume!r}")
     _check_prompt_forms(config.prompt.questions, "{class_name}", "training.prompt.questions")
     _check_prompt_forms(config.prompt.answers, "[SEG]", "training.prompt.answers")
-    return config
 
 
 def _check_prompt_forms(forms: str | list[str], needle: str, name: str) -> None:
@@ -225,4 +399,4 @@ def _check_prompt_forms(forms: str | list[str], needle: str, name: str) -> None:
     if forms == "official":
         return
     if isinstance(forms, str) or not forms or any(str(f).count(needle) != 1 for f in forms):
-        raise ValueError(f"{name} must be 'official' or a list of forms each containing {needle} once, got {forms!r}")
+        raise TrainingConfigError(f"{name} must be 'official' or a list of forms each containing {needle} once, got {forms!r}")

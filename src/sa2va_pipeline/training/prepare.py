@@ -1,10 +1,13 @@
-"""Turn a freshly built Sa2VA model into one ready to train: LoRA on the LLM, trainable parts, counts."""
+"""The model before the first step: built (preset or checkpoint), LoRA on the LLM, trainable parts set, counted.
+
+The building blocks every process of a run uses in the same order (``worker.train_on_rank``)."""
 
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.training.lora import build_lora_config, inject_lora
 from sa2va_pipeline.training.parameter_groups import (
@@ -20,7 +23,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from sa2va_pipeline.training.config import LoraSettings, TrainableParts
+    from sa2va_pipeline.model.sa2va import Sa2VA
+    from sa2va_pipeline.training.config import LoraSettings, ModelSource, TrainableParts
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +72,69 @@ def prepare_for_training(
         params_by_group=named_parameters_by_group(model, layout),
         counts=[c.as_dict() for c in counts],
     )
+
+
+def build_model(source: ModelSource, device: str, seed: int, dtype: torch.dtype | None = None) -> Sa2VA:
+    """The untrained model: an official checkpoint directory, or a preset with deterministic random weights.
+
+    Weights are float32 unless ``dtype`` says otherwise (bf16 for bf16 training on GPU: the frozen weights stay
+    bf16 and the trainable ones become fp32 masters, see :func:`trainable_to_fp32`).
+    """
+    import torch
+
+    from sa2va_pipeline.model import Sa2VA
+
+    dtype = torch.float32 if dtype is None else dtype
+    if source.checkpoint:
+        return Sa2VA.from_pretrained(source.checkpoint, device=device, dtype=dtype)
+    if not source.preset:
+        raise ValueError("Set training.model.preset (e.g. tiny) or training.model.checkpoint (a directory).")
+    return Sa2VA.from_preset(source.preset, device=device, dtype=dtype, seed=seed, **dict(source.overrides))
+
+
+def trainable_to_fp32(model: Sa2VA) -> None:
+    """fp32 master copies of the trainable tensors (AdamW updates of 4e-5 x w vanish in bf16)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def added_token_ids(model: Sa2VA) -> list[int]:
+    """Ids of the tokens Sa2VA adds to the LLM's vocabulary ([SEG], <p>, </p>, <vp>, </vp>)."""
+    from sa2va_pipeline.model.prompts import SA2VA_ADDED_TOKENS
+
+    ids = [model.tokenizer.convert_tokens_to_ids(t) for t in SA2VA_ADDED_TOKENS]
+    return [int(i) for i in ids if i is not None and i != model.tokenizer.unk_token_id]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (the trainer's own data order and prompts are seeded separately)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def compile_llm_layers(model: Sa2VA, layout: Any) -> int:
+    """``torch.compile`` every LLM decoder layer in place (``training.compile``); returns how many.
+
+    Per layer rather than the whole model: the layers share one code path, so one graph serves all of them,
+    and the rest of the step (collate-shaped inputs, the mask decoder's point sampling) stays eager. Works
+    with LoRA (peft's layers are traced into the graph), gradient checkpointing (transformers checkpoints the
+    layer's forward around the compiled call) and DDP / FSDP (their hooks stay outside the graphs). Shapes
+    change with each batch's longest prompt, so expect a recompile or two before dynamic shapes settle.
+    """
+    from torch import nn
+
+    llm = model.get_submodule(layout.llm.rstrip("."))
+    layers = getattr(llm, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise ValueError(f"training.compile: no decoder layers found under {layout.llm}layers")
+    for layer in layers:
+        layer.compile()
+    log.info("torch.compile: %d LLM decoder layers (compiled on first use)", len(layers))
+    return len(layers)

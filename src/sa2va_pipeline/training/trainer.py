@@ -1,55 +1,70 @@
-"""The training loop, top to bottom: data order, steps, checks, checkpoints, validation, logging.
+"""The training loop, top to bottom (:meth:`TrainingLoop.run`): resume, plan, steps, validation, checkpoints.
 
 Model-agnostic: it needs a module whose trainable parameters are already set, a ``make_batch`` that turns
 a list of samples into a batch (drawing prompts from the ``random.Random`` it is given), a ``loss_fn``
-returning a dict with ``loss`` (plus components), and optionally an ``evaluate`` callback returning
-metrics. It imports nothing from Kedro or MLflow: metrics go to ``log_metrics(metrics, step)``.
+returning a dict with ``loss`` (plus components, and optionally ``per_object`` losses with their phrases),
+and optionally an ``evaluate`` callback returning metrics. It imports nothing from Kedro or MLflow: metrics
+go to ``log_metrics(metrics, step)``. The same loop runs on one device and on every rank of a multi-device
+run (``ctx``): ranks only differ in who writes files and reports.
 
 Exact resume. Everything random is either a pure function of the position in the run or saved:
 - data order: the sample stream is the concatenation of per-epoch permutations drawn from
   ``seed`` and the epoch number; optimiser step k reads stream positions [k*B*A, (k+1)*B*A);
 - prompts: one ``random.Random(seed, micro-batch index)`` per micro-batch;
 - lr: a pure function of (step, total steps);
-- weights, AdamW state and the global python / numpy / torch RNG states (dropout, point sampling)
+- weights, AdamW state and each rank's python / numpy / torch RNG states (dropout, point sampling)
   are in the checkpoint.
 
 Length of a run: ``schedule.max_steps`` if set, else ``schedule.epochs`` over the repeated training set,
 else (``schedule.time_budget_s``) sized once from measured speed: after the step-0 validation, a few
 forward/backward passes are timed (with the RNG state put back afterwards and no optimiser step, so they
 leave no trace) and the step count that fits the remaining budget, validations and final save included,
-becomes the fixed total of the schedule. That total is saved in checkpoints, so a resumed run keeps it.
-The budget is also a hard stop: if steps turn out slower than measured the run ends early (with a
-warning; the schedule then ends above zero).
+becomes the fixed total of the schedule (ranks agree on the slowest). That total is saved in checkpoints,
+so a resumed run keeps it. The budget is also a hard stop: if steps turn out slower than measured the run
+ends early (with a warning; the schedule then ends above zero).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
-import shutil
+import signal
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.devices import autocast, autocast_dtype
-from sa2va_pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from sa2va_pipeline.training.gradient_check import GradientReachCheck, GradientReport
+from sa2va_pipeline.training.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_run,
+    restore_rng,
+    save_checkpoint,
+)
+from sa2va_pipeline.training.gradient_check import GradientReachCheck
 from sa2va_pipeline.training.optim import build_optimizer, set_lr
+from sa2va_pipeline.training.ranks import any_rank, gather_objects, max_over_ranks
+from sa2va_pipeline.evaluation.report import metric_key
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from sa2va_pipeline.training.config import TrainingConfig
+    from sa2va_pipeline.training.config import EvalSettings, TrainingConfig
+    from sa2va_pipeline.training.ranks import DistributedContext
 
 log = logging.getLogger(__name__)
 
 MetricsLogger = Callable[[dict[str, float], int], None]
+# Test hook (fault injection): after the checkpoint of this step, rank 0 SIGKILLs every rank and itself.
+KILL_AFTER_STEP_ENV = "SA2VA_TEST_KILL_AFTER_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,6 +84,8 @@ class TrainResult:
     wall_time_s: float = 0.0
     stopped_by_time: bool = False
     last_checkpoint: str | None = None
+    run_dir: str | None = None  # this run's checkpoint folder, <checkpoint.dir>/<run id>
+    plan: dict[str, Any] = field(default_factory=dict)  # steps, global batch, epochs, repeats, estimate
     peak_memory_gb: list[float] = field(default_factory=list)  # per GPU (one entry per rank); empty on CPU
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,200 +123,374 @@ def planned_steps(config: TrainingConfig, n_samples: int) -> int | None:
     return max(1, math.ceil((sched.epochs or 1.0) * n_samples * max(1, sched.repeats) / per_step))
 
 
-def train(
-    model: nn.Module,
-    params_by_group: dict[str, list[tuple[str, torch.Tensor]]],
-    train_samples: Sequence[Any],
-    config: TrainingConfig,
-    make_batch: Callable[[list[Any], random.Random], Any],
-    loss_fn: Callable[[nn.Module, Any], dict[str, torch.Tensor]],
-    evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
-    log_metrics: MetricsLogger | None = None,
-    started_at: float | None = None,
-    progress: bool = True,
-    main_process: bool = True,
-) -> TrainResult:
-    """Train ``model`` in place and return the run's history. See the module docstring for the guarantees.
+def eval_interval(settings: EvalSettings, total_steps: int) -> int:
+    """Steps between validations: ``eval.interval`` if set, else ``eval.points`` spread over the run."""
+    if settings.interval is not None:
+        return int(settings.interval)
+    if settings.points <= 1:
+        return 0
+    return max(1, math.ceil(total_steps / (settings.points - 1)))
+
+
+class BatchPrefetcher:
+    """The batches of the next steps, built on background threads while this step runs on the device.
+
+    Collate's PIL resizes release the GIL; feature-cache reads and host-to-device copies overlap the device
+    work. Batches are a pure function of the step, so this changes nothing but the speed.
+    """
+
+    def __init__(self, build: Callable[[int], list[Any]], depth: int, total_steps: int):
+        self.build, self.depth, self.total_steps = build, max(0, int(depth)), total_steps
+        self.pool = ThreadPoolExecutor(self.depth, thread_name_prefix="batches") if self.depth else None
+        self.pending: dict[int, Future] = {}
+
+    def get(self, step: int) -> list[Any]:
+        """The micro-batches of ``step``; schedules the next ``depth`` steps."""
+        future = self.pending.pop(step, None)
+        batches = future.result() if future is not None else self.build(step)
+        if self.pool is not None:
+            for stale in [k for k in self.pending if k <= step or k > step + self.depth]:
+                self.pending.pop(stale)
+            for ahead in range(step + 1, min(step + self.depth, self.total_steps - 1) + 1):
+                if ahead not in self.pending:
+                    self.pending[ahead] = self.pool.submit(self.build, ahead)
+        return batches
+
+    def close(self) -> None:
+        """Drop what is queued and stop the threads."""
+        self.pending.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TrainingLoop:
+    """One training run of ``model`` in place; :meth:`run` reads top to bottom.
 
     ``params_by_group`` names the model's parameters per group (see ``parameter_groups``); it drives the
     optimiser's groups, the gradient-reach check (``config.trainable.require_gradient``) and the log.
-    ``started_at`` (``time.monotonic()``) lets a time budget include work done before this call.
-    ``main_process=False`` (the other ranks of a multi-device run): no checkpoint files are written or
-    removed, but every step, validation and checkpoint is still run (they may hold collectives: FSDP
-    gathers, the validation's gather), so all ranks stay in step.
+    ``started_at`` (``time.monotonic()``) lets a time budget include work done before. ``run_dir`` is this
+    run's checkpoint folder and ``resuming`` whether it continues there (``checkpoint.resolve_run``).
+    ``ctx`` (a multi-device run): only rank 0 writes files and reports, but every rank runs every step,
+    validation and checkpoint (they hold collectives: FSDP gathers, the validation's gather).
     """
-    import torch
-    from tqdm.auto import tqdm
 
-    started_at = time.monotonic() if started_at is None else started_at
-    if not train_samples:
-        raise ValueError("The training split is empty: nothing to train on.")
-    device = next(model.parameters()).device
-    amp_dtype = autocast_dtype(config.precision, device.type)
-    optimizer, optimizer_names = build_optimizer(params_by_group, config.optimizer)
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    per_step = config.batch_size * config.grad_accumulation
-    ckpt_root = Path(config.checkpoint.dir)
-    emit = log_metrics or (lambda metrics, step: None)
+    def __init__(self, model: nn.Module, params_by_group: dict[str, list[tuple[str, torch.Tensor]]],
+                 train_samples: Sequence[Any], config: TrainingConfig,
+                 make_batch: Callable[[list[Any], random.Random], Any],
+                 loss_fn: Callable[[nn.Module, Any], dict[str, Any]],
+                 evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+                 log_metrics: MetricsLogger | None = None, started_at: float | None = None,
+                 progress: bool = True, run_dir: Path | None = None, resuming: bool = False,
+                 ctx: DistributedContext | None = None):
+        if not train_samples:
+            raise ValueError("The training split is empty: nothing to train on.")
+        self.model, self.params_by_group, self.samples, self.config = model, params_by_group, train_samples, config
+        self.make_batch, self.loss_fn, self.evaluate = make_batch, loss_fn, evaluate
+        self.emit = log_metrics or (lambda metrics, step: None)
+        self.started_at = time.monotonic() if started_at is None else started_at
+        self.progress, self.ctx = progress, ctx
+        self.is_main = ctx is None or ctx.is_main
+        if run_dir is None:
+            run_dir, resuming = resolve_run(Path(config.checkpoint.dir), config.checkpoint.resume)
+        self.run_dir, self.resuming = Path(run_dir), resuming
+        self.device = next(model.parameters()).device
+        self.amp_dtype = autocast_dtype(config.precision, self.device.type)
+        self.optimizer, self.optimizer_names = build_optimizer(params_by_group, config.optimizer)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.per_step = config.batch_size * config.grad_accumulation
+        self.result = TrainResult(total_steps=0, steps_done=0, run_dir=str(self.run_dir))
+        self.start_step, self.total_steps = 0, planned_steps(config, len(train_samples))
+        self.interval = 0
+        # every rank learns the others' pids only when the kill hook is armed (a collective)
+        self.kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
+        self.rank_pids = gather_objects(os.getpid(), ctx) if self.kill_after else []
 
-    result = TrainResult(total_steps=0, steps_done=0)
-    start_step = 0
-    total_steps = planned_steps(config, len(train_samples))
-    if config.checkpoint.resume and (found := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(found, model, optimizer, optimizer_names)
-        start_step, total_steps = int(state["step"]), int(state["total_steps"])
-        result.history, result.evaluations = state.get("history", []), state.get("evaluations", [])
-        result.gradient_report = state.get("gradient_report")
-        result.last_checkpoint = str(found)
-        log.info("Resumed from %s at step %d of %d", found, start_step, total_steps)
-    elif config.checkpoint.resume:
-        log.info("training.checkpoint.resume is on but %s holds no checkpoint: starting fresh", ckpt_root)
-    elif main_process:
-        # A fresh run: checkpoints of an earlier run would mix with this one's (pruning, resume).
-        for stale in list_checkpoints(ckpt_root):
-            log.warning("Removing checkpoint %s of an earlier run (training.checkpoint.resume is off)", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    def run(self) -> TrainResult:
+        """Resume or start, validate the untrained model, fix the plan, train, validate and save at the end."""
+        from tqdm.auto import tqdm
 
-    def run_eval(step: int) -> float:
-        if evaluate is None:
-            return 0.0
-        t0 = time.monotonic()
-        model.eval()
-        with torch.no_grad(), autocast(device, amp_dtype):
-            metrics = dict(evaluate(model))
-        model.train()
-        seconds = time.monotonic() - t0
-        row = {"step": step, **metrics, "eval_seconds": seconds}
-        result.evaluations.append(row)
-        emit({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step)
-        log.info("validation at step %d: %s", step, {k: v for k, v in row.items() if not isinstance(v, list)})
-        return seconds
+        self.model.train()
+        self.resume()
+        if self.config.eval.at_start and self.start_step == 0 and not self.result.evaluations:
+            self.validate(0)
+        if self.total_steps is None:  # time budget: size the run once, from measured speed
+            self.total_steps = self.size_by_time()
+        self.result.total_steps = self.total_steps
+        self.interval = eval_interval(self.config.eval, self.total_steps) if self.evaluate else 0
+        self.log_plan()
+        batches = BatchPrefetcher(self.micro_batches, self.config.prefetch, self.total_steps)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc="training", unit="step",
+                   disable=not (self.progress and self.is_main), dynamic_ncols=True)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                if self.out_of_time(step):
+                    break
+                row = self.train_step(step, batches.get(step))
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
+                bar.update(1)
+                self.after_step(row)
+        finally:
+            bar.close()
+            batches.close()
+        self.finish()
+        return self.result
 
-    def micro_batches(step: int):
-        indices = sample_indices(step, per_step, len(train_samples), config.schedule.repeats, config.seed)
+    # ------------------------------------------------------------------ the parts of run()
+    def resume(self) -> None:
+        """Continue from the run folder's newest checkpoint when resuming (unreadable ones raise)."""
+        found = latest_checkpoint(self.run_dir) if self.resuming else None
+        if found is None:
+            if self.resuming:
+                log.info("Run %s holds no checkpoint yet: it starts over", self.run_dir.name)
+            return
+        state = load_checkpoint(found, self.model, self.optimizer, self.optimizer_names, self.ctx, self.config.seed)
+        self.start_step, self.total_steps = int(state["step"]), int(state["total_steps"])
+        self.result.history, self.result.evaluations = state.get("history", []), state.get("evaluations", [])
+        self.result.gradient_report = state.get("gradient_report")
+        self.result.last_checkpoint = str(found)
+        if state.get("samples_per_step", self.per_step) != self.per_step:
+            log.warning("The global batch changed from %s to %d samples per step since %s: the data order "
+                        "continues at another position", state.get("samples_per_step"), self.per_step, found)
+        log.info("Resumed run %s from %s at step %d of %d", self.run_dir.name, found.name, self.start_step,
+                 self.total_steps)
+
+    def micro_batches(self, step: int) -> list[Any]:
+        """The micro-batches of optimiser step ``step`` (a pure function of the step)."""
+        config = self.config
+        indices = sample_indices(step, self.per_step, len(self.samples), config.schedule.repeats, config.seed)
+        out = []
         for a in range(config.grad_accumulation):
             chunk = indices[a * config.batch_size : (a + 1) * config.batch_size]
             rng = random.Random(config.seed * 1_000_003 + step * config.grad_accumulation + a)
-            yield make_batch([train_samples[i] for i in chunk], rng)
+            out.append(self.make_batch([self.samples[i] for i in chunk], rng))
+        return out
 
-    # The batches of the next steps are built on background threads while this step runs on the device
-    # (collate's PIL resizes release the GIL; feature-cache reads and host-to-device copies overlap the GPU
-    # work). Batches are a pure function of the step, so this changes nothing but the speed.
-    depth = max(0, int(config.prefetch))
-    prefetcher = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="batches") if depth else None
-    pending: dict[int, Any] = {}
+    def forward_backward(self, step: int, batches: list[Any]) -> tuple[dict[str, float], dict[str, float]]:
+        """Forward and backward over the step's micro-batches; returns the mean scalar losses and the
+        per-phrase mask losses (``phrase.<phrase>.loss_mask_bce`` / ``_dice``, averaged over that phrase's
+        objects in the step, all ranks included)."""
+        import torch
 
-    def step_batches(step: int) -> list[Any]:
-        future = pending.pop(step, None)
-        batches = future.result() if future is not None else list(micro_batches(step))
-        if prefetcher is not None:
-            for stale in [k for k in pending if k <= step or k > step + depth]:
-                pending.pop(stale)
-            for ahead in range(step + 1, step + depth + 1):
-                if ahead not in pending and (total_steps is None or ahead < total_steps):
-                    pending[ahead] = prefetcher.submit(lambda s=ahead: list(micro_batches(s)))
-        return batches
-
-    def forward_backward(step: int) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for batch in step_batches(step):
-            with autocast(device, amp_dtype):
-                out = loss_fn(model, batch)
-            loss = out["loss"]
+        phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
+        for batch in batches:
+            with autocast(self.device, self.amp_dtype):
+                out = self.loss_fn(self.model, batch)
             values = {k: float(v.detach().float()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
             if not all(math.isfinite(v) for v in values.values()):
                 raise NonFiniteLossError(
                     f"Non-finite loss at optimiser step {step}: {values}. Training stopped; the last good "
-                    f"checkpoint ({result.last_checkpoint or 'none written yet'}) is kept. Lower the learning "
+                    f"checkpoint ({self.result.last_checkpoint or 'none written yet'}) is kept. Lower the learning "
                     "rate, check the inputs of this step, or use fp32 (training.precision)."
                 )
-            (loss / config.grad_accumulation).backward()
+            (out["loss"] / self.config.grad_accumulation).backward()
             for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v / config.grad_accumulation
-        return totals
+                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accumulation
+            _add_per_object(phrase_sums, out.get("per_object"))
+        return totals, _phrase_means(phrase_sums, self.ctx)
 
-    model.train()
-    eval_seconds = 0.0
-    if config.eval.at_start and start_step == 0 and not result.evaluations:
-        eval_seconds = run_eval(0)
+    def train_step(self, step: int, batches: list[Any]) -> dict[str, float]:
+        """One optimiser step (with the gradient-reach check around the first); returns its history row."""
+        import torch
 
-    if total_steps is None:  # time budget: size the run once, from measured speed
-        total_steps = _size_by_time(config, forward_backward, optimizer, started_at, eval_seconds)
-    result.total_steps = total_steps
+        t0 = time.monotonic()
+        lr_factor = set_lr(self.optimizer, step, self.total_steps, self.config.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, per_phrase = self.forward_backward(step, batches)
+        check = GradientReachCheck(self.params_by_group, self.config.trainable.require_gradient) if step == 0 else None
+        if check:
+            check.before_step()
+        grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optimizer.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"Non-finite gradient norm at optimiser step {step} (loss {losses}). Training stopped; the "
+                f"last good checkpoint ({self.result.last_checkpoint or 'none written yet'}) is kept."
+            )
+        self.optimizer.step()
+        if check:
+            report = check.after_step()
+            self.result.gradient_report = {"grad_norm": report.grad_norm, "changed": report.changed}
+            log.info("gradient-reach check passed: grad norm per group %s", report.grad_norm)
+        seconds = time.monotonic() - t0
+        return {"step": step + 1, **losses, "lr": self.optimizer.param_groups[0]["lr"], "lr_factor": lr_factor,
+                "grad_norm": grad_norm, "samples_per_s": self.per_step / max(seconds, 1e-9),
+                "step_seconds": seconds, **per_phrase}
 
-    def save(step: int) -> None:
-        extra = {
-            "total_steps": total_steps,
-            "history": result.history,
-            "evaluations": result.evaluations,
-            "gradient_report": result.gradient_report,
-            "samples_per_step": per_step,
-            "seed": config.seed,
-        }
-        path = save_checkpoint(
-            ckpt_root, step, model, optimizer, optimizer_names, extra, config.checkpoint.keep_last, write=main_process
-        )
-        result.last_checkpoint = str(path) if path is not None else None
+    def after_step(self, row: dict[str, float]) -> None:
+        """Record and report the step; validate and checkpoint when due; the time estimate after a few steps."""
+        done = int(row["step"])
+        self.result.history.append(row)
+        if done % max(1, self.config.log_every) == 0:
+            self.emit({k: float(v) for k, v in row.items() if k != "step"}, done)
+        if done - self.start_step == self.config.schedule.calibration_steps + 1:
+            self.log_estimate(done)
+        if self.interval and done % self.interval == 0 and done < self.total_steps:
+            self.validate(done)
+        if self.config.checkpoint.interval and done % self.config.checkpoint.interval == 0 and done < self.total_steps:
+            self.save(done)
+        if self.kill_after and done == self.kill_after and self.is_main:
+            _kill_all_ranks(self.rank_pids)
 
-    budget = config.schedule.time_budget_s
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step", disable=not progress, dynamic_ncols=True)
-    try:
-        for step in range(start_step, total_steps):
-            # keep what the end needs inside the budget: the last validation's duration + the final save
-            reserve = (result.evaluations[-1].get("eval_seconds", 0.0) if result.evaluations else 0.0) + 2.0
-            if budget and step > start_step and time.monotonic() - started_at + reserve > budget:
-                log.warning("Time budget of %.0f s used up after %d of %d steps; stopping early.", budget, step, total_steps)
-                result.stopped_by_time = True
-                break
+    def finish(self) -> None:
+        """The last validation (unless it just ran) and the final checkpoint."""
+        result = self.result
+        result.steps_done = int(result.history[-1]["step"]) if result.history else 0
+        if result.steps_done and (not result.evaluations or result.evaluations[-1]["step"] != result.steps_done):
+            self.validate(result.steps_done)
+        self.save(result.steps_done)
+        result.wall_time_s = time.monotonic() - self.started_at
+
+    # ------------------------------------------------------------------ helpers of the parts
+    def validate(self, step: int) -> float:
+        """Run ``evaluate`` (eval mode, no grad), record and report it; returns its duration in seconds."""
+        import torch
+
+        if self.evaluate is None:
+            return 0.0
+        t0 = time.monotonic()
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.amp_dtype):
+            metrics = dict(self.evaluate(self.model))
+        self.model.train()
+        seconds = time.monotonic() - t0
+        row = {"step": step, **metrics, "eval_seconds": seconds}
+        self.result.evaluations.append(row)
+        self.emit({k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}, step)
+        log.info("validation at step %d: %s", step,
+                 {k: v for k, v in row.items() if not isinstance(v, list) and "." not in k})
+        return seconds
+
+    def save(self, step: int) -> None:
+        """A checkpoint of ``step`` in the run folder (rank 0 writes; the others take part in the gathers)."""
+        extra = {"total_steps": self.total_steps, "history": self.result.history,
+                 "evaluations": self.result.evaluations, "gradient_report": self.result.gradient_report,
+                 "samples_per_step": self.per_step, "seed": self.config.seed}
+        path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.optimizer_names, extra,
+                               self.config.checkpoint.keep_last, write=self.is_main, ctx=self.ctx)
+        self.result.last_checkpoint = str(path) if path is not None else None
+
+    def out_of_time(self, step: int) -> bool:
+        """The hard stop of a time budget: the end's validation + save must still fit (ranks agree)."""
+        budget = self.config.schedule.time_budget_s
+        if not budget or step == self.start_step:
+            return False
+        last_eval = self.result.evaluations[-1].get("eval_seconds", 0.0) if self.result.evaluations else 0.0
+        late = any_rank(time.monotonic() - self.started_at + last_eval + 2.0 > budget, self.ctx)
+        if late:
+            log.warning("Time budget of %.0f s used up after %d of %d steps; stopping early.", budget, step,
+                        self.total_steps)
+            self.result.stopped_by_time = True
+        return late
+
+    def size_by_time(self) -> int:
+        """Steps that fit the time budget: time a few passes (leaving no trace), then solve for the count."""
+        sched = self.config.schedule
+        rng_tensors, rng_scalars = capture_rng()
+        timings = []
+        for i in range(max(1, sched.calibration_steps) + 1):  # the first pass warms up and is not counted
             t0 = time.monotonic()
-            lr_factor = set_lr(optimizer, step, total_steps, config.optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            losses = forward_backward(step)
-            check = GradientReachCheck(params_by_group, config.trainable.require_gradient) if step == 0 else None
-            if check:
-                check.before_step()
-            grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(trainable, config.optimizer.grad_clip))
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"Non-finite gradient norm at optimiser step {step} (loss {losses}). Training stopped; the "
-                    f"last good checkpoint ({result.last_checkpoint or 'none written yet'}) is kept."
-                )
-            optimizer.step()
-            if check:
-                report: GradientReport = check.after_step()
-                result.gradient_report = {"grad_norm": report.grad_norm, "changed": report.changed}
-                log.info("gradient-reach check passed: grad norm per group %s", report.grad_norm)
-            seconds = time.monotonic() - t0
-            row = {
-                "step": step + 1,
-                **losses,
-                "lr": optimizer.param_groups[0]["lr"],
-                "lr_factor": lr_factor,
-                "grad_norm": grad_norm,
-                "samples_per_s": per_step / max(seconds, 1e-9),
-                "step_seconds": seconds,
-            }
-            result.history.append(row)
-            if (step + 1) % max(1, config.log_every) == 0:
-                emit({k: float(v) for k, v in row.items() if k != "step"}, step + 1)
-            bar.set_postfix(loss=f"{losses['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
-            bar.update(1)
-            done = step + 1
-            if config.eval.interval and done % config.eval.interval == 0 and done < total_steps:
-                run_eval(done)
-            if config.checkpoint.interval and done % config.checkpoint.interval == 0 and done < total_steps:
-                save(done)
-    finally:
-        bar.close()
-        if prefetcher is not None:
-            pending.clear()
-            prefetcher.shutdown(wait=True, cancel_futures=True)
-    result.steps_done = int(result.history[-1]["step"]) if result.history else 0
-    if result.steps_done and (not result.evaluations or result.evaluations[-1]["step"] != result.steps_done):
-        run_eval(result.steps_done)
-    save(result.steps_done)
-    result.wall_time_s = time.monotonic() - started_at
-    return result
+            self.optimizer.zero_grad(set_to_none=True)
+            self.forward_backward(i, self.micro_batches(i))
+            timings.append(time.monotonic() - t0)
+        self.optimizer.zero_grad(set_to_none=True)
+        restore_rng(rng_tensors, rng_scalars)
+        # median: one pass stalled by another process must not shrink the whole run; +10%: optimiser step, logs
+        step_seconds = max_over_ranks(1.1 * statistics.median(timings[1:]), self.ctx)
+        eval_seconds = self.result.evaluations[-1]["eval_seconds"] if self.result.evaluations else 0.0
+        remaining = sched.time_budget_s - max_over_ranks(time.monotonic() - self.started_at, self.ctx) - 2.0
+        steps = _steps_that_fit(remaining, step_seconds, eval_seconds, self.config.eval)
+        if sched.max_steps:
+            steps = min(steps, sched.max_steps)
+        log.info("Time budget %.0f s: %.2f s per step measured, %.0f s left -> %d optimiser steps",
+                 sched.time_budget_s, step_seconds, remaining, steps)
+        return steps
+
+    def log_plan(self) -> None:
+        """Log (and keep in the result) what this run will do: steps, global batch, epochs, repeats."""
+        config, n = self.config, len(self.samples)
+        repeats = max(1, config.schedule.repeats)
+        length = ("max_steps" if config.schedule.max_steps else
+                  "time_budget_s" if config.schedule.time_budget_s else "epochs")
+        plan = {"steps": self.total_steps, "start_step": self.start_step, "global_batch": self.per_step,
+                "train_images": n, "repeats": repeats, "decided_by": length,
+                "epochs": round(self.total_steps * self.per_step / (n * repeats), 4),
+                "passes_over_images": round(self.total_steps * self.per_step / n, 4),
+                "eval_interval": self.interval, "checkpoint_interval": config.checkpoint.interval,
+                "run_dir": str(self.run_dir)}
+        self.result.plan = plan
+        log.info("Training plan: %d optimiser steps (from %s) at a global batch of %d = %.3g epoch(s) of %d "
+                 "images x %d repeats; validation every %s steps; checkpoints in %s", plan["steps"], length,
+                 plan["global_batch"], plan["epochs"], n, repeats, self.interval or "-", self.run_dir)
+
+    def log_estimate(self, done: int) -> None:
+        """The run's remaining time, estimated from the steps timed so far (the first one excluded)."""
+        timed = [r["step_seconds"] for r in self.result.history[-(done - self.start_step):]][1:]
+        if not timed:
+            return
+        per_step = statistics.median(timed)
+        evals_left = (self.total_steps - done) // self.interval if self.interval else 0
+        last_eval = self.result.evaluations[-1].get("eval_seconds", 0.0) if self.result.evaluations else 0.0
+        estimate = per_step * (self.total_steps - done) + (evals_left + 1) * last_eval
+        self.result.plan.update(step_seconds_measured=per_step, estimated_remaining_s=estimate)
+        log.info("Estimated from %d timed steps: %.2f s per step, ~%.0f s (%.1f h) left for %d steps", len(timed),
+                 per_step, estimate, estimate / 3600, self.total_steps - done)
+
+
+def train(model: nn.Module, params_by_group: dict[str, list[tuple[str, torch.Tensor]]],
+          train_samples: Sequence[Any], config: TrainingConfig,
+          make_batch: Callable[[list[Any], random.Random], Any],
+          loss_fn: Callable[[nn.Module, Any], dict[str, Any]], **kwargs: Any) -> TrainResult:
+    """Train ``model`` in place and return the run's history: ``TrainingLoop(...).run()`` (same arguments)."""
+    return TrainingLoop(model, params_by_group, train_samples, config, make_batch, loss_fn, **kwargs).run()
+
+
+def _steps_that_fit(remaining: float, step_seconds: float, eval_seconds: float, settings: EvalSettings) -> int:
+    """Steps whose training plus the validations they bring (and the final one) fit ``remaining`` seconds."""
+    remaining -= eval_seconds  # the final validation
+    if settings.interval is None:  # eval.points spread over the run: their count does not depend on the steps
+        remaining -= max(0, settings.points - 2) * eval_seconds
+        return max(1, int(remaining / step_seconds))
+    per_step = step_seconds + (eval_seconds / settings.interval if settings.interval else 0.0)
+    return max(1, int(remaining / per_step))
+
+
+def _add_per_object(sums: dict[str, list[float]], per_object: dict[str, Any] | None) -> None:
+    """Add a micro-batch's per-object mask losses to the per-phrase sums."""
+    if not per_object:
+        return
+    bce, dice = per_object["mask_bce"].detach().float().cpu(), per_object["mask_dice"].detach().float().cpu()
+    for phrase, b, d in zip(per_object["phrases"], bce.tolist(), dice.tolist()):
+        entry = sums.setdefault(phrase, [0.0, 0.0, 0])
+        entry[0] += b
+        entry[1] += d
+        entry[2] += 1
+
+
+def _phrase_means(sums: dict[str, list[float]], ctx: DistributedContext | None) -> dict[str, float]:
+    """Per-phrase means over every object of the step on every rank (a phrase absent from a micro-batch
+    does not pull its mean down)."""
+    merged: dict[str, list[float]] = {}
+    for rank_sums in gather_objects(sums, ctx):
+        for phrase, (b, d, n) in rank_sums.items():
+            entry = merged.setdefault(phrase, [0.0, 0.0, 0])
+            entry[0], entry[1], entry[2] = entry[0] + b, entry[1] + d, entry[2] + n
+    out = {}
+    for phrase, (b, d, n) in merged.items():
+        out[f"phrase.{metric_key(phrase)}.loss_mask_bce"] = b / n
+        out[f"phrase.{metric_key(phrase)}.loss_mask_dice"] = d / n
+    return out
+
+
+def _kill_all_ranks(pids: list[int]) -> None:
+    """The fault-injection hook: SIGKILL every rank, this process last (as a crashed node would)."""
+    log.warning("%s: killing ranks %s", KILL_AFTER_STEP_ENV, pids)
+    for pid in pids:
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _as_float(total_norm: torch.Tensor) -> float:
@@ -310,38 +501,3 @@ def _as_float(total_norm: torch.Tensor) -> float:
     if isinstance(total_norm, DTensor):
         total_norm = total_norm.full_tensor()
     return float(total_norm)
-
-
-def _size_by_time(
-    config: TrainingConfig,
-    forward_backward: Callable[[int], dict[str, float]],
-    optimizer: torch.optim.Optimizer,
-    started_at: float,
-    eval_seconds: float,
-) -> int:
-    """Steps that fit the time budget: time a few passes (leaving no trace), then solve for the count."""
-    from sa2va_pipeline.training.checkpoint import capture_rng, restore_rng
-
-    sched = config.schedule
-    rng_tensors, rng_scalars = capture_rng()
-    timings = []
-    for i in range(max(1, sched.calibration_steps) + 1):  # the first pass warms up and is not counted
-        t0 = time.monotonic()
-        optimizer.zero_grad(set_to_none=True)
-        forward_backward(i)
-        timings.append(time.monotonic() - t0)
-    optimizer.zero_grad(set_to_none=True)
-    restore_rng(rng_tensors, rng_scalars)
-    # median: one pass stalled by another process must not shrink the whole run; +10%: optimiser step, logs
-    step_seconds = 1.1 * statistics.median(timings[1:])
-    remaining = sched.time_budget_s - (time.monotonic() - started_at)
-    remaining -= eval_seconds + 2.0  # final validation + final checkpoint
-    per_step = step_seconds + (eval_seconds / config.eval.interval if config.eval.interval else 0.0)
-    steps = max(1, int(remaining / per_step))
-    if sched.max_steps:
-        steps = min(steps, sched.max_steps)
-    log.info(
-        "Time budget %.0f s: %.2f s per step measured, %.0f s left -> %d optimiser steps",
-        sched.time_budget_s, step_seconds, remaining, steps,
-    )
-    return steps

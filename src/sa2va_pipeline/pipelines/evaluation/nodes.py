@@ -16,6 +16,7 @@ import pandas as pd
 from sa2va_pipeline.data.samples import load_samples, phrase_truths
 from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, thresholds_by_phrase
 from sa2va_pipeline.evaluation.overlay_panels import evaluation_overlays
+from sa2va_pipeline.evaluation.protocol import add_group_intervals
 from sa2va_pipeline.evaluation.report import evaluate_split, summary_metrics
 from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
@@ -79,6 +80,9 @@ def score_split(
         reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
         extra=_provenance(probabilities, frozen_threshold, split),
     )
+    # ci95 beside each phrase's means: a bootstrap over the split's groups (videos/patients), never frames
+    groups = dict(zip(split_manifest["id"].astype(str), split_manifest["group"].astype(str)))
+    table = add_group_intervals(table, summary, groups, evaluation.get("bootstrap"))
     for phrase, block in summary["phrases"].items():
         at = block["at_threshold"]
         dice = at["mean"]["dice"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -17,9 +16,9 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 
-def mlflow_metrics_logger() -> Callable[[dict[str, float], int], None] | None:
-    """A ``(metrics, step)`` callback logging to the active MLflow run (names grouped: ``1_train/loss``,
-    ``2_validation/val_dice_best_threshold``, see sa2va_pipeline.tracking), or None when there is none."""
+def mlflow_metrics_logger() -> Any:
+    """A ``(metrics, step)`` callback logging grouped training metrics to the active MLflow run, or None when
+    there is none (``tracking.training_metrics_logger``; kept under this name for other nodes)."""
     from sa2va_pipeline.tracking import training_metrics_logger
 
     return training_metrics_logger()
@@ -42,6 +41,8 @@ def training_summary(trained: Any) -> dict[str, Any]:
         "val_dice_best_threshold": last["val_dice_best_threshold"] if last else None,
         "val_best_threshold": last["val_best_threshold"] if last else None,
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        "plan": result.plan,
+        "run_dir": result.run_dir,
         "parameter_counts": result.parameter_counts,
         "gradient_report": result.gradient_report,
         "evaluations": evals,
@@ -62,10 +63,11 @@ def train_model(
     started_at = time.monotonic()
     from sa2va_pipeline.data.samples import load_samples
     from sa2va_pipeline.training.plots import loss_curve_figure
-    from sa2va_pipeline.training.recipe import run_training
+    from sa2va_pipeline.training.recipe import check_training_data, run_training
 
     train_samples = load_samples(split_manifest, annotations, split="train")
     val_samples = load_samples(split_manifest, annotations, split="val")
+    check_training_data(train_samples, val_samples, training)
     log.info("Training on %d frames, validating on %d", len(train_samples), len(val_samples))
     logger = mlflow_metrics_logger()
     trained = run_training(train_samples, val_samples, training, log_metrics=logger, started_at=started_at)

@@ -1,0 +1,232 @@
+"""One process's whole training, top to bottom: build, prepare, (shard), train, (gather) -> ``TrainedModel``.
+
+A one-device run is exactly :func:`train_on_rank` with ``ctx=None``; every rank of a multi-device run
+(``training.devices: N`` or torchrun, see distributed.py) calls the same function with its
+``DistributedContext``. The steps, in order:
+
+1. seed, threads, device; build the untrained model (preset or checkpoint) and prepare it (LoRA, trainable
+   parts, fp32 masters of the trainable weights on GPU);
+2. fill the feature cache of the frozen encoders (before sharding: the encoders run unsharded);
+3. FSDP: shard (keeping an empty skeleton to gather into at the end); DDP: wrap the loss;
+4. the three callbacks of the loop: ``make_batch`` (collate + cached features + this rank's share),
+   ``loss_fn`` (``training_forward`` with the loss settings), ``evaluate`` (per-phrase validation Dice);
+5. :class:`~sa2va_pipeline.training.trainer.TrainingLoop` runs;
+6. FSDP: gather the full model on rank 0. The returned model still carries LoRA (saved as an adapter).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sa2va_pipeline.devices import autocast_dtype, resolve_device
+from sa2va_pipeline.training.artifacts import TrainedModel
+from sa2va_pipeline.training.prepare import (
+    PreparedModel,
+    added_token_ids,
+    build_model,
+    compile_llm_layers,
+    prepare_for_training,
+    seed_everything,
+    trainable_to_fp32,
+)
+from sa2va_pipeline.training.ranks import ddp_loss_fn, fsdp_loss_fn, peak_memory_per_rank, rank_config, shard
+from sa2va_pipeline.training.trainer import MetricsLogger, TrainingLoop
+from sa2va_pipeline.training.validation import trained_phrases, validation_dice
+
+if TYPE_CHECKING:
+    import torch
+
+    from sa2va_pipeline.model.sa2va import Sa2VA
+    from sa2va_pipeline.training.config import TrainingConfig
+    from sa2va_pipeline.training.ranks import DistributedContext
+
+log = logging.getLogger(__name__)
+
+# The losses of Sa2VA.training_forward, renamed for the logs (``loss`` is what the loop minimises).
+LOSS_NAMES = {"total": "loss", "llm": "loss_llm", "mask_bce": "loss_mask_bce", "mask_dice": "loss_mask_dice"}
+
+
+def train_on_rank(
+    train_samples: Sequence[dict[str, Any]],
+    val_samples: Sequence[dict[str, Any]],
+    config: TrainingConfig,
+    run_dir: Path,
+    resuming: bool,
+    ctx: DistributedContext | None = None,
+    log_metrics: MetricsLogger | None = None,
+    started_at: float | None = None,
+    progress: bool = True,
+) -> TrainedModel:
+    """Train on this process (one device, or one rank of ``ctx``); see the module docstring for the steps.
+
+    Only rank 0 reports (``log_metrics``, progress) and writes checkpoints; every rank returns its model
+    (under FSDP only rank 0's is the full, gathered one).
+    """
+    import torch
+
+    given = config
+    config = rank_config(config, ctx) if ctx is not None else config
+    main = ctx is None or ctx.is_main
+    device = resolve_device(config.device)
+    amp_dtype = autocast_dtype(config.precision, device)
+    model, prepared = _build_prepared(config, device, amp_dtype, log_metrics if main else None)
+    if ctx is not None and ctx.rank:
+        torch.manual_seed(config.seed + ctx.rank)  # own dropout / point sampling per rank
+    cache = _feature_cache(model, config, train_samples, amp_dtype, ctx)
+    params_by_group, skeleton = prepared.params_by_group, None
+    if ctx is not None and config.strategy == "fsdp":
+        skeleton, params_by_group = _shard(model, prepared, ctx)
+    if config.compile:
+        compile_llm_layers(model, prepared.layout)
+    phrases = trained_phrases(train_samples)
+    loop = TrainingLoop(
+        model, params_by_group, train_samples, config,
+        make_batch=_batch_builder(model, config, cache, ctx),
+        loss_fn=_loss_function(model, config, ctx),
+        evaluate=_validator(val_samples, config, phrases, ctx),
+        log_metrics=log_metrics if main else None, started_at=started_at, progress=progress and main,
+        run_dir=run_dir, resuming=resuming, ctx=ctx,
+    )
+    result = loop.run()
+    result.parameter_counts = prepared.counts
+    if ctx is not None:
+        result.peak_memory_gb = peak_memory_per_rank(ctx)
+    elif device.startswith("cuda"):
+        result.peak_memory_gb = [round(torch.cuda.max_memory_allocated(device) / 1e9, 3)]
+    if ctx is not None and config.strategy == "fsdp":
+        from sa2va_pipeline.training.fsdp import gather_full_model
+
+        # the same plain model as DDP / one device (on the CPU) on rank 0; the others keep their shards
+        model = gather_full_model(model, skeleton, ctx) or model
+    model.eval()
+    return TrainedModel(model=model, config=given, result=result, phrases=phrases)
+
+
+def _build_prepared(config: TrainingConfig, device: str, amp_dtype: torch.dtype | None,
+                    log_metrics: MetricsLogger | None) -> tuple[Sa2VA, PreparedModel]:
+    """Seed, build and prepare the model; bf16 frozen weights with fp32 trainable masters on GPU."""
+    import torch
+
+    if config.num_threads:
+        torch.set_num_threads(int(config.num_threads))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(config.seed)
+    # bf16 training on GPU: frozen weights in bf16 (half the memory and bandwidth), trainable ones fp32.
+    low_precision = amp_dtype if device.startswith("cuda") and amp_dtype is not None else None
+    model = build_model(config.model, device, config.seed, dtype=low_precision)
+    prepared = prepare_for_training(
+        model, config.lora, config.trainable, added_token_ids(model), config.gradient_checkpointing
+    )
+    if low_precision is not None:
+        trainable_to_fp32(model)
+    log.info("Model source %s on %s, recipe %s", config.model.describe(), device, config.recipe)
+    if log_metrics is not None:
+        log_metrics({f"params_trainable.{c['group']}": float(c["trainable"]) for c in prepared.counts}, 0)
+    return model, prepared
+
+
+def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext) -> tuple[Any, dict[str, Any]]:
+    """FSDP2-shard the model; returns rank 0's skeleton and the (new, sharded) parameters per group."""
+    from sa2va_pipeline.training.fsdp import fsdp_shard, unsharded_skeleton
+    from sa2va_pipeline.training.parameter_groups import named_parameters_by_group
+
+    skeleton = unsharded_skeleton(model) if ctx.is_main else None
+    units = fsdp_shard(model, ctx)
+    log.info("FSDP: %d shard groups + the root", len(units))
+    # fully_shard replaced every parameter by a sharded one: the optimiser and the checks need the new ones
+    # (and dropping the old ones frees their memory)
+    prepared.params_by_group = {}
+    return skeleton, named_parameters_by_group(model, prepared.layout)
+
+
+def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
+                   ctx: DistributedContext | None) -> Callable[[list[dict[str, Any]], random.Random], dict[str, Any]]:
+    """``make_batch(samples, rng)``: this rank's share, collated with the prompt and object settings."""
+    questions = None if config.prompt.questions == "official" else config.prompt.questions
+    answers = None if config.prompt.answers == "official" else list(config.prompt.answers)
+    object_cap: dict[str, Any] = {}
+    if config.max_objects_per_image is not None:
+        if "max_objects" in inspect.signature(model.collate).parameters:
+            object_cap = {"max_objects": config.max_objects_per_image}
+        else:
+            log.warning("This model's collate cannot cap objects per image: training.max_objects_per_image "
+                        "has no effect (every object is trained)")
+
+    def make_batch(samples: list[dict[str, Any]], rng: random.Random) -> dict[str, Any]:
+        if ctx is not None:
+            samples = shard(samples, ctx)
+            if ctx.rank:  # other prompts than rank 0 (which draws as a single device would)
+                rng = random.Random(rng.getrandbits(64) + ctx.rank)
+        batch = model.collate(
+            samples, rng=rng, answer=rng.choice(answers) if answers else None, questions=questions,
+            skip_pixels=cache.parts if cache is not None else (),  # cached features replace those pixels
+            **object_cap,
+        )
+        if cache is None:
+            return batch
+        kept = batch.get("sample_index", range(len(samples)))  # collate leaves object-less samples out
+        return cache.attach(batch, [samples[i]["image"] for i in kept])
+
+    return make_batch
+
+
+def _loss_function(model: Sa2VA, config: TrainingConfig, ctx: DistributedContext | None) -> Callable:
+    """``loss_fn(model, batch)``: ``training_forward`` with ``training.loss``, losses renamed for the logs;
+    through DDP or with losses averaged over ranks under FSDP."""
+    kwargs = config.loss.forward_kwargs()
+
+    def loss_fn(m: Sa2VA, batch: dict[str, Any]) -> dict[str, Any]:
+        out = m.training_forward(batch, **kwargs)
+        return {LOSS_NAMES.get(k, k): v for k, v in out.items()}
+
+    if ctx is None:
+        return loss_fn
+    if config.strategy == "fsdp":
+        return fsdp_loss_fn(loss_fn, ctx)
+    return ddp_loss_fn(model, loss_fn, ctx)
+
+
+def _validator(val_samples: Sequence[dict[str, Any]], config: TrainingConfig, phrases: list[str],
+               ctx: DistributedContext | None) -> Callable | None:
+    """``evaluate(model)``: per-phrase validation Dice over (a cap of) the val split; None without val."""
+    val = list(val_samples)[: config.eval.max_samples] if config.eval.max_samples else list(val_samples)
+    if not val:
+        return None
+
+    def evaluate(m: Sa2VA) -> dict[str, Any]:
+        return validation_dice(m, val, config.eval.thresholds, config.eval.batch_size, phrases=phrases,
+                               distributed=ctx)
+
+    return evaluate
+
+
+def _feature_cache(model: Sa2VA, config: TrainingConfig, train_samples: Sequence[dict[str, Any]],
+                   amp_dtype: torch.dtype | None, ctx: DistributedContext | None) -> Any:
+    """The filled feature cache of the frozen encoders (``training.feature_cache``), or None when it is off or
+    both encoders train. With several ranks the first rank of each host fills it, the others wait, then read."""
+    from sa2va_pipeline.training.feature_cache import FeatureCache, cacheable_parts, training_images
+
+    settings = config.feature_cache
+    if not settings.enabled:
+        return None
+    parts = cacheable_parts(config.trainable.vision_tower, config.trainable.sam2_image_encoder, model.family)
+    if not parts:
+        log.info("training.feature_cache is on but both encoders train: nothing to cache")
+        return None
+    cache = FeatureCache(settings.dir, model, parts, settings.dtype, compute_dtype=amp_dtype,
+                         keep_in_memory=settings.keep_in_memory)
+    if ctx is None or ctx.local_rank == 0:
+        computed = cache.fill(training_images(train_samples), batch_size=max(1, config.eval.batch_size))
+        log.info("Feature cache (%s, %s): %d images computed, the rest reused", "+".join(parts), settings.dtype,
+                 computed)
+    if ctx is not None:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return cache
