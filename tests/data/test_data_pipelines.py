@@ -21,7 +21,7 @@ PARAMS = {
                   "annotations_path": None, "coco_path": None, "max_pixels": 64_000_000, "follow_links_inside": False},
     "annotation": {"dice_floor": 0.995},
     "split": {"group_regex": r"^(?P<group>.+)_frame_\d+", "fractions": {"train": 0.5, "val": 0.25, "test": 0.25},
-              "seed": 1, "split_file": None},
+              "seed": 1, "split_file": None, "allow_empty_test": False},
 }
 
 

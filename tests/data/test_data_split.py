@@ -87,8 +87,30 @@ def test_split_node_checks_every_image_has_an_annotation_entry():
     m = _manifest(4)
     m["image"] = [f"/data/images/{i}.jpg" for i in m["id"]]
     entries = [{"image": f"{i}.jpg", "text": [], "mask": []} for i in m["id"]]
-    params = {"fractions": FRACTIONS, "seed": 0, "group_regex": REGEX, "split_file": None}
+    params = {"fractions": FRACTIONS, "seed": 0, "group_regex": REGEX, "split_file": None, "allow_empty_test": False}
     out = split_samples(m, entries, params)
     assert len(out["manifest"]) == len(m) and out["metrics"]["train_frames"]["value"] > 0
     with pytest.raises(MissingAnnotationError, match="no entry in annotations.json"):
         split_samples(m, entries[1:], params)
+
+
+def test_split_node_refuses_an_empty_val_or_test_split(tmp_path):
+    from sa2va_pipeline.errors import UserError
+    from sa2va_pipeline.pipelines.split.nodes import split_samples
+
+    m = _manifest(4)
+    m["image"] = [f"/data/images/{i}.jpg" for i in m["id"]]
+    entries = [{"image": f"{i}.jpg", "text": [], "mask": []} for i in m["id"]]
+    split_file = tmp_path / "split.csv"
+    groups = [group_of(i, REGEX) for i in m["id"]]
+    last = [g == groups[-1] for g in groups]
+    pd.DataFrame({"id": m["id"], "split": ["val" if x else "train" for x in last]}).to_csv(split_file, index=False)
+    params = {"fractions": FRACTIONS, "seed": 0, "group_regex": REGEX, "split_file": str(split_file),
+              "allow_empty_test": False}
+    with pytest.raises(UserError, match="test split.*would be empty.*allow_empty_test"):
+        split_samples(m, entries, params)
+    out = split_samples(m, entries, {**params, "allow_empty_test": True})  # documented opt-out
+    assert not (out["manifest"]["split"] == "test").any()
+    pd.DataFrame({"id": m["id"], "split": ["test" if x else "train" for x in last]}).to_csv(split_file, index=False)
+    with pytest.raises(UserError, match="val split.*would be empty"):
+        split_samples(m, entries, {**params, "allow_empty_test": True})

@@ -83,7 +83,7 @@ def test_loss_and_object_settings_reach_the_model_call():
     config = load_training_config(_yaml())
     assert config.loss.forward_kwargs() == {
         "mask_loss": "points", "llm_weight": 1.0, "bce_weight": 2.0, "dice_weight": 0.5, "num_points": 12544,
-        "oversample_ratio": 3.0, "importance_sample_ratio": 0.75,
+        "oversample_ratio": 3.0, "importance_sample_ratio": 0.75, "cldice_weight": 0.0, "cldice_iterations": 5,
     }
     assert config.max_objects_per_image == 5
     import inspect

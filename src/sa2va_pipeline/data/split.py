@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sa2va_pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
-    """The samples cannot be split as asked (too few groups, bad split file, ...)."""
+class SplitError(UserError, ValueError):
+    """The samples cannot be split as asked (too few groups, bad split file, an empty val/test split, ...)."""
 
 
 @lru_cache(maxsize=32)
@@ -166,6 +168,25 @@ def split_manifest(
     order = {s: i for i, s in enumerate(SPLITS)}
     out = out.sort_values(["split", "group", "id"], key=lambda c: c.map(order) if c.name == "split" else c)
     return out.reset_index(drop=True)
+
+
+def check_split_sizes(split_table: pd.DataFrame, allow_empty_test: bool = False) -> None:
+    """Stop before any training when validation (or test, unless ``allow_empty_test``) has no frame.
+
+    An empty validation split leaves the threshold unchosen; an empty test split leaves nothing to report.
+
+    Raises:
+        SplitError: naming the empty split(s) and what to do.
+    """
+    needed = ("train", "val") if allow_empty_test else SPLITS
+    empty = [s for s in needed if not (split_table["split"] == s).any()]
+    if empty:
+        raise SplitError(
+            f"the {' and '.join(empty)} split(s) would be empty: training needs train frames, the threshold is chosen "
+            "on val and results are reported on test. Add data (more videos), change split.fractions or your "
+            "split.split_file" + ("" if allow_empty_test else ", or set split.allow_empty_test: true to run without a test split")
+            + "."
+        )
 
 
 def split_sizes(split_table: pd.DataFrame) -> dict[str, int]:

@@ -158,10 +158,12 @@ def run_fold(
         manifest.loc[manifest["split"] == "test", "group"].nunique(),
     )
     started = time.monotonic()
+    # every fold is a fresh run: `resume` would continue the latest run, which is another fold's
+    training = {**params["training"], "checkpoint": {**params["training"].get("checkpoint", {}), "resume": False}}
     trained = run_training(
         samples["train"],
         samples["val"],
-        params["training"],
+        training,
         log_metrics=_prefixed(log_metrics, f"fold_{fold}.training."),
         started_at=started,
     )

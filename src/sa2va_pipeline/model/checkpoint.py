@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .configs import with_mask_resolution
 from .conversion import native_to_official, official_to_native
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -244,15 +245,21 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
 
 
 def load_pretrained(
-    cls: type, path: str | Path, device: Any = "cpu", dtype: torch.dtype = torch.float32
+    cls: type,
+    path: str | Path,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    mask_resolution: str = "standard",
 ) -> Any:
-    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``)."""
+    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``);
+    ``mask_resolution`` as :func:`.configs.with_mask_resolution` (relative to the checkpoint's config)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
     config = read_json(inside(path, "config.json", path))
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / 'config.json'} is not a JSON object; {DAMAGED}.")
+    config = with_mask_resolution(config, mask_resolution)
     files = weight_files(path)
     check_family(config, read_keys(files), path)
     tokenizer = load_tokenizer(path, config)

@@ -283,6 +283,26 @@ def grounding_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(cfg.get("grounding_encoder_config") or DEFAULT_GROUNDING)
 
 
+# training.model.mask_resolution: the factor on SAM2's input size (and so on the mask logits grid, a quarter of
+# it). "high" doubles it: the tiny preset 512 -> 1024 (128 -> 256 logits), Hiera-L 1024 -> 2048 (256 -> 512).
+# No SAM2 weight depends on the size (Hiera interpolates its positional embedding), so the same weights load
+# in either mode; official loaders always run SAM2 at 1024 (issue 17, README "Thin vessels").
+MASK_RESOLUTIONS: dict[str, int] = {"standard": 1, "high": 2}
+
+
+def with_mask_resolution(cfg: dict[str, Any], mask_resolution: str = "standard") -> dict[str, Any]:
+    """``cfg`` with SAM2's input size multiplied by the :data:`MASK_RESOLUTIONS` factor (a copy when it
+    changes; written into ``grounding_encoder_config``, which official loaders ignore)."""
+    if mask_resolution not in MASK_RESOLUTIONS:
+        raise ValueError(f"mask_resolution must be one of {' | '.join(MASK_RESOLUTIONS)}, got {mask_resolution!r}")
+    factor = MASK_RESOLUTIONS[mask_resolution]
+    if factor == 1:
+        return cfg
+    grounding = grounding_config(cfg)
+    grounding["image_size"] = int(grounding["image_size"]) * factor
+    return {**cfg, "grounding_encoder_config": grounding}
+
+
 def build_sam2_config(image_size: int, hiera: dict[str, Any]):
     """A transformers ``Sam2Config`` for a SAM2 input of ``image_size`` (a multiple of 32).
 

@@ -34,7 +34,15 @@ from torch import nn
 
 from . import losses as L
 from . import processing, streaming
-from .configs import build_sam2_config, conversion_layout, grounding_config, llm_type, preset_config
+from .cldice import cldice_loss
+from .configs import (
+    build_sam2_config,
+    conversion_layout,
+    grounding_config,
+    llm_type,
+    preset_config,
+    with_mask_resolution,
+)
 from .families import family_adapter, family_class
 from .module_utils import dtype_of, grad_scope, no_init_weights
 from .preprocessing import resize_masks_area
@@ -133,6 +141,7 @@ class Sa2VA(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
+        mask_resolution: str = "standard",
         **overrides: Any,
     ) -> Sa2VA:
         """Build a preset with deterministic random weights and a tokenizer built in code.
@@ -143,11 +152,12 @@ class Sa2VA(nn.Module):
         ``sa2va-internvl3-2b``, ``sa2va-4b``, ``sa2va-8b``, ``sa2va-26b``, ``sa2va-qwen2_5-vl-3b``,
         ``sa2va-qwen3-vl-4b`` (random weights). Overrides: ``sam2_image_size``, ``sam2_hiera``
         ("large": SAM2 Hiera-L at 1024, what official loaders expect), ``template``, ``vocab_size``.
+        ``mask_resolution="high"`` then doubles SAM2's input size (same weights; :func:`.configs.with_mask_resolution`).
         """
         from .tokenizer import build_preset_tokenizer, read_sentencepiece_bytes
 
         tiny = name.lower().startswith("tiny")
-        config = preset_config(name, **overrides)
+        config = with_mask_resolution(preset_config(name, **overrides), mask_resolution)
         tokenizer, sentencepiece = build_preset_tokenizer(llm_type(config), realistic_ids=not tiny)
         family = family_class(config)
         if tiny and "vocab_size" not in overrides:
@@ -184,13 +194,21 @@ class Sa2VA(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        mask_resolution: str = "standard",
     ) -> Sa2VA:
         """Load an official Sa2VA checkpoint directory strictly (InternVL family with a Qwen2 or InternLM2 LLM,
-        or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B)."""
+        or the Qwen-VL family: Sa2VA-Qwen2_5-VL-3B/7B, Sa2VA-Qwen3-VL-4B).
+
+        ``mask_resolution="high"`` runs SAM2 at twice the config's input size (2x finer mask logits) with the
+        same weights (:func:`.configs.with_mask_resolution`).
+        """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, device=device, dtype=dtype)
+        return load_pretrained(cls, path, device=device, dtype=dtype, mask_resolution=mask_resolution)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write the official layout (LoRA merged into a copy), config.json and the tokenizer files."""
@@ -353,9 +371,11 @@ class Sa2VA(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         generator: torch.Generator | None = None,
+        cldice_weight: float = 0.0,
+        cldice_iterations: int = 5,
     ) -> dict[str, Any]:
         """Teacher-forced losses of a batch from :meth:`collate`: ``llm``, ``mask_bce``, ``mask_dice``,
-        ``total`` (scalars) and ``per_object``: ``{"mask_bce": [N], "mask_dice": [N]`` (detached),
+        ``total`` (scalars; plus ``mask_cldice`` when ``cldice_weight`` > 0) and ``per_object``: ``{"mask_bce": [N], "mask_dice": [N]`` (detached),
         ``"phrases": list[str]}`` in [SEG] order (``mask_bce``/``mask_dice`` are their means over the N objects).
 
         Batch keys as :meth:`collate` makes them; ``pixel_values`` may be replaced by precomputed
@@ -363,7 +383,8 @@ class Sa2VA(nn.Module):
         ``sam2_features`` (3 maps [B, 256, S/4..S/16], from :meth:`encode_images` / :meth:`encode_sam2`).
         Losses: BCE x ``bce_weight`` + Dice x ``dice_weight`` on the argmax-IoU mask (``mask_loss`` "points":
         the official point sampling with ``num_points``, ``oversample_ratio``, ``importance_sample_ratio``;
-        "dense": every pixel) + LM cross-entropy x ``llm_weight``.
+        "dense": every pixel) + LM cross-entropy x ``llm_weight`` (+ soft clDice x ``cldice_weight`` on every
+        pixel of the logits grid, skeletons of ``cldice_iterations`` steps: :mod:`.cldice`; 0 = off, official).
         """
         device = self.device
         input_ids = batch["input_ids"].to(device)
@@ -394,7 +415,11 @@ class Sa2VA(nn.Module):
         total = llm_weight * llm + bce_weight * bce + dice_weight * dice
         phrases = list(batch.get("object_phrases", []))
         per_object = {"mask_bce": bce_each, "mask_dice": dice_each, "phrases": phrases}
-        return {"llm": llm, "mask_bce": bce, "mask_dice": dice, "total": total, "per_object": per_object}
+        out = {"llm": llm, "mask_bce": bce, "mask_dice": dice}
+        if cldice_weight > 0:
+            out["mask_cldice"] = cldice_loss(logits, gt, cldice_iterations)
+            total = total + cldice_weight * out["mask_cldice"]
+        return {**out, "total": total, "per_object": per_object}
 
     # ------------------------------------------------------------------ inference
     def compile_for_inference(self, mode: str | None = None) -> Sa2VA:

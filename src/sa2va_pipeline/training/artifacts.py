@@ -134,6 +134,7 @@ def load_trained_model(
     path = Path(path)
     meta = read_model_source(path)
     source = meta["source"]
+    resolution = source.get("mask_resolution", "standard")  # as trained (absent: the official mode)
     if source["kind"] == "checkpoint":
         checkpoint = Path(source["checkpoint"])
         if not checkpoint.is_dir():
@@ -141,10 +142,11 @@ def load_trained_model(
                 f"{path / SOURCE_FILE} names the base checkpoint {checkpoint}, which does not exist here. Put the "
                 "checkpoint back there, or export with training.export_merged: true for a self-contained model."
             )
-        model = Sa2VA.from_pretrained(checkpoint, device="cpu", dtype=torch.float32)
+        model = Sa2VA.from_pretrained(checkpoint, device="cpu", dtype=torch.float32, mask_resolution=resolution)
     else:
         model = Sa2VA.from_preset(
             source["preset"], device="cpu", dtype=torch.float32, seed=int(source.get("seed", 0)),
+            mask_resolution=resolution,
             **dict(source.get("overrides") or {}),
         )
     load_adapter(model.vlm, path)

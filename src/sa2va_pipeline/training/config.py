@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sa2va_pipeline.errors import UserError
+from sa2va_pipeline.model.configs import MASK_RESOLUTIONS
 from sa2va_pipeline.training.feature_cache import FeatureCacheSettings
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,16 @@ class ModelSource:
     preset: str | None = "tiny"  # built-in preset name; ignored when ``checkpoint`` is set
     checkpoint: str | None = None  # path to an official Sa2VA checkpoint directory (wins over preset)
     overrides: dict[str, Any] = field(default_factory=dict)  # preset config overrides
+    # standard (official) | high: SAM2 input x2, mask logits 2x finer (model.configs.with_mask_resolution)
+    mask_resolution: str = "standard"
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able description written next to the trained weights."""
+        """JSON-able description written next to the trained weights (``mask_resolution`` only when not
+        standard, so folders of the official mode read as before)."""
+        extra = {} if self.mask_resolution == "standard" else {"mask_resolution": self.mask_resolution}
         if self.checkpoint:
-            return {"kind": "checkpoint", "checkpoint": str(self.checkpoint)}
-        return {"kind": "preset", "preset": self.preset, "overrides": copy.deepcopy(self.overrides)}
+            return {"kind": "checkpoint", "checkpoint": str(self.checkpoint), **extra}
+        return {"kind": "preset", "preset": self.preset, "overrides": copy.deepcopy(self.overrides), **extra}
 
 
 @dataclass
@@ -103,6 +108,8 @@ class LossSettings:
     num_points: int = 12544  # points sampled per mask (mask_loss: points)
     oversample_ratio: float = 3.0  # candidates drawn per point before keeping the most uncertain
     importance_sample_ratio: float = 0.75  # share of points taken by uncertainty (the rest uniform)
+    cldice_weight: float = 0.0  # soft-skeleton clDice on the mask logits grid (0: off, official)
+    cldice_iterations: int = 5  # soft-skeleton steps (>= the largest vessel radius in logit-grid pixels)
 
     def forward_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``Sa2VA.training_forward``."""
@@ -205,6 +212,8 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "loss.num_points": (1, 1 << 24, True, True),
     "loss.oversample_ratio": (1, 1000, True, True),
     "loss.importance_sample_ratio": (0, 1, True, True),
+    "loss.cldice_weight": (0, 1e6, True, True),
+    "loss.cldice_iterations": (1, 1000, True, True),
     "lora.r": (1, 65536, True, True),
     "lora.alpha": (0, 1e6, False, True),
     "lora.dropout": (0, 1, True, False),
@@ -229,7 +238,8 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 }
 INTEGER_KEYS = {
     "seed", "devices", "prefetch", "batch_size", "grad_accumulation", "max_objects_per_image", "min_train_samples",
-    "num_threads", "log_every", "loss.num_points", "lora.r", "schedule.max_steps", "schedule.repeats",
+    "num_threads", "log_every", "loss.num_points", "loss.cldice_iterations", "lora.r", "schedule.max_steps",
+    "schedule.repeats",
     "schedule.calibration_steps", "eval.interval", "eval.points", "eval.max_samples", "eval.batch_size",
     "checkpoint.interval", "checkpoint.keep_last",
 }
@@ -380,6 +390,11 @@ def _check_choices(config: TrainingConfig) -> None:
         )
     if not isinstance(config.compile, bool):
         raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
+    if config.model.mask_resolution not in MASK_RESOLUTIONS:
+        raise TrainingConfigError(
+            f"training.model.mask_resolution must be one of {' | '.join(MASK_RESOLUTIONS)}, "
+            f"got {config.model.mask_resolution!r}"
+        )
     if config.loss.mask_loss not in ("points", "dense"):
         raise TrainingConfigError(f"training.loss.mask_loss must be 'points' or 'dense', got {config.loss.mask_loss!r}")
     if config.trainable.embeddings not in ("full", "new_tokens", "frozen"):

@@ -86,10 +86,13 @@ def build_model(source: ModelSource, device: str, seed: int, dtype: torch.dtype 
 
     dtype = torch.float32 if dtype is None else dtype
     if source.checkpoint:
-        return Sa2VA.from_pretrained(source.checkpoint, device=device, dtype=dtype)
+        return Sa2VA.from_pretrained(source.checkpoint, device=device, dtype=dtype, mask_resolution=source.mask_resolution)
     if not source.preset:
         raise ValueError("Set training.model.preset (e.g. tiny) or training.model.checkpoint (a directory).")
-    return Sa2VA.from_preset(source.preset, device=device, dtype=dtype, seed=seed, **dict(source.overrides))
+    return Sa2VA.from_preset(
+        source.preset, device=device, dtype=dtype, seed=seed, mask_resolution=source.mask_resolution,
+        **dict(source.overrides),
+    )
 
 
 def trainable_to_fp32(model: Sa2VA) -> None:

@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The losses of Sa2VA.training_forward, renamed for the logs (``loss`` is what the loop minimises).
-LOSS_NAMES = {"total": "loss", "llm": "loss_llm", "mask_bce": "loss_mask_bce", "mask_dice": "loss_mask_dice"}
+LOSS_NAMES = {"total": "loss", "llm": "loss_llm", "mask_bce": "loss_mask_bce", "mask_dice": "loss_mask_dice",
+              "mask_cldice": "loss_mask_cldice"}  # fmt: skip
 
 
 def train_on_rank(

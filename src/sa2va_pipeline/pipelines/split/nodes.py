@@ -8,7 +8,7 @@ from typing import Any
 import pandas as pd
 
 from sa2va_pipeline.data.samples import check_annotations_cover
-from sa2va_pipeline.data.split import split_manifest, split_sizes
+from sa2va_pipeline.data.split import check_split_sizes, split_manifest, split_sizes
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def split_samples(
         group_regex=params.get("group_regex"),
         split_file=params.get("split_file"),
     )
+    check_split_sizes(table, allow_empty_test=bool(params["allow_empty_test"]))
     sizes = split_sizes(table)
     log.info("split: %s", ", ".join(f"{k}={v}" for k, v in sizes.items()))
     return {"manifest": table, "metrics": {k: {"value": float(v), "step": 0} for k, v in sizes.items()}}
