@@ -9,7 +9,7 @@
     (``conf/base/mlflow.yml``), so a moved project still serves its artefacts.
   * ``after_dataset_saved``: every versioned local output (CSV, JSON, figure, folder such as the trained
     model) is logged as a run artefact under its ``data/`` path without the version folders, and every
-    metrics dict (a dataset named ``*_metrics``) as grouped metrics (``sa2va_pipeline.tracking``). A
+    metrics dict (a dataset named ``*_metrics`` or listed in ``tracking.DATASET_GROUPS``) as grouped metrics (``sa2va_pipeline.tracking``). A
     catalog entry opts out with ``metadata: {mlflow_artifact: false}``.
 - :class:`RunSummaryHook` prints, at the end of a run, per phrase the val and test Dice (mean and pooled),
   clDice, the frozen threshold, where the outputs are, the MLflow run id and the command that opens it.
@@ -31,6 +31,7 @@ from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
 from kedro_mlflow.framework.hooks.utils import _assert_mlflow_enabled
 
 from sa2va_pipeline.tracking import (
+    DATASET_GROUPS,
     dataset_metric_name,
     effective_training_params,
     flatten,
@@ -295,9 +296,8 @@ class MlflowTrackingHook(MlflowHook):
         if dataset is None:
             return
         client = self.mlflow_config.server._mlflow_client
-        if dataset_name.endswith("_metrics") and isinstance(data, Mapping) and not type(
-            dataset
-        ).__module__.startswith("kedro_mlflow"):
+        is_metrics = dataset_name in DATASET_GROUPS or dataset_name.endswith("_metrics")
+        if is_metrics and isinstance(data, Mapping) and not type(dataset).__module__.startswith("kedro_mlflow"):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

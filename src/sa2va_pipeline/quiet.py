@@ -25,6 +25,11 @@ KNOWN_LIBRARY_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
         "omegaconf deprecation inside Kedro's and kedro-mlflow's config loaders",
     ),
     (
+        r".*ORJSONResponse is deprecated",
+        Warning,
+        "FastAPI deprecation inside kedro-viz (`kedro viz run`)",
+    ),
+    (
         r".*Any type hint is inferred as AnyType",
         UserWarning,
         "mlflow on kedro-mlflow's model wrapper type hints",

@@ -11,6 +11,7 @@ below put the training losses and the validation Dice first:
     6_data/         ingestion, annotation and split counts
     7_inference/    inference counts
     8_model/        parameter counts
+    9_baseline/, 9_cross_validation/   the optional baseline and cross-validation pipelines
 """
 
 from __future__ import annotations
@@ -26,16 +27,22 @@ DATASET_GROUPS = {
     "annotation_metrics": "6_data",
     "split_metrics": "6_data",
     "threshold_metrics": "5_threshold",
-    "threshold_sweep_curves": "5_threshold",
+    "threshold_sweep_curves": "5_threshold",  # val sweep curves, step = threshold x 1000
     "evaluation_metrics_val": "3_val",
     "evaluation_metrics_test": "4_test",
     "inference_metrics": "7_inference",
+    "baseline_metrics": "9_baseline",
+    "baseline_comparison_metrics": "9_baseline",
+    "cross_validation_metrics": "9_cross_validation",
 }
 # Metric-name prefixes of the metrics the dataset groups above name after their stage.
 DATASET_NAME_PREFIX = {
     "ingestion_metrics": "ingestion.",
     "annotation_metrics": "annotation.",
     "split_metrics": "split.",
+    "baseline_metrics": "baseline.",
+    "baseline_comparison_metrics": "comparison.",
+    "cross_validation_metrics": "cv.",
 }
 
 

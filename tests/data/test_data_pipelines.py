@@ -42,10 +42,10 @@ def _catalog(tmp_path, raw_dir):
     catalog["params:split.group_regex"] = params["split"]["group_regex"]
     for key, value in params.items():
         catalog[f"params:{key}"] = value
-    for name in ("sample_ready", "ingestion_report", "ingestion_report_mlflow", "ingestion_records",
+    for name in ("sample_ready", "ingestion_report", "ingestion_records",
                  "ingestion_planned_objects", "ingestion_objects", "ingestion_metrics", "ingestion_manifest",
                  "annotations", "annotation_report",
-                 "annotation_report_mlflow", "annotation_metrics", "split_manifest", "split_manifest_mlflow",
+                 "annotation_metrics", "split_manifest",
                  "split_metrics"):
         catalog[name] = MemoryDataset()
     catalog["annotations"] = KeptMemoryDataset()

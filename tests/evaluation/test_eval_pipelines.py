@@ -85,7 +85,6 @@ def test_threshold_pipeline_freezes_one_val_threshold_per_phrase_and_reuses_maps
     assert catheter["n_images_with_phrase"] == 3 and vessel["n_images_with_phrase"] == 5
     assert frozen["threshold"] == vessel["threshold"] and frozen["phrase"] == PHRASE  # for old readers
     assert frozen["model"]["model_dir"] == str(fake_project.model_dir.resolve())
-    assert catalog.load("threshold_sweep_mlflow") is sweep and catalog.load("frozen_threshold_mlflow") == frozen
     assert catalog.load("threshold_metrics")[f"{CATHETER}.chosen"] == {"value": catheter["threshold"], "step": 0}
     curves = catalog.load("threshold_sweep_curves")
     assert [p["step"] for p in curves[f"{PHRASE}.dice_pooled"]][:2] == [50, 60] and f"{CATHETER}.dice_mean" in curves
@@ -149,7 +148,6 @@ def test_evaluation_scores_every_phrase_on_every_image_at_its_frozen_threshold(f
             (folder, rank) for folder in ("blood_vessel", "catheter") for rank in ("best", "median", "worst"))
         grid = catalog.load(f"evaluation_overlay_grid_{split}")
         assert len([ax for ax in grid.axes if ax.images]) == 6  # 2 phrases x best/median/worst, no blank cell
-        assert catalog.load(f"evaluation_overlay_grid_{split}_mlflow") is grid
     test = catalog.load("evaluation_per_image_test").set_index(["id", "phrase"])
     # an absent phrase is an empty ground truth: frames without a catheter score 1 only if nothing is predicted
     no_catheter = [i for i in fake_project.manifest.query("split == 'test'")["id"] if CATHETER not in fake_project.samples[i]["phrases"]]
@@ -225,7 +223,7 @@ def test_inference_writes_one_mask_per_image_and_phrase_and_reports_refusals(fak
     assert len([ax for ax in grid.axes if ax.images]) == 2 and len(grid.axes) == 2  # no blank cell
     legend = [t.get_text() for t in grid.legends[0].get_texts()]
     assert legend == ["bluish green: blood vessel", "orange: catheter"]
-    assert isinstance(catalog.load("inference_report_mlflow"), pd.DataFrame)
+    assert isinstance(catalog.load("inference_report"), pd.DataFrame)
 
 
 def test_inference_phrases_parameter_and_single_phrase_threshold(fake_project, tmp_path):  # noqa: F811
@@ -257,7 +255,7 @@ def test_inference_on_an_empty_folder_is_an_error_before_any_output(fake_project
                                          **{"params:inference": {**INFERENCE, "input_dir": str(empty)}}))
     with pytest.raises(EmptyInputFolderError, match="no readable image.*input_dir") as caught:
         SequentialRunner().run(pipeline, catalog)
-    for name in ("inference_outputs", "inference_report", "inference_overlay_grid", "inference_report_mlflow"):
+    for name in ("inference_outputs", "inference_report", "inference_overlay_grid"):
         with pytest.raises(Exception):
             catalog.load(name)  # nothing was saved
     assert not fake_project.loads  # the model was not even loaded

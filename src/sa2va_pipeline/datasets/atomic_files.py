@@ -5,7 +5,7 @@ file that is the latest version, and the next node reads it. These subclasses ke
 of their parents (``save_args``, ``load_args``, ``versioned``...) but, on the local file system:
 
 1. write to a temporary sibling ``.tmp-<name>.<random>`` (locked while it is written), fsync it;
-2. write a completeness record ``.<name>.complete.json`` next to it (size, SHA-256 and, for tables, the
+2. write a completeness record ``.<name>.complete`` next to it (size, SHA-256 and, for tables, the
    row count) atomically;
 3. rename the temporary file over the final name and fsync the folder.
 
@@ -42,7 +42,7 @@ from sa2va_pipeline.atomic import TMP_PREFIX, atomic_write_json, fsync_dir, stag
 from sa2va_pipeline.errors import DamagedArtefactError
 from sa2va_pipeline.faults import fault_point
 
-RECORD_SUFFIX = ".complete.json"
+RECORD_SUFFIX = ".complete"  # JSON content; no .json suffix, so globs for *.json never pick it
 # An empty version folder left by a killed writer is removed only once it is this old (seconds), so a
 # concurrent run that has just created its own folder never loses it.
 EMPTY_VERSION_GRACE_S = 600

@@ -2,7 +2,6 @@
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import build_annotations
 
 
@@ -11,12 +10,9 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                with_mlflow_copies(build_annotations, "report"),
+                build_annotations,
                 inputs=["ingestion_manifest", "ingestion_objects", "params:annotation"],
-                outputs=outputs_with_copies(
-                    {"annotations": "annotations", "report": "annotation_report", "metrics": "annotation_metrics"},
-                    "report",
-                ),
+                outputs={"annotations": "annotations", "report": "annotation_report", "metrics": "annotation_metrics"},
                 name="build_annotations",
             )
         ]

@@ -4,11 +4,8 @@ Test metrics take ``frozen_threshold`` (chosen on val by the threshold pipeline)
 here chooses a threshold.
 """
 
-from functools import partial
-
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 SPLITS = ("val", "test")
@@ -35,7 +32,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     for split in SPLITS:
         steps += [
             node(
-                with_mlflow_copies(partial(nodes.score_split, split=split), "per_image", "summary"),
+                getattr(nodes, f"score_{split}"),
                 inputs=[
                     f"{split}_probabilities",
                     "split_manifest",
@@ -43,19 +40,15 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "frozen_threshold",
                     "params:evaluation",
                 ],
-                outputs=outputs_with_copies(
-                    {
-                        "per_image": f"evaluation_per_image_{split}",
-                        "summary": f"evaluation_summary_{split}",
-                        "metrics": f"evaluation_metrics_{split}",
-                    },
-                    "per_image",
-                    "summary",
-                ),
+                outputs={
+                    "per_image": f"evaluation_per_image_{split}",
+                    "summary": f"evaluation_summary_{split}",
+                    "metrics": f"evaluation_metrics_{split}",
+                },
                 name=f"score_{split}",
             ),
             node(
-                with_mlflow_copies(partial(nodes.draw_overlays, split=split), "grid"),
+                getattr(nodes, f"draw_{split}_overlays"),
                 inputs=[
                     f"{split}_probabilities",
                     f"evaluation_per_image_{split}",
@@ -64,10 +57,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "frozen_threshold",
                     "params:overlay",
                 ],
-                outputs=outputs_with_copies(
-                    {"overlays": f"evaluation_overlays_{split}", "grid": f"evaluation_overlay_grid_{split}"},
-                    "grid",
-                ),
+                outputs={"overlays": f"evaluation_overlays_{split}", "grid": f"evaluation_overlay_grid_{split}"},
                 name=f"draw_{split}_overlays",
             ),
         ]

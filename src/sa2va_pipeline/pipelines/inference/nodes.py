@@ -44,7 +44,10 @@ def segment_new_images(
     phrases = inference_phrases(inference.get("phrases"), frozen_threshold, trained_model, phrase)
     thresholds = inference_thresholds(inference.get("threshold"), frozen_threshold, phrases)
     for row in (r for r in folder.report if r["status"] != "ok"):
-        logger.warning("inference: skipping %s (%s) %s", row["file"], row["status"], row["message"])
+        # hidden non-images (.DS_Store, the sample's .sa2va_synthetic.json marker) are reported, not warned about
+        hidden = str(row["file"]).startswith(".") and row["status"] == "not_an_image"
+        logger.log(logging.INFO if hidden else logging.WARNING, "inference: skipping %s (%s) %s", row["file"],
+                   row["status"], row["message"])
     model = load_prediction_model(trained_model, prediction)
     result = segment_folder(model, folder, thresholds, prediction, inference, overlay)
     n_ok = len(folder.images)

@@ -1,11 +1,10 @@
 """Wiring of the ``inference`` pipeline (see nodes.py).
 
-``kedro run --pipeline=inference --params input_dir=/path/to/images``
+``kedro run --pipelines=inference --params input_dir=/path/to/images``
 """
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 
@@ -14,7 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                with_mlflow_copies(nodes.segment_new_images, "report", "grid"),
+                nodes.segment_new_images,
                 inputs=[
                     "trained_model",
                     "frozen_threshold",
@@ -23,16 +22,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:inference",
                     "params:overlay",
                 ],
-                outputs=outputs_with_copies(
-                    {
-                        "outputs": "inference_outputs",
-                        "report": "inference_report",
-                        "grid": "inference_overlay_grid",
-                        "metrics": "inference_metrics",
-                    },
-                    "report",
-                    "grid",
-                ),
+                outputs={
+                    "outputs": "inference_outputs",
+                    "report": "inference_report",
+                    "grid": "inference_overlay_grid",
+                    "metrics": "inference_metrics",
+                },
                 name="segment_new_images",
             )
         ]

@@ -2,7 +2,6 @@
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import build_manifest, ingest_raw_data
 
 
@@ -13,19 +12,16 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                with_mlflow_copies(ingest_raw_data, "report"),
+                ingest_raw_data,
                 inputs=["params:raw_dir", "params:ingestion", "params:phrase", "params:split.group_regex",
                         "params:sample_data"],
-                outputs=outputs_with_copies(
-                    {
-                        "report": "ingestion_report",
-                        "files": "ingested_samples",
-                        "records": "ingestion_records",
-                        "objects": "ingestion_planned_objects",
-                        "metrics": "ingestion_metrics",
-                    },
-                    "report",
-                ),
+                outputs={
+                    "report": "ingestion_report",
+                    "files": "ingested_samples",
+                    "records": "ingestion_records",
+                    "objects": "ingestion_planned_objects",
+                    "metrics": "ingestion_metrics",
+                },
                 name="ingest_raw_data",
             ),
             node(

@@ -2,7 +2,6 @@
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from .nodes import split_samples
 
 
@@ -11,9 +10,9 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                with_mlflow_copies(split_samples, "manifest"),
+                split_samples,
                 inputs=["ingestion_manifest", "annotations", "params:split"],
-                outputs=outputs_with_copies({"manifest": "split_manifest", "metrics": "split_metrics"}, "manifest"),
+                outputs={"manifest": "split_manifest", "metrics": "split_metrics"},
                 name="split_samples",
             )
         ]

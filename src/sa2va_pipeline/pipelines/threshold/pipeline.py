@@ -1,8 +1,7 @@
-"""Wiring of the ``threshold`` pipeline (see nodes.py). Run alone: ``kedro run --pipeline=threshold``."""
+"""Wiring of the ``threshold`` pipeline (see nodes.py). Run alone: ``kedro run --pipelines=threshold``."""
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 
@@ -24,15 +23,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="predict_val_probabilities",
             ),
             node(
-                with_mlflow_copies(nodes.sweep_val_thresholds, "sweep"),
+                nodes.sweep_val_thresholds,
                 inputs=["val_probabilities", "split_manifest", "annotations", "params:threshold"],
-                outputs=outputs_with_copies(
-                    {"sweep": "threshold_sweep", "curves": "threshold_sweep_curves"}, "sweep"
-                ),
+                outputs={"sweep": "threshold_sweep", "curves": "threshold_sweep_curves"},
                 name="sweep_val_thresholds",
             ),
             node(
-                with_mlflow_copies(nodes.freeze_threshold, "threshold"),
+                nodes.freeze_threshold,
                 inputs=[
                     "threshold_sweep",
                     "val_probabilities",
@@ -40,15 +37,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "annotations",
                     "params:threshold",
                 ],
-                outputs=outputs_with_copies(
-                    {"threshold": "frozen_threshold", "metrics": "threshold_metrics"}, "threshold"
-                ),
+                outputs={"threshold": "frozen_threshold", "metrics": "threshold_metrics"},
                 name="freeze_threshold",
             ),
             node(
-                with_mlflow_copies(nodes.plot_threshold_sweep, "plot"),
+                nodes.plot_threshold_sweep,
                 inputs=["threshold_sweep", "frozen_threshold"],
-                outputs=outputs_with_copies({"plot": "threshold_sweep_plot"}, "plot"),
+                outputs={"plot": "threshold_sweep_plot"},
                 name="plot_threshold_sweep",
             ),
         ]

@@ -1,8 +1,7 @@
-"""Wiring of the ``training`` pipeline (see nodes.py). Run alone: ``kedro run --pipeline=training``."""
+"""Wiring of the ``training`` pipeline (see nodes.py). Run alone: ``kedro run --pipelines=training``."""
 
 from kedro.pipeline import Pipeline, node
 
-from ..mlflow_copies import outputs_with_copies, with_mlflow_copies
 from . import nodes
 
 
@@ -11,12 +10,9 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             node(
-                with_mlflow_copies(nodes.train_model, "model", "summary", "loss_curve"),
+                nodes.train_model,
                 inputs=["split_manifest", "annotations", "params:training"],
-                outputs=outputs_with_copies(
-                    {"model": "trained_model", "summary": "training_summary", "loss_curve": "training_loss_curve"},
-                    "model", "summary", "loss_curve",
-                ),
+                outputs={"model": "trained_model", "summary": "training_summary", "loss_curve": "training_loss_curve"},
                 name="train_model",
             )
         ]
