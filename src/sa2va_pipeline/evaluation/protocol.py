@@ -23,7 +23,7 @@ from sa2va_pipeline.prediction.maps import ProbabilityMaps, quantise
 from .bootstrap import add_ci95_to_block, metric_intervals
 from .frozen_threshold import frozen_threshold_record, sweep_per_phrase, thresholds_by_phrase
 from .metrics import METRIC_NAMES, pooled_metrics
-from .report import evaluate_split
+from .report import describe_values, evaluate_split
 from .threshold_sweep import threshold_grid
 
 log = logging.getLogger(__name__)
@@ -181,18 +181,6 @@ def score_phrases(
     return table, summary
 
 
-def _describe(values: pd.Series) -> dict[str, Any]:
-    finite = values.dropna().to_numpy(np.float64)
-    n = len(finite)
-    return {
-        "mean": float(finite.mean()) if n else None,
-        "sd": float(finite.std(ddof=1)) if n > 1 else (0.0 if n == 1 else None),
-        "median": float(np.median(finite)) if n else None,
-        "n": n,
-        "n_undefined": int(len(values) - n),
-    }
-
-
 def pooled_summary(per_image: pd.DataFrame, bootstrap: dict[str, Any] | None = None) -> dict[str, Any]:
     """Per-phrase block over a table that mixes thresholds (e.g. every fold's test images, each at its fold's
     threshold): per-image mean +- SD, pooled counts, and group-bootstrap ``ci95`` (column ``group``)."""
@@ -201,7 +189,7 @@ def pooled_summary(per_image: pd.DataFrame, bootstrap: dict[str, Any] | None = N
     out: dict[str, Any] = {}
     for phrase, table in per_image.groupby("phrase", sort=False):
         block = {
-            "mean": {m: _describe(table[m]) for m in METRIC_NAMES},
+            "mean": {m: describe_values(table[m]) for m in METRIC_NAMES},
             "pooled": pooled_metrics(table.to_dict("records")),
             "n_images": int(len(table)),
             "n_groups": int(table["group"].nunique()),

@@ -71,7 +71,8 @@ def per_image_metrics(
     return pd.DataFrame(rows)
 
 
-def _describe(values: pd.Series) -> dict[str, Any]:
+def describe_values(values: pd.Series) -> dict[str, Any]:
+    """Mean, sample SD (ddof 1), median and counts of a metric column; NaN values are counted as undefined."""
     finite = values.dropna().to_numpy(dtype=np.float64)
     n = len(finite)
     return {
@@ -86,7 +87,7 @@ def _describe(values: pd.Series) -> dict[str, Any]:
 def _block(table: pd.DataFrame) -> dict[str, Any]:
     return {
         "threshold": float(table["threshold"].iloc[0]),
-        "mean": {m: _describe(table[m]) for m in METRIC_NAMES},
+        "mean": {m: describe_values(table[m]) for m in METRIC_NAMES},
         "pooled": pooled_metrics(table.to_dict("records")),
     }
 
@@ -134,8 +135,8 @@ def evaluate_phrase(
         f"at_{reference_threshold:g}": _block(reference),
         "oracle_upper_bound": {
             "note": "each image at its own best threshold: an UPPER BOUND using test labels, not a result",
-            "dice": _describe(table["oracle_dice"]),
-            "threshold": _describe(table["oracle_threshold"]),
+            "dice": describe_values(table["oracle_dice"]),
+            "threshold": describe_values(table["oracle_threshold"]),
         },
     }
     return table, block
