@@ -303,7 +303,7 @@ def load_baseline(folder: Any, device: str = "cpu") -> BaselineModel:
     if not config_path.is_file() or not (root / WEIGHTS_FILE).is_file():
         raise ValueError(
             f"{root} is not a baseline model folder (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-            "run `kedro run --pipeline=baseline` first"
+            "run `kedro run --pipelines=baseline` first"
         )
     settings = json.loads(config_path.read_text())
     if settings.get("format") != FORMAT:

@@ -57,7 +57,7 @@ def _check_cover(manifest: pd.DataFrame, index: Mapping[str, Mapping[str, Any]])
     if missing:
         raise MissingAnnotationError(
             f"{len(missing)} image(s) of the ingestion manifest have no entry in annotations.json, e.g. "
-            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipeline=annotation`) so that "
+            f"{missing[:5]}; re-run the annotation pipeline (`kedro run --pipelines=annotation`) so that "
             "every ingested image has an entry (an image without objects gets empty text/mask lists)"
         )
 

@@ -117,6 +117,6 @@ def thresholds_by_phrase(record: Mapping[str, Any], phrases: Sequence[str]) -> d
     if missing:
         raise MissingThresholdError(
             f"the frozen threshold has no threshold for phrase(s) {missing} (it covers {sorted(known)}); "
-            "re-run `kedro run --pipeline=threshold`, or set a number with --params inference.threshold=0.5"
+            "re-run `kedro run --pipelines=threshold`, or set a number with --params inference.threshold=0.5"
         )
     return {p: known[p] for p in phrases}

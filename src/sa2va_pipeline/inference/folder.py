@@ -101,7 +101,7 @@ def read_image_folder(
     if not root.is_dir():
         raise InputFolderError(
             f"inference input folder '{root}' does not exist or is not a folder; "
-            "pass one with `kedro run --pipeline=inference --params input_dir=/path/to/images`"
+            "pass one with `kedro run --pipelines=inference --params input_dir=/path/to/images`"
         )
     accepted = {e.lower() for e in (extensions or IMAGE_EXTENSIONS)}
     result = ImageFolder(root=root)

@@ -1,4 +1,4 @@
-"""Wiring of the ``baseline`` pipeline: ``kedro run --pipeline=baseline`` (after a run that made the split and
+"""Wiring of the ``baseline`` pipeline: ``kedro run --pipelines=baseline`` (after a run that made the split and
 scored Sa2VA, e.g. the default ``kedro run``). Not part of the default run."""
 
 from kedro.pipeline import Pipeline, node

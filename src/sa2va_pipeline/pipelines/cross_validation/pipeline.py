@@ -1,4 +1,4 @@
-"""Wiring of the ``cross_validation`` pipeline: ``kedro run --pipeline=cross_validation`` (after a run that made
+"""Wiring of the ``cross_validation`` pipeline: ``kedro run --pipelines=cross_validation`` (after a run that made
 the split manifest and annotations). Not part of the default run: it trains one model per fold."""
 
 from kedro.pipeline import Pipeline, node

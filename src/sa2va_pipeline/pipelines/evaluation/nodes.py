@@ -49,7 +49,7 @@ def _provenance(
     then = frozen_threshold.get("model", {}).get("fingerprint")
     if now and then and now != then:
         logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s "
-                       "(%s): re-run `kedro run --pipeline=threshold` first", then, split, now)
+                       "(%s): re-run `kedro run --pipelines=threshold` first", then, split, now)
     return {
         "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
         "threshold_model": frozen_threshold.get("model", {}),
