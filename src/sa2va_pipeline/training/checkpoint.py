@@ -61,8 +61,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def new_run_id() -> str:
-    """A fresh run id: UTC start time (sorts by age) + a random suffix (two runs started together differ)."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+    """A fresh run id: UTC start time to the microsecond (names sort by age, so "the latest run" is the last
+    name even for runs started within one second) + a random suffix (two runs started together differ)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    return stamp + "-" + secrets.token_hex(3)
 
 
 def list_runs(root: Path) -> list[Path]:
