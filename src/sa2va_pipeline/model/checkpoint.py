@@ -244,15 +244,9 @@ def load_tokenizer(path: Path, config: dict[str, Any] | None = None):
         raise CheckpointError(f"{path}: cannot read the tokenizer files ({error}); {DAMAGED}.") from None
 
 
-def load_pretrained(
-    cls: type,
-    path: str | Path,
-    device: Any = "cpu",
-    dtype: torch.dtype = torch.float32,
-    mask_resolution: str = "standard",
-) -> Any:
-    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``);
-    ``mask_resolution`` as :func:`.configs.with_mask_resolution` (relative to the checkpoint's config)."""
+def open_checkpoint(path: str | Path, mask_resolution: str = "standard") -> tuple[Path, dict[str, Any], list[Path], Any]:
+    """Check a checkpoint directory before any weight is read: ``(path, config, weight files, tokenizer)``,
+    the config with ``mask_resolution`` applied. Shared by the eager load and the one onto meta tensors."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; expected an official Sa2VA checkpoint directory.")
@@ -262,7 +256,36 @@ def load_pretrained(
     config = with_mask_resolution(config, mask_resolution)
     files = weight_files(path)
     check_family(config, read_keys(files), path)
-    tokenizer = load_tokenizer(path, config)
+    return path, config, files, load_tokenizer(path, config)
+
+
+def finish_loaded(model: Any, path: Path, kept: dict[str, torch.Tensor]) -> None:
+    """What a loaded model carries besides its weights: the SAM2 tensors kept aside, its source folder and
+    (InternLM2) the sentencepiece model written back at export."""
+    lm_head, embed = model.vlm.lm_head.weight, model.vlm.get_input_embeddings().weight
+    if lm_head is embed or (not lm_head.is_meta and lm_head.data_ptr() == embed.data_ptr()):
+        raise CheckpointError(
+            f"{path}: lm_head is tied to embed_tokens after loading; Sa2VA checkpoints are untied."
+        )
+    model.kept_aside = dict(kept)
+    model.source_dir = path
+    if model.layout.llm == "internlm2" and (path / "tokenizer.model").is_file():
+        from .tokenizer import read_sentencepiece_bytes
+
+        model.sentencepiece_model = (path / "tokenizer.model").read_bytes()
+        model.sentencepiece_size = read_sentencepiece_bytes(model.sentencepiece_model)
+
+
+def load_pretrained(
+    cls: type,
+    path: str | Path,
+    device: Any = "cpu",
+    dtype: torch.dtype = torch.float32,
+    mask_resolution: str = "standard",
+) -> Any:
+    """Build ``cls`` (:class:`.sa2va.Sa2VA`) from an official checkpoint directory (``from_pretrained``);
+    ``mask_resolution`` as :func:`.configs.with_mask_resolution` (relative to the checkpoint's config)."""
+    path, config, files, tokenizer = open_checkpoint(path, mask_resolution)
     model = cls.build(config, tokenizer, device, dtype, init_weights=False)
 
     native, kept, unknown = official_to_native(read_tensors(files), model.layout)
@@ -271,18 +294,7 @@ def load_pretrained(
     model.load_state_dict(
         {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}, strict=True
     )
-    lm_head, embed = model.vlm.lm_head.weight, model.vlm.get_input_embeddings().weight
-    if lm_head is embed or lm_head.data_ptr() == embed.data_ptr():
-        raise CheckpointError(
-            f"{path}: lm_head is tied to embed_tokens after loading; Sa2VA checkpoints are untied."
-        )
-    model.kept_aside = {k: v for k, v in kept.items()}
-    model.source_dir = path
-    if model.layout.llm == "internlm2" and (path / "tokenizer.model").is_file():
-        from .tokenizer import read_sentencepiece_bytes
-
-        model.sentencepiece_model = (path / "tokenizer.model").read_bytes()
-        model.sentencepiece_size = read_sentencepiece_bytes(model.sentencepiece_model)
+    finish_loaded(model, path, kept)
     return model.to(device).eval()
 
 

@@ -159,6 +159,15 @@ class PromptSettings:
 
 
 @dataclass
+class FsdpSettings:
+    """``training.fsdp``: how ``strategy: fsdp`` builds the model (training/fsdp.py)."""
+
+    # build on the meta device and fill each rank's shards tensor by tensor (about 1/N of the model per GPU
+    # at start); false: every rank builds the whole model first, then shards it
+    meta_init: bool = True
+
+
+@dataclass
 class TrainingConfig:
     """Everything training needs, resolved from the parameters."""
 
@@ -168,6 +177,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     devices: int = 1  # worker processes, one per GPU (see training/distributed.py); 1 = this process
     strategy: str = "ddp"  # with devices > 1: ddp (replicas, gradients all-reduced) | fsdp (FSDP2, sharded)
+    fsdp: FsdpSettings = field(default_factory=FsdpSettings)
     compile: bool = False  # torch.compile each LLM decoder layer (GPU throughput; compiles once per shape)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     gradient_checkpointing: bool = False
@@ -390,6 +400,8 @@ def _check_choices(config: TrainingConfig) -> None:
         )
     if not isinstance(config.compile, bool):
         raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
+    if not isinstance(config.fsdp.meta_init, bool):
+        raise TrainingConfigError(f"training.fsdp.meta_init must be true or false, got {config.fsdp.meta_init!r}")
     if config.model.mask_resolution not in MASK_RESOLUTIONS:
         raise TrainingConfigError(
             f"training.model.mask_resolution must be one of {' | '.join(MASK_RESOLUTIONS)}, "

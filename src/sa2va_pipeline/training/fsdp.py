@@ -1,21 +1,30 @@
-"""FSDP2 sharding (``training.strategy: fsdp``): which blocks become shard groups, and the plain model back.
+"""FSDP2 sharding (``training.strategy: fsdp``): which blocks become shard groups, the model built without
+ever being whole on one device, and the plain model back.
 
 Each LLM decoder layer, each vision-tower layer, each SAM2 Hiera block, ``embed_tokens`` and ``lm_head`` is
 its own shard group; the rest (projector, SAM2 neck / prompt encoder / mask decoder, ``text_hidden_fcs``) is
 the root group. Weights, gradients and AdamW moments are split over the ranks; a group's weights are
 gathered just before its forward (and again in backward) and freed after. This saves most for the
 trainable state (fp32 weights + gradients + two AdamW moments: 16 bytes per trainable parameter, e.g. the
-full embeddings and lm_head) and for the frozen weights during the step. Every rank still builds the whole
-model before sharding, so the model in bf16 must fit on one GPU at start. Checkpoints and the final model
-are gathered to full tensors (all ranks take part, rank 0 writes), so their files are the same as with DDP
-or one device.
+full embeddings and lm_head) and for the frozen weights during the step.
+
+Deferred init (``training.fsdp.meta_init``, the default): every rank builds the model with its parameters on
+the ``meta`` device (model/deferred_init.py), injects LoRA, sets dtypes and shards it, and only then
+allocates its own shards and fills them one tensor at a time (:func:`fsdp_shard_deferred`): from the
+checkpoint (each rank reads the rows it holds) or from a preset built on rank 0's CPU. So a rank holds about
+1/N of the model at start, plus one tensor in flight, instead of the whole bf16 model. Checkpoints and the
+final model are gathered to full tensors (all ranks take part, rank 0 writes), so their files are the same
+as with DDP or one device.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from sa2va_pipeline.training.ranks import DistributedContext
@@ -54,7 +63,8 @@ def fsdp_unit_names(model: nn.Module) -> list[str]:
 
 
 def fsdp_shard(model: nn.Module, ctx: DistributedContext) -> list[str]:
-    """Shard ``model`` in place with FSDP2 over all ranks; returns the names of the per-block groups.
+    """Shard ``model`` (its weights real) in place with FSDP2 over all ranks; returns the names of the
+    per-block groups.
 
     Dtypes. On GPU the frozen weights are bf16 and the trainable ones fp32 masters (recipe.trainable_to_fp32),
     often inside one group (a decoder layer: bf16 base weights + fp32 LoRA). FSDP2 accepts that as is: it
@@ -64,18 +74,19 @@ def fsdp_shard(model: nn.Module, ctx: DistributedContext) -> list[str]:
     matrices, while fp32 everywhere would double the frozen weights' memory and traffic. Compute stays as on
     one device (bf16 autocast; fp32 LoRA weights are cast per matmul), gradients are reduced in fp32, and
     the numbers match DDP / single-device training.
+    """
+    names = shard_groups(model, ctx)
+    gather_once(model)
+    return names
+
+
+def shard_groups(model: nn.Module, ctx: DistributedContext) -> list[str]:
+    """``fully_shard`` every block of :func:`fsdp_unit_names`, then the root; returns the block names.
 
     ``training_forward`` and ``predict_proba`` are registered as FSDP forward methods of the root, so the
-    root group's weights are gathered around them as around ``forward``.
-
-    Every group is gathered and freed once right here. FSDP allocates a group's unsharded weights at its
-    first gather and reuses them; if that first gather ran inside ``predict_proba`` (a validation at step 0,
-    under ``torch.inference_mode``) they would be inference tensors, which training can never write again
-    ("Inplace update to inference tensor outside InferenceMode").
-    """
-    import torch
+    root group's weights are gathered around them as around ``forward``."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh("cuda" if ctx.device.startswith("cuda") else "cpu", (ctx.world_size,))
     names = fsdp_unit_names(model)
@@ -84,12 +95,167 @@ def fsdp_shard(model: nn.Module, ctx: DistributedContext) -> list[str]:
     fully_shard(model, mesh=mesh)
     for method in ("training_forward", "predict_proba"):
         register_fsdp_forward_method(model, method)
+    return names
+
+
+def gather_once(model: nn.Module) -> None:
+    """Gather and free every group once, right after sharding.
+
+    FSDP allocates a group's unsharded weights at its first gather and reuses them; if that first gather ran
+    inside ``predict_proba`` (a validation at step 0, under ``torch.inference_mode``) they would be inference
+    tensors, which training can never write again ("Inplace update to inference tensor outside
+    InferenceMode")."""
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.unshard()
                 module.reshard()
-    return names
+
+
+@dataclass
+class LoadReport:
+    """What filling one rank's shards held (bytes): its shards and buffers, and the most it held besides."""
+
+    local_bytes: int  # this rank's parameter shards + its buffers (full copies)
+    model_bytes: int  # every parameter and buffer at full size: what an eager build holds per rank
+    largest_read_bytes: int  # the most held at once while reading one source tensor (read + converted)
+    read_bytes: int  # everything read or received
+
+    @property
+    def peak_bytes(self) -> int:
+        """The most this rank held during the load: its shards plus the largest tensor in flight."""
+        return self.local_bytes + self.largest_read_bytes
+
+
+def fsdp_shard_deferred(model: nn.Module, ctx: DistributedContext, weights: Any) -> tuple[list[str], LoadReport]:
+    """Shard a model built on ``meta`` (model/deferred_init.py), then allocate and fill this rank's shards.
+
+    ``weights``: a :class:`~sa2va_pipeline.model.deferred_init.CheckpointTensors` (every rank reads its rows)
+    or :class:`~sa2va_pipeline.model.deferred_init.PresetTensors` (rank 0 holds the model and sends each
+    tensor). What exists before the weights (the LoRA matrices drawn at injection, the buffers computed at
+    construction) is kept and put back after ``to_empty``. Every parameter and buffer must be filled, or this
+    raises naming the first few that were not. Returns the block names and what the load held.
+    """
+    initial = take_initial_values(model)
+    names = shard_groups(model, ctx)
+    report = fill_shards(model, ctx, initial, weights)
+    gather_once(model)
+    return names, report
+
+
+def take_initial_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the tensors of a meta-built model that are already real (LoRA matrices on the CPU, buffers),
+    by name; those parameters move to ``meta`` too, so that every parameter is sharded the same way."""
+    import torch
+
+    values: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        prefix = prefix + "." if prefix else ""
+        for name, param in list(module._parameters.items()):
+            if param is not None and not param.is_meta:
+                values[prefix + name] = param.detach().clone()
+                module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                values[prefix + name] = buffer.detach().clone()
+    return values
+
+
+def local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    """The rows (dim 0) of the full tensor that this rank holds of a ``Shard(0)`` DTensor (FSDP2 splits as
+    ``torch.chunk``: ceil(rows / ranks) per rank, the last ones shorter or empty); None for anything else."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(param, DTensor) or tuple(param.placements) != (Shard(0),):
+        return None
+    rows, world = param.shape[0], param.device_mesh.size()
+    chunk = -(-rows // world)
+    start = min(param.device_mesh.get_local_rank() * chunk, rows)
+    held = param.to_local().shape[0]
+    if held != min(chunk, rows - start):
+        raise RuntimeError(f"FSDP shard of {tuple(param.shape)} holds {held} rows, expected {min(chunk, rows - start)}")
+    return start, start + held
+
+
+def fill_shards(model: nn.Module, ctx: DistributedContext, initial: dict[str, torch.Tensor],
+                weights: Any) -> LoadReport:
+    """``to_empty`` on this rank's device, then every parameter shard and buffer from ``initial`` (by name)
+    or ``weights`` (by the plain native name, without peft's ``base_layer``), one tensor at a time."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    model.to_empty(device=ctx.device)
+    params = dict(model.named_parameters())
+    entries = {**params, **dict(model.named_buffers())}
+    persistent = set(model.state_dict())
+    wanted = {_plain(n): n for n in entries if n not in initial or (n in persistent and n not in params)}
+    local = {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in entries.items()}
+    filled: set[str] = set()
+    largest = read = 0
+
+    def rows_wanted(plain: str) -> tuple[int, int] | None:
+        name = wanted.get(plain)
+        return local_rows(entries[name]) if name is not None else None
+
+    def put(name: str, tensor: torch.Tensor, start: int) -> None:
+        rows = local_rows(entries[name])
+        part = tensor if rows is None else tensor[rows[0] - start : rows[1] - start]
+        if part.shape != local[name].shape:
+            raise RuntimeError(f"{name}: {tuple(part.shape)} for a shard of {tuple(local[name].shape)}")
+        local[name].copy_(part)
+        filled.add(name)
+
+    with torch.no_grad():
+        for name, value in initial.items():
+            put(name, value, 0)
+        for plain, tensor, start, nbytes in _source(weights, wanted, entries, rows_wanted, ctx):
+            if plain not in wanted:
+                raise RuntimeError(f"The weights give {plain!r}, which this model does not have")
+            put(wanted[plain], tensor, start)
+            largest, read = max(largest, nbytes), read + nbytes
+    missing = sorted(set(entries) - filled)
+    if missing:
+        raise RuntimeError(f"Deferred init left {len(missing)} tensors unfilled: {missing[:5]}")
+    return LoadReport(
+        local_bytes=sum(_nbytes(t) for t in local.values()),
+        model_bytes=sum(_nbytes(t) for t in entries.values()),
+        largest_read_bytes=largest,
+        read_bytes=read,
+    )
+
+
+def _source(weights: Any, wanted: dict[str, str], entries: dict[str, torch.Tensor], rows_wanted: Any,
+            ctx: DistributedContext) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+    """``(plain name, tensor, first row, bytes)``: a checkpoint streams itself; a preset is sent tensor by
+    tensor from rank 0 (every rank walks the names in the same order)."""
+    import torch
+    import torch.distributed as dist
+
+    if hasattr(weights, "stream"):
+        yield from weights.stream(rows_wanted)
+        return
+    for plain, name in wanted.items():
+        target = entries[name]
+        dtype = weights.dtype if target.is_floating_point() else target.dtype
+        if ctx.is_main:
+            full = weights[plain].to(ctx.collective_device, dtype)
+        else:
+            full = torch.empty(target.shape, dtype=dtype, device=ctx.collective_device)
+        if ctx.world_size > 1:
+            dist.broadcast(full, src=0)
+        yield plain, full, 0, _nbytes(full)
+
+
+def _plain(name: str) -> str:
+    """A parameter's name in the plain model (peft's LoRA wrapper holds the base weight in ``base_layer``)."""
+    return name.replace(".base_layer.", ".")
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 def unsharded_skeleton(model: nn.Module) -> nn.Module:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,13 +71,55 @@ def build_lora_config(
 
 
 def inject_lora(vlm: nn.Module, config: LoraConfig) -> None:
-    """Inject LoRA layers (and trainable-token deltas, if configured) into ``vlm`` in place."""
+    """Inject LoRA layers (and trainable-token deltas, if configured) into ``vlm`` in place.
+
+    Into a model whose weights are on ``meta`` (FSDP's deferred init, model/deferred_init.py) the LoRA
+    matrices are drawn as always (on the CPU, from the global generator, cast to the base layer's dtype) and
+    kept on the CPU, where peft would send them to ``meta`` with their base layer and lose the values: the
+    same seed gives the same LoRA init with and without meta init."""
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(config, vlm, adapter_name="default")
+    with _initial_adapters_kept_beside_meta(vlm):
+        inject_adapter_in_model(config, vlm, adapter_name="default")
     n_lora = sum(1 for name, _ in vlm.named_parameters() if ".lora_A." in name)
     if n_lora == 0:
         raise ValueError(f"LoRA target regex {config.target_modules!r} matched no layer of the LLM.")
+
+
+@contextmanager
+def _initial_adapters_kept_beside_meta(vlm: nn.Module) -> Iterator[None]:
+    """peft draws each LoRA pair on the CPU (``reset_lora_parameters``), then moves it to its base layer's
+    device and dtype. For base layers on ``meta`` the drawn values are recorded as they are drawn and, after
+    the injection, put back as CPU parameters in the dtype peft gave them (the base layer's)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
+    if not any(p.is_meta for p in vlm.parameters()):
+        yield
+        return
+    drawn: dict[int, list[tuple[nn.Module, str, torch.Tensor]]] = {}
+    original = LoraLayer.reset_lora_parameters
+
+    def reset(self: LoraLayer, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        original(self, adapter_name, *args, **kwargs)
+        record = drawn.setdefault(id(self), [])
+        for part in self.adapter_layer_names:
+            modules = getattr(self, part, {})
+            if adapter_name in modules and isinstance(modules[adapter_name], nn.Module):
+                sub = modules[adapter_name]
+                record += [(sub, n, p.detach().clone()) for n, p in sub.named_parameters(recurse=False)]
+
+    LoraLayer.reset_lora_parameters = reset  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LoraLayer.reset_lora_parameters = original  # type: ignore[method-assign]
+    for records in drawn.values():
+        for sub, name, value in records:
+            now = sub._parameters[name]
+            if now is not None and now.is_meta:
+                sub._parameters[name] = nn.Parameter(value.to(now.dtype), requires_grad=now.requires_grad)
 
 
 def adapter_state_dict(vlm: nn.Module) -> dict[str, torch.Tensor]:

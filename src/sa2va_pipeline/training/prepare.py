@@ -95,6 +95,26 @@ def build_model(source: ModelSource, device: str, seed: int, dtype: torch.dtype 
     )
 
 
+def build_model_on_meta(source: ModelSource, device: str, seed: int, dtype: torch.dtype | None,
+                        builds_preset: bool) -> tuple[Sa2VA, Any]:
+    """:func:`build_model` with the parameters on ``meta`` (buffers real, on ``device``), and the source of
+    the weights that FSDP's deferred init fills the shards from (model/deferred_init.py): the checkpoint, or
+    the preset built on the CPU of the process with ``builds_preset`` (rank 0; the others get None there)."""
+    import torch
+
+    from sa2va_pipeline.model.deferred_init import PresetTensors, checkpoint_on_meta, preset_on_meta
+
+    dtype = torch.float32 if dtype is None else dtype
+    if source.checkpoint:
+        return checkpoint_on_meta(source.checkpoint, device, dtype, source.mask_resolution)
+    if not source.preset:
+        raise ValueError("Set training.model.preset (e.g. tiny) or training.model.checkpoint (a directory).")
+    overrides = dict(source.overrides)
+    model = preset_on_meta(source.preset, device, dtype, seed, source.mask_resolution, **overrides)
+    weights = PresetTensors(source.preset, dtype, seed, source.mask_resolution, build=builds_preset, **overrides)
+    return model, weights
+
+
 def trainable_to_fp32(model: Sa2VA) -> None:
     """fp32 master copies of the trainable tensors (AdamW updates of 4e-5 x w vanish in bf16)."""
     import torch

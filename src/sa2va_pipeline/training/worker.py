@@ -5,9 +5,11 @@ A one-device run is exactly :func:`train_on_rank` with ``ctx=None``; every rank 
 ``DistributedContext``. The steps, in order:
 
 1. seed, threads, device; build the untrained model (preset or checkpoint) and prepare it (LoRA, trainable
-   parts, fp32 masters of the trainable weights on GPU);
+   parts, fp32 masters of the trainable weights on GPU); under FSDP with ``training.fsdp.meta_init`` the
+   parameters stay on ``meta`` until step 3;
 2. fill the feature cache of the frozen encoders (before sharding: the encoders run unsharded);
-3. FSDP: shard (keeping an empty skeleton to gather into at the end); DDP: wrap the loss;
+3. FSDP: shard (keeping an empty skeleton to gather into at the end), with meta init then allocate and fill
+   this rank's shards; DDP: wrap the loss;
 4. the three callbacks of the loop: ``make_batch`` (collate + cached features + this rank's share),
    ``loss_fn`` (``training_forward`` with the loss settings), ``evaluate`` (per-phrase validation Dice);
 5. :class:`~sa2va_pipeline.training.trainer.TrainingLoop` runs;
@@ -29,6 +31,7 @@ from sa2va_pipeline.training.prepare import (
     PreparedModel,
     added_token_ids,
     build_model,
+    build_model_on_meta,
     compile_llm_layers,
     prepare_for_training,
     seed_everything,
@@ -75,13 +78,16 @@ def train_on_rank(
     main = ctx is None or ctx.is_main
     device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.precision, device)
-    model, prepared = _build_prepared(config, device, amp_dtype, log_metrics if main else None)
+    deferred = ctx is not None and config.strategy == "fsdp" and _uses_meta_init(config)
+    model, prepared, weights = _build_prepared(config, device, amp_dtype, log_metrics if main else None,
+                                               meta=deferred, builds_preset=main)
     if ctx is not None and ctx.rank:
         torch.manual_seed(config.seed + ctx.rank)  # own dropout / point sampling per rank
     cache = _feature_cache(model, config, train_samples, amp_dtype, ctx)
     params_by_group, skeleton = prepared.params_by_group, None
     if ctx is not None and config.strategy == "fsdp":
-        skeleton, params_by_group = _shard(model, prepared, ctx)
+        skeleton, params_by_group = _shard(model, prepared, ctx, weights)
+    weights = None  # rank 0's CPU copy of a preset (meta init) is no longer needed
     if config.compile:
         compile_llm_layers(model, prepared.layout)
     phrases = trained_phrases(train_samples)
@@ -109,8 +115,11 @@ def train_on_rank(
 
 
 def _build_prepared(config: TrainingConfig, device: str, amp_dtype: torch.dtype | None,
-                    log_metrics: MetricsLogger | None) -> tuple[Sa2VA, PreparedModel]:
-    """Seed, build and prepare the model; bf16 frozen weights with fp32 trainable masters on GPU."""
+                    log_metrics: MetricsLogger | None, meta: bool = False,
+                    builds_preset: bool = True) -> tuple[Sa2VA, PreparedModel, Any]:
+    """Seed, build and prepare the model; bf16 frozen weights with fp32 trainable masters on GPU. With
+    ``meta`` the parameters are on the meta device and the third value is the source of their weights
+    (prepare.build_model_on_meta); otherwise it is None."""
     import torch
 
     if config.num_threads:
@@ -120,26 +129,54 @@ def _build_prepared(config: TrainingConfig, device: str, amp_dtype: torch.dtype 
     seed_everything(config.seed)
     # bf16 training on GPU: frozen weights in bf16 (half the memory and bandwidth), trainable ones fp32.
     low_precision = amp_dtype if device.startswith("cuda") and amp_dtype is not None else None
-    model = build_model(config.model, device, config.seed, dtype=low_precision)
+    weights = None
+    if meta:
+        model, weights = build_model_on_meta(config.model, device, config.seed, low_precision, builds_preset)
+    else:
+        model = build_model(config.model, device, config.seed, dtype=low_precision)
     prepared = prepare_for_training(
         model, config.lora, config.trainable, added_token_ids(model), config.gradient_checkpointing
     )
     if low_precision is not None:
         trainable_to_fp32(model)
-    log.info("Model source %s on %s, recipe %s", config.model.describe(), device, config.recipe)
+    log.info("Model source %s on %s, recipe %s%s", config.model.describe(), device, config.recipe,
+             " (parameters on meta until sharded)" if meta else "")
     if log_metrics is not None:
         log_metrics({f"params_trainable.{c['group']}": float(c["trainable"]) for c in prepared.counts}, 0)
-    return model, prepared
+    return model, prepared, weights
 
 
-def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext) -> tuple[Any, dict[str, Any]]:
-    """FSDP2-shard the model; returns rank 0's skeleton and the (new, sharded) parameters per group."""
-    from sa2va_pipeline.training.fsdp import fsdp_shard, unsharded_skeleton
+def _uses_meta_init(config: TrainingConfig) -> bool:
+    """Whether FSDP builds on meta (``training.fsdp.meta_init``), and why not where it cannot."""
+    if not config.fsdp.meta_init:
+        return False
+    if config.feature_cache.enabled:
+        log.warning("training.fsdp.meta_init is off for this run: the feature cache runs the frozen encoders "
+                    "unsharded before sharding, so each GPU builds the whole model first")
+        return False
+    if config.trainable.embeddings == "new_tokens":
+        log.warning("training.fsdp.meta_init is off for this run: trainable.embeddings new_tokens copies rows "
+                    "of the embeddings when LoRA is injected, so each GPU builds the whole model first")
+        return False
+    return True
+
+
+def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext,
+           weights: Any = None) -> tuple[Any, dict[str, Any]]:
+    """FSDP2-shard the model; returns rank 0's skeleton and the (new, sharded) parameters per group. A model
+    on meta (``weights`` given) is then filled shard by shard."""
+    from sa2va_pipeline.training.fsdp import fsdp_shard, fsdp_shard_deferred, unsharded_skeleton
     from sa2va_pipeline.training.parameter_groups import named_parameters_by_group
 
     skeleton = unsharded_skeleton(model) if ctx.is_main else None
-    units = fsdp_shard(model, ctx)
-    log.info("FSDP: %d shard groups + the root", len(units))
+    if weights is None:
+        units = fsdp_shard(model, ctx)
+        log.info("FSDP: %d shard groups + the root", len(units))
+    else:
+        units, report = fsdp_shard_deferred(model, ctx, weights)
+        log.info("FSDP: %d shard groups + the root; meta init: this rank holds %.3f GB of %.3f GB (+ at most "
+                 "%.3f GB in flight while loading)", len(units), report.local_bytes / 1e9, report.model_bytes / 1e9,
+                 report.largest_read_bytes / 1e9)
     # fully_shard replaced every parameter by a sharded one: the optimiser and the checks need the new ones
     # (and dropping the old ones frees their memory)
     prepared.params_by_group = {}
