@@ -105,16 +105,20 @@ def test_validation_metrics_from_counts_equal_the_threshold_sweep():
 
 @pytest.fixture(scope="module")
 def two_worker_runs(tmp_path_factory) -> dict:
-    """The same 3-step run on 2 CPU workers with DDP and with FSDP (same seed, global batch 2, dropout 0)."""
+    """The same 3-step run on 2 CPU workers with DDP, with FSDP (meta init, the default) and with FSDP built
+    eagerly (``fsdp.meta_init: false``): same seed, global batch 2, dropout 0."""
     from sa2va_pipeline.training.recipe import run_training
 
     runs = {}
-    for strategy in ("ddp", "fsdp"):
-        root = tmp_path_factory.mktemp(strategy)
+    for run in ("ddp", "fsdp", "fsdp_eager"):
+        root = tmp_path_factory.mktemp(run)
+        params = _params(root, 2, run.split("_")[0])
+        if run == "fsdp_eager":
+            params["fsdp"] = {"meta_init": False}
         logged: list[tuple[dict, int]] = []
-        trained = run_training(TRAIN, VAL, _params(root, 2, strategy),
+        trained = run_training(TRAIN, VAL, params,
                                log_metrics=lambda m, s, out=logged: out.append((m, s)), progress=False)
-        runs[strategy] = {"trained": trained, "logged": logged, "ckpt": root / "ckpt"}
+        runs[run] = {"trained": trained, "logged": logged, "ckpt": root / "ckpt"}
     return runs
 
 
@@ -171,6 +175,20 @@ def test_fsdp_loss_curve_and_saved_model_equal_ddp(two_worker_runs):
         b = load_file(str(list_runs(two_worker_runs["ddp"]["ckpt"])[0] / "step_00000003" / file))
         assert a.keys() == b.keys()
         assert all(a[k].shape == b[k].shape for k in a)
+
+
+@pytest.mark.slow
+def test_fsdp_with_meta_init_trains_as_fsdp_built_whole(two_worker_runs):
+    """Meta init (the preset built on rank 0 and sent tensor by tensor, LoRA drawn as in the eager build)
+    changes no number: the same losses, gradient norms and trained weights as the eagerly built FSDP run."""
+    meta, eager = two_worker_runs["fsdp"]["trained"], two_worker_runs["fsdp_eager"]["trained"]
+    for key in ("loss", "loss_llm", "loss_mask_bce", "loss_mask_dice", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in meta.result.history], [r[key] for r in eager.result.history],
+                                   rtol=0, atol=1e-6, err_msg=key)
+    assert _max_diff(meta.model, eager.model) <= 1e-6
+    mine, theirs = meta.model.state_dict(), eager.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine if mine[k].numel()) <= 1e-6
 
 
 @pytest.mark.slow

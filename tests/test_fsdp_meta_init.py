@@ -1,0 +1,129 @@
+"""FSDP deferred init (``training.fsdp.meta_init``) on 2 CPU ranks (gloo): the model built on ``meta``, LoRA
+injected there, sharded, and each rank's shards filled from a checkpoint (rows per rank) or from a preset built
+on rank 0, equal to the eager build bit for bit, with about half the model held per rank.
+
+One spawn of 2 workers runs every scenario (most of the cost is starting the processes); the training-run
+comparison (same losses with and without meta init) is in tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+WORLD = 2
+# (name, model source, build dtype): a tiny InternLM2 checkpoint covers every conversion step (renames read by
+# rows; InternViT qkv and InternLM2 wqkv split; SAM2 point embeddings stacked; the gaussian copied) with the GPU
+# layout (frozen bf16, trainable fp32); the preset covers the rank-0 build sent tensor by tensor.
+SCENARIOS = [
+    ("checkpoint", "ckpt", torch.bfloat16),
+    ("preset", {"preset": "tiny", "overrides": {"sam2_image_size": 64}}, torch.float32),
+]
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
+
+
+def _full_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (non-persistent ones too), gathered to full CPU tensors (a collective)."""
+    from sa2va_pipeline.training.checkpoint import full_cpu
+
+    state = {n: full_cpu(t) for n, t in model.state_dict().items()}
+    state.update({n: b.detach().cpu() for n, b in model.named_buffers()})
+    return state
+
+
+def _worker(rank: int, rendezvous: str, checkpoint: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from sa2va_pipeline.training.config import load_training_config
+    from sa2va_pipeline.training.fsdp import fsdp_shard, fsdp_shard_deferred
+    from sa2va_pipeline.training.prepare import (
+        added_token_ids,
+        build_model,
+        build_model_on_meta,
+        prepare_for_training,
+        seed_everything,
+        trainable_to_fp32,
+    )
+    from sa2va_pipeline.training.ranks import DistributedContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    ctx = DistributedContext(rank, WORLD, "cpu", "gloo")
+    results = {}
+    for name, source, dtype in SCENARIOS:
+        source = {"checkpoint": checkpoint} if source == "ckpt" else source
+        config = load_training_config({"model": source, "seed": 3, "lora": LORA})
+        states = {}
+        for meta in (False, True):
+            seed_everything(3)  # LoRA's A matrices come from the global generator, as in the worker
+            low = dtype if dtype != torch.float32 else None
+            if meta:
+                model, weights = build_model_on_meta(config.model, "cpu", 3, low, builds_preset=rank == 0)
+            else:
+                model = build_model(config.model, "cpu", 3, dtype=low)
+            prepare_for_training(model, config.lora, config.trainable, added_token_ids(model))
+            if low is not None:
+                trainable_to_fp32(model)
+            if meta:
+                real = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+                _, report = fsdp_shard_deferred(model, ctx, weights)
+            else:
+                fsdp_shard(model, ctx)
+            states[meta] = _full_state(model)
+        eager, deferred = states[False], states[True]
+        assert eager.keys() == deferred.keys()
+        results[name] = {
+            "max_diff": max(float((eager[k].double() - deferred[k].double()).abs().max()) for k in eager if eager[k].numel()),
+            "dtypes_equal": all(eager[k].dtype == deferred[k].dtype for k in eager),
+            "lora_nonzero": all(bool(deferred[k].abs().sum()) for k in deferred if ".lora_A." in k),
+            "real_before_shard": real,
+            "largest_tensor": max(t.numel() * t.element_size() for t in eager.values()),
+            "lora_bytes": sum(t.numel() * t.element_size() for k, t in eager.items() if ".lora_" in k),
+            **{k: getattr(report, k) for k in ("local_bytes", "model_bytes", "largest_read_bytes", "read_bytes")},
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def meta_init_results(tmp_path_factory) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    from sa2va_pipeline.model import Sa2VA
+
+    root = tmp_path_factory.mktemp("meta_init")
+    Sa2VA.from_preset("tiny-internlm2", sam2_image_size=64, seed=5).save_pretrained(root / "ckpt")
+    mp.spawn(_worker, args=(str(root / "rendezvous"), str(root / "ckpt"), str(root)), nprocs=WORLD)
+    results = [json.loads((root / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    for rank_results in results:
+        rank_results["checkpoint"]["file_bytes"] = (root / "ckpt" / "model.safetensors").stat().st_size
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [s[0] for s in SCENARIOS])
+def test_meta_init_gives_the_eager_weights_exactly(meta_init_results, scenario):
+    for rank_results in meta_init_results:
+        got = rank_results[scenario]
+        assert got["max_diff"] == 0.0, got
+        assert got["dtypes_equal"] and got["lora_nonzero"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [s[0] for s in SCENARIOS])
+def test_meta_init_holds_about_one_shard_per_rank(meta_init_results, scenario):
+    """Before sharding only LoRA's small matrices are real; while loading, a rank holds its shards (~1/N of
+    the model: the chunks of dim 0 are rounded up, buffers are whole) plus the tensor in flight (a split tensor
+    counts twice: read + converted); a checkpoint rank reads about its share only."""
+    for rank_results in meta_init_results:
+        got = rank_results[scenario]
+        assert got["real_before_shard"] <= got["lora_bytes"]
+        share = got["model_bytes"] / WORLD
+        assert share * 0.95 <= got["local_bytes"] <= share * 1.05, got
+        assert got["largest_read_bytes"] <= 2 * got["largest_tensor"], got
+        assert got["local_bytes"] + got["largest_read_bytes"] <= share * 1.05 + 2 * got["largest_tensor"]
+        if scenario == "checkpoint":
+            # rows of its own, whole only for the split tensors
+            assert got["read_bytes"] <= got["file_bytes"] / WORLD * 1.2, got
