@@ -127,3 +127,44 @@ def test_meta_init_holds_about_one_shard_per_rank(meta_init_results, scenario):
         if scenario == "checkpoint":
             # rows of its own, whole only for the split tensors
             assert got["read_bytes"] <= got["file_bytes"] / WORLD * 1.2, got
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_on_meta_as_in_the_eager_load(tmp_path):
+    """The meta load checks keys, shapes and dtype kinds from the file headers, with the eager load's errors."""
+    from safetensors.torch import load_file, save_file
+
+    from sa2va_pipeline.model import Sa2VA
+    from sa2va_pipeline.model.checkpoint import CheckpointError
+    from sa2va_pipeline.model.deferred_init import checkpoint_on_meta
+
+    Sa2VA.from_preset("tiny", sam2_image_size=64, seed=1).save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(str(file))
+    state["text_hidden_fcs.0.weight"] = state["text_hidden_fcs.0.weight"][:-1].clone()
+    state["vision_model.extra.weight"] = torch.zeros(2)
+    save_file(state, str(file), metadata={"format": "pt"})
+    errors = []
+    for load in (lambda: Sa2VA.from_pretrained(tmp_path), lambda: checkpoint_on_meta(tmp_path, "cpu", torch.float32)):
+        with pytest.raises(CheckpointError) as error:
+            load()
+        errors.append(str(error.value))
+    assert errors[0] == errors[1]
+    assert "vision_model.extra.weight" in errors[1] and "text_hidden_fcs.0.weight: checkpoint" in errors[1]
+
+
+def test_meta_model_has_no_real_parameter_and_the_eager_buffers(tmp_path):
+    """Built on meta: every parameter on meta, the buffers computed as in the eager build (rotary inv_freq)."""
+    from sa2va_pipeline.model import Sa2VA
+    from sa2va_pipeline.model.deferred_init import checkpoint_on_meta
+
+    eager = Sa2VA.from_preset("tiny", sam2_image_size=64, seed=1)
+    eager.save_pretrained(tmp_path)
+    model, tensors = checkpoint_on_meta(tmp_path, "cpu", torch.float32)
+    assert all(p.is_meta for p in model.parameters())
+    buffers = dict(model.named_buffers())
+    for name, buffer in eager.named_buffers():
+        if name not in eager.state_dict():  # non-persistent: from the construction, in no checkpoint
+            assert torch.equal(buffers[name], buffer), name
+    streamed = {name: tensor for name, tensor, _, _ in tensors.stream(lambda name: None)}
+    assert streamed.keys() == eager.state_dict().keys()
+    assert all(torch.equal(streamed[k], v) for k, v in eager.state_dict().items())

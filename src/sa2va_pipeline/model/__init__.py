@@ -9,6 +9,8 @@ Modules, one concept each:
 - ``streaming``: the streaming prediction pipeline (thread pool, pinned uploads, async copies back);
 - ``losses``: the recipe's mask and LM losses; ``configs``: official config <-> native configs, presets;
   ``conversion``: checkpoint key tables per part; ``checkpoint``: strict, safe load/save;
+  ``deferred_init``: the model with its parameters on ``meta`` and the checkpoint / preset tensors that fill
+  FSDP's shards one at a time;
   ``preprocessing``: images/masks; ``qwen_vl``: Qwen-VL prompt and M-RoPE positions; ``prompts``: questions,
   answers, chat templates; ``tokenizer``: the presets' code-built tokenizer; ``sam2_attention``; ``module_utils``.
 torch/transformers are imported when ``Sa2VA`` is first used, so importing this package stays cheap.
