@@ -425,7 +425,7 @@ class TrainingLoop:
                 "epochs": round(self.total_steps * self.per_step / (n * repeats), 4),
                 "passes_over_images": round(self.total_steps * self.per_step / n, 4),
                 "eval_interval": self.interval, "checkpoint_interval": config.checkpoint.interval,
-                "run_dir": str(self.run_dir)}
+                "master_weights": "optimizer" if self.master_weights else "model", "run_dir": str(self.run_dir)}
         self.result.plan = plan
         log.info("Training plan: %d optimiser steps (from %s) at a global batch of %d = %.3g epoch(s) of %d "
                  "images x %d repeats; validation every %s steps; checkpoints in %s", plan["steps"], length,
