@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sa2va_pipeline.memo import ObjectMemo
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -80,15 +82,21 @@ def module_fingerprint(module: nn.Module, sample: int = 4096) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS = ObjectMemo()  # training asks for the same images' digests every epoch
+
+
 def image_digest(image: Any) -> str:
     """A hash of an image's pixels (uint8 array or PIL image) and shape: the file name of its features."""
     import numpy as np
 
-    array = np.ascontiguousarray(np.asarray(image))
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{array.shape}|{array.dtype}|".encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
+    def compute() -> str:
+        array = np.ascontiguousarray(np.asarray(image))
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    return _DIGESTS.get(image, "blake2b-16", compute)
 
 
 def cacheable_parts(
