@@ -122,14 +122,15 @@ def vertical_first(in_height: int, in_width: int, height: int, width: int) -> bo
 
 def _resample_pass(pixels: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
     """One pass along ``dim`` (-1: width, -2: height) of uint8 ``pixels``; uint8 result."""
-    index, weight = device_taps(pixels.shape[dim], out_size, pixels.device)
-    shape = [1] * pixels.ndim
-    shape[dim] = out_size
-    acc = None
+    if dim == -1:  # gathering whole rows is several times faster than gathering along the last axis
+        rows = _resample_pass(pixels.transpose(-1, -2).contiguous(), out_size, -2)
+        return rows.transpose(-1, -2).contiguous()
+    index, weight = device_taps(pixels.shape[-2], out_size, pixels.device)
+    acc = torch.full((*pixels.shape[:-2], out_size, pixels.shape[-1]), _ROUNDING, dtype=torch.int32,
+                     device=pixels.device)  # fmt: skip
     for k in range(index.shape[1]):
-        term = pixels.index_select(dim, index[:, k]).to(torch.int32) * weight[:, k].reshape(shape)
-        acc = term if acc is None else acc.add_(term)
-    acc.add_(_ROUNDING).bitwise_right_shift_(PRECISION_BITS)  # arithmetic shift: floor, as Pillow
+        acc.add_(pixels.index_select(-2, index[:, k]).to(torch.int32).mul_(weight[:, k, None]))
+    acc.bitwise_right_shift_(PRECISION_BITS)  # arithmetic shift: floor, as Pillow's clip8
     return acc.clamp_(0, 255).to(torch.uint8)
 
 
