@@ -134,21 +134,21 @@ def device_inputs(
     """Upload decoded frames and resize them on the device, images of one size as one batch: (what
     :func:`preprocess_image` gives per image, its LLM-side pixels already on the device; the uint8 SAM2 frames
     [B, S, S, 3] on the device)."""
-    size = model.sam2_image_size
     frames = [to_device(d["frame"]) for d in decoded]
     prepared: list[dict[str, Any]] = [{} for _ in decoded]
-    sam2 = torch.empty((len(decoded), 3, size, size), dtype=torch.uint8, device=model.device)
+    sam2: list[torch.Tensor] = [torch.empty(0)] * len(decoded)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, d in enumerate(decoded):
         by_size.setdefault(d["size"], []).append(i)
     for image_size, members in by_size.items():
         batch = torch.stack([frames[i] for i in members]).permute(0, 3, 1, 2).contiguous()  # [b, 3, H, W]
-        sam2[members] = sam2_uint8_torch(batch, size)
-        for i, pixels in zip(members, model.adapter.device_pixels(batch)):
-            prepared[i] = {"size": image_size, **pixels}
-    # [B, S, S, 3] in memory as the host path's frames: the same strides reach SAM2's convolution, whose
-    # kernels (so its last bits) depend on the memory layout
-    return prepared, sam2.permute(0, 2, 3, 1).contiguous()
+        # [S, S, 3] in memory as the host path's frames: the same strides reach SAM2's convolution, whose
+        # kernels (so its last bits) depend on the memory layout
+        frames_sam2 = sam2_uint8_torch(batch, model.sam2_image_size).permute(0, 2, 3, 1)
+        for i, frame, pixels in zip(members, frames_sam2, model.adapter.device_pixels(batch)):
+            prepared[i], sam2[i] = {"size": image_size, **pixels}, frame
+    # stacked back in input order (no index tensor: a host-to-device copy of one would wait for the GPU)
+    return prepared, torch.stack(sam2)
 
 
 def upload(arrays: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> torch.Tensor:
