@@ -51,6 +51,17 @@ for im in images + [rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)]:
     assert np.array_equal(sam2_uint8_torch(batch)[0].permute(1, 2, 0).cpu().numpy(), sam2_uint8(im)), "SAM2 frame"
     assert np.array_equal(vit_tiles_uint8_torch(batch)[0].permute(0, 2, 3, 1).cpu().numpy(), vit_tiles_uint8(im))
 print("CUDA bicubic resize: bit-identical to PIL for", [c[0] for c in cases], "and the prediction inputs")
+for side in (512, 1024):  # GPU time of the on-device preprocessing (resizes only), per image of a chunk of 32
+    chunk = torch.randint(0, 256, (32, 3, side, side), dtype=torch.uint8, device="cuda")
+    for _ in range(2):
+        sam2_uint8_torch(chunk), vit_tiles_uint8_torch(chunk)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        sam2_uint8_torch(chunk), vit_tiles_uint8_torch(chunk)
+    end.record()
+    end.synchronize()
+    print(f"on-device resizes of {side}x{side} frames (SAM2 1024 + tiles): {start.elapsed_time(end) / 5 / 32:.3f} ms/image")
 
 torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions as on the CPU (cuDNN defaults to TF32)
 cpu = Sa2VA.from_preset("tiny", seed=3)

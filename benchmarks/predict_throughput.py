@@ -276,11 +276,14 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     from sa2va_pipeline.inference.folder import read_image_folder
     from sa2va_pipeline.model import Sa2VA
+    from sa2va_pipeline.model.streaming import pixels_on_device
     from sa2va_pipeline.prediction.engine import predict_maps
 
-    model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16).eval()
+    cuda = torch.cuda.is_available()  # a CPU run (tiny preset) only checks that this mode works
+    model = Sa2VA.from_preset(preset, device="cuda" if cuda else "cpu", dtype=torch.bfloat16).eval()
     if args.compile:
         model.compile_for_inference(mode=args.compile_mode)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for size in args.frame_sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -303,16 +306,18 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     predict_maps(model, warm, ["blood vessel"], b, "float16")
                     seconds, decode_s = [], []
                     for _ in range(args.repeats):
-                        torch.cuda.synchronize()
+                        sync()
                         t0 = time.perf_counter()
                         out, decoded = run()
                         seconds.append(time.perf_counter() - t0)
                         decode_s.append(decoded)
                     maps[pixels] = out
                     row = {"mode": "files", "preset": preset, "frame": size, "batch": b, "pixels": pixels,
+                           "resized_on": "device" if pixels_on_device(model) else "host",
                            "compiled": bool(args.compile), "n_files": args.n_files,
                            "img_per_s": spread(seconds, args.n_files),
-                           "decode_img_per_s": spread(decode_s, args.n_files), "peak_gb": G.peak_gb()}
+                           "decode_img_per_s": spread(decode_s, args.n_files),
+                           "peak_gb": G.peak_gb() if cuda else 0.0}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 if len(maps) > 1:  # the settings' maps: the same pixels, so the same probabilities
@@ -332,7 +337,8 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         print(json.dumps(row), flush=True)
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -342,7 +348,7 @@ def files_table(rows: list[dict[str, Any]]) -> str:
     notes = []
     for r in rows:
         if r["mode"] == "files":
-            where = "GPU (torch)" if r["pixels"] in ("auto", "device") else "CPU (PIL)"
+            where = "device (torch)" if r["resized_on"] == "device" else "host (PIL)"
             lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['frame']} | {r['batch']} | "
                          f"{where} | {fmt(r['img_per_s'])} | {fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
         else:
@@ -421,10 +427,11 @@ def main() -> None:
         return
     rows: list[dict[str, Any]] = []
     if args.mode == "files":
-        print(f"device: {G.device_line()}", flush=True)
+        print(f"device: {G.device_line() if torch.cuda.is_available() else 'CPU'}", flush=True)
         for preset in args.presets:
             rows += bench_files(preset, args)
-        text = G.section_header("Prediction end to end from PNG files (GPU)", command)
+        title = "Prediction end to end from PNG files (GPU)"
+        text = G.section_header(title, command) if torch.cuda.is_available() else f"\n## {title} (CPU check)\n"
         text += (f"- {args.n_files} files per run ({os.cpu_count()} CPUs), median of {args.repeats} runs (min-max); "
                  "read_image_folder + predict_maps, bf16\n\n" + files_table(rows))
         G.write_section(text, args.results, rows, args.json)
