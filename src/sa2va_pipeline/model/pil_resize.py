@@ -129,7 +129,7 @@ def _resample_pass(pixels: torch.Tensor, out_size: int, dim: int) -> torch.Tenso
     acc = torch.full((*pixels.shape[:-2], out_size, pixels.shape[-1]), _ROUNDING, dtype=torch.int32,
                      device=pixels.device)  # fmt: skip
     for k in range(index.shape[1]):
-        acc.add_(pixels.index_select(-2, index[:, k]).to(torch.int32).mul_(weight[:, k, None]))
+        acc.addcmul_(pixels.index_select(-2, index[:, k]), weight[:, k, None])  # uint8 * int32 -> int32
     acc.bitwise_right_shift_(PRECISION_BITS)  # arithmetic shift: floor, as Pillow's clip8
     return acc.clamp_(0, 255).to(torch.uint8)
 
