@@ -170,6 +170,10 @@ def test_external_masks_layout_scored_at_the_frozen_thresholds(fake_project, ked
     assert dataset["phrases"]["not_scored"] == ["stent"] and dataset["phrases"]["absent_from_dataset"] == []
     assert any("stent" in r.getMessage() and "NOT scored" in r.getMessage() for r in caplog.records)
     assert summary["baseline"]["available"] is False and "baseline" in summary["baseline"]["note"]
+    from sa2va_pipeline.hooks import external_lines  # the end-of-run summary's external table
+
+    lines = external_lines(summary)
+    assert str(external) in lines[0] and "blood vessel: threshold 0.370" in lines[1] and "stent" in lines[-1]
 
     # the FROZEN thresholds, not re-chosen: Dice by hand at 0.37 from the red channel (FakeModel's vessel map)
     per_image = pd.read_csv(_latest(data / "08_reporting/external/per_image.csv", "per_image.csv"))
