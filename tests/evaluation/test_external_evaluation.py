@@ -265,13 +265,37 @@ def test_bad_external_folder_is_one_user_error_and_writes_nothing(kedro_project,
     assert _project_files(kedro_project) == before
 
 
+def test_no_known_phrase_or_nothing_trained_stops_before_anything_is_written(kedro_project, tmp_path):
+    from sa2va_pipeline.cli import user_message
+
+    external = tmp_path / "stents only"
+    (external / "images").mkdir(parents=True)
+    (external / "masks" / "stent").mkdir(parents=True)
+    image, vessel, _ = make_frame(np.random.default_rng(0), "vessels")
+    Image.fromarray(image).save(external / "images" / "s_frame_0.png")
+    Image.fromarray(vessel * 255).save(external / "masks" / "stent" / "s_frame_0_mask.png")
+    # nothing trained yet: the model is an input of the first node, so nothing is ingested or written
+    with pytest.raises(Exception) as caught:
+        _run(kedro_project, external)
+    assert user_message(caught.value).startswith("nothing trained yet")
+    assert not list((kedro_project / "data").rglob("*"))
+    _seed_main_outputs(kedro_project)
+    before = _project_files(kedro_project)
+    with pytest.raises(ExternalDataError) as caught:
+        _run(kedro_project, external)
+    message = user_message(caught.value)
+    assert "none of its phrases ['stent']" in message and str(external) in message
+    assert _project_files(kedro_project) == before
+
+
 def _node_error(tmp_path: Path, setup, ingestion: dict | None = None) -> str:
     from sa2va_pipeline.pipelines.external_evaluation.nodes import ingest_external_data
 
     root = tmp_path / "ext"
     setup(root)
     with pytest.raises(ExternalDataError) as caught:
-        ingest_external_data({"external_dir": str(root)}, ingestion or {}, PHRASE, r"^(?P<group>.+)_frame_\d+")
+        ingest_external_data({"external_dir": str(root)}, ingestion or {}, PHRASE, r"^(?P<group>.+)_frame_\d+",
+                             "data/01_raw/sample", tmp_path / "model", FROZEN)
     return str(caught.value)
 
 

@@ -129,6 +129,13 @@ def ingest_external(external_dir: str | Path | None, config: IngestionConfig) ->
     return root, result
 
 
+def planned_phrases(objects: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The distinct phrases (cleaned as in training) of ingestion's per-image object records, in order."""
+    from sa2va_pipeline.model.prompts import clean_phrase
+
+    return list(dict.fromkeys(clean_phrase(o["phrase"]) for rec in objects for o in rec.get("objects", [])))
+
+
 def phrase_roles(trained: Sequence[str], present: Sequence[str]) -> dict[str, list[str]]:
     """``trained``, ``in_dataset``, ``scored`` (every trained phrase), ``not_scored`` (external phrases the
     model does not know) and ``absent_from_dataset`` (trained phrases scored against empty truth)."""

@@ -31,13 +31,29 @@ def _as_metrics(values: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def ingest_external_data(
-    evaluation: dict[str, Any], ingestion: dict[str, Any], phrase: str, group_regex: str
+    evaluation: dict[str, Any],
+    ingestion: dict[str, Any],
+    phrase: str,
+    group_regex: str,
+    raw_dir: str,
+    trained_model: Path,
+    frozen_threshold: dict[str, Any],
 ) -> dict[str, Any]:
     """Check and ingest ``evaluation.external_dir`` with the ingestion pipeline's settings and code (any
-    layout); outputs as the ingestion node's, for the ``external_*`` entries."""
+    layout); outputs as the ingestion node's, for the ``external_*`` entries.
+
+    ``trained_model`` and ``frozen_threshold`` are inputs so that a run with nothing trained, or a folder that
+    shares no phrase with the model, stops here, before anything is written.
+    """
+    del trained_model  # loaded only to fail early: the prediction node reads it
     root, result = external.ingest_external(
         evaluation.get("external_dir"), ingestion_config(ingestion, phrase, group_regex)
     )
+    if Path(raw_dir).absolute().resolve() == root.resolve():
+        log.warning("external_dir %s is raw_dir, the data the model was trained and thresholded on: these "
+                    "numbers are not an external evaluation", root)
+    external.check_phrases(record_phrases(frozen_threshold) or [phrase], external.planned_phrases(result.objects),
+                           str(root))
     counts = {**summarise_report(result.report), "samples": len(result.records),
               "objects": int(result.records["n_objects"].sum()), "ignored_files": len(result.ignored)}
     log.info("external ingestion of %s (%s source): %d files in, %d ok, %d fixed, %d rejected -> %d images",
@@ -55,14 +71,11 @@ def predict_external_probabilities(
     manifest: pd.DataFrame,
     annotations: list[dict[str, Any]],
     frozen_threshold: dict[str, Any],
-    evaluation: dict[str, Any],
     phrase: str,
     prediction: dict[str, Any],
 ) -> ProbabilityMaps:
-    """Maps of every trained phrase (those the threshold was frozen for) on every external image; refuses a
-    set that shares no phrase with the model before predicting anything."""
+    """Maps of every trained phrase (those the threshold was frozen for) on every external image."""
     phrases = record_phrases(frozen_threshold) or [phrase]
-    external.check_phrases(phrases, dataset_phrases(annotations), str(evaluation.get("external_dir")))
     return external.predict_external_maps(trained_model, load_samples(manifest, annotations), phrases, prediction)
 
 

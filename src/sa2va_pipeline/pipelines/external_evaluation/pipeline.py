@@ -17,7 +17,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 nodes.ingest_external_data,
-                inputs=["params:evaluation", "params:ingestion", "params:phrase", "params:split.group_regex"],
+                inputs=["params:evaluation", "params:ingestion", "params:phrase", "params:split.group_regex",
+                        "params:raw_dir", "trained_model", "frozen_threshold"],
                 outputs={
                     "report": "external_ingestion_report",
                     "files": "external_ingested_samples",
@@ -44,7 +45,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(
                 nodes.predict_external_probabilities,
                 inputs=["trained_model", "external_ingestion_manifest", "external_annotations", "frozen_threshold",
-                        "params:evaluation", "params:phrase", "params:prediction"],
+                        "params:phrase", "params:prediction"],
                 outputs="external_probabilities",
                 name="predict_external_probabilities",
             ),
