@@ -21,7 +21,6 @@ Nothing outside the external folder is read for the data: files that ingestion s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -99,7 +98,7 @@ def external_ingestion_config(config: IngestionConfig, root: Path) -> IngestionC
                 f"nothing outside that folder; pass a path relative to it (e.g. `--params ingestion.{key}=null` "
                 "to let the layout be detected)"
             )
-    return dataclasses.replace(config)
+    return config
 
 
 def ingest_external(external_dir: str | Path | None, config: IngestionConfig) -> tuple[Path, Any]:
