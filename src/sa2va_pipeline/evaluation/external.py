@@ -116,8 +116,9 @@ def ingest_external(external_dir: str | Path | None, config: IngestionConfig) ->
     config = external_ingestion_config(config, root)
     try:
         result = ingest(root, config)
-    except UserError as exc:
-        raise ExternalDataError(f"external_dir '{root}': {exc}") from exc
+    except UserError as exc:  # ingestion's message, worded for this folder (it says raw_dir)
+        text = str(exc).replace(f"raw_dir '{root}'", "the folder").replace("raw_dir", "external_dir")
+        raise ExternalDataError(f"external_dir '{root}': {text}") from exc
     if result.records.empty:
         rejected = result.report[result.report["status"] == "rejected"]
         examples = "; ".join(f"{r.file}: {r.reason}" for r in rejected.head(3).itertuples())
