@@ -16,7 +16,9 @@ and so the floor (FLOPs / measured matmul rate) and the gap; ``--profile`` adds 
 Two more modes, from image files (PNG frames of the synthetic angiography sample, written to a temp folder):
 - ``--mode files`` (GPU): end to end as the inference pipeline runs it: ``read_image_folder`` (decoding in its
   thread pool) then ``predict_maps`` (the one prediction engine), per ``--pixels`` setting (``auto``: resized on
-  the GPU; ``host``: PIL on the CPU, the old path), with the agreement of the two settings' maps;
+  the GPU; ``host``: PIL on the CPU, the old path), with the agreement of the two settings' maps; then the
+  inference node's whole work but the disk (``segment_folder``: + mask, probability and overlay PNGs), and file
+  paths straight into ``iter_predict_proba`` (decoding overlapped with the GPU);
 - ``--mode host`` (CPU only, no GPU needed): decode + preprocessing alone with K threads: ``pil`` (the host
   work of the old path: decode, PIL resizes to the SAM2 frame and the tiles), ``decode`` (the host work when the
   GPU resizes: decode and the copy into upload memory), ``torch`` (the torch resize on the CPU).
@@ -279,6 +281,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     import time
 
     from sa2va_pipeline.inference.folder import read_image_folder
+    from sa2va_pipeline.inference.segment import segment_folder
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.model.streaming import pixels_on_device
     from sa2va_pipeline.prediction.engine import predict_maps
@@ -324,8 +327,21 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                            "peak_gb": G.peak_gb() if cuda else 0.0}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
+                # the inference node's whole work (but the disk): folder reading, prediction, and the encoding of
+                # masks, probability PNGs and overlays (segment_folder's thread pool)
                 model.prediction_pixels = "auto"
+                seconds = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    segment_folder(model, read_image_folder(tmp), {"blood vessel": 0.5}, {"batch_size": b}, {}, {})
+                    seconds.append(time.perf_counter() - t0)
+                row = {"mode": "files-inference", "preset": preset, "frame": size, "batch": b,
+                       "compiled": bool(args.compile), "n_files": args.n_files,
+                       "img_per_s": spread(seconds, args.n_files)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
                 paths = sorted(Path(tmp).iterdir())
                 seconds = []
                 for _ in range(args.repeats):
@@ -369,6 +385,10 @@ def files_table(rows: list[dict[str, Any]]) -> str:
             where = "device (torch)" if r["resized_on"] == "device" else "host (PIL)"
             lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['frame']} | {r['batch']} | "
                          f"{where} | {fmt(r['img_per_s'])} | {fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
+        elif r["mode"] == "files-inference":
+            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: the inference node's work (folder "
+                         f"reading, prediction, masks + probability PNGs + overlays encoded): {fmt(r['img_per_s'])} "
+                         "img/s")
         elif r["mode"] == "files-paths":
             notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: file paths straight into "
                          f"iter_predict_proba (decoding overlapped with the GPU): {fmt(r['img_per_s'])} img/s")
