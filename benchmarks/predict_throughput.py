@@ -12,6 +12,20 @@ and so the floor (FLOPs / measured matmul rate) and the gap; ``--profile`` adds 
 
     python benchmarks/predict_throughput.py                        # all presets
     python benchmarks/predict_throughput.py --presets sa2va-internvl3-2b --batch-sizes 16,32 --profile
+
+Two more modes, from image files (PNG frames of the synthetic angiography sample, written to a temp folder):
+- ``--mode files`` (GPU): end to end as the inference pipeline runs it: ``read_image_folder`` (decoding in its
+  thread pool) then ``predict_maps`` (the one prediction engine), per ``--pixels`` setting (``auto``: resized on
+  the GPU; ``host``: PIL on the CPU, the old path), with the agreement of the two settings' maps; then the
+  inference node's whole work but the disk (``segment_folder``: + mask, probability and overlay PNGs), and file
+  paths straight into ``iter_predict_proba`` (decoding overlapped with the GPU);
+- ``--mode host`` (CPU only, no GPU needed): decode + preprocessing alone with K threads: ``pil`` (the host
+  work of the old path: decode, PIL resizes to the SAM2 frame and the tiles), ``decode`` (the host work when the
+  GPU resizes: decode and the copy into upload memory), ``torch`` (the torch resize on the CPU).
+Each row is the median of ``--repeats`` runs with the min-max.
+
+    python benchmarks/predict_throughput.py --mode files --presets sa2va-internvl3-2b --batch-sizes 32 --compile
+    python benchmarks/predict_throughput.py --mode host --threads 1,8,16 --frame-sizes 512,1024
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -167,6 +182,222 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     return rows
 
 
+def write_frames(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
+    """``n`` PNG frames (synthetic angiography as the sample's, grey as RGB) in ``folder``; 16 distinct frames
+    are cycled (same decoding work, less rendering)."""
+    import numpy as np
+
+    from sa2va_pipeline.data.image_io import encode_png
+    from sa2va_pipeline.data.synthetic import SampleSpec, render_video
+
+    rendered = render_video(SampleSpec(size=size), np.random.SeedSequence(seed), min(n, 16))
+    pngs = [encode_png(np.repeat(gray[:, :, None], 3, axis=2)) for gray, _, _ in rendered]
+    paths = [folder / f"frame_{i:05d}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        path.write_bytes(pngs[i % len(pngs)])
+    return paths
+
+
+def spread(seconds: list[float], n: int) -> dict[str, float]:
+    """Images/s of repeated runs over ``n`` images: median, min and max."""
+    import statistics
+
+    rates = sorted(n / s for s in seconds)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "repeats": len(rates)}
+
+
+def fmt(rate: dict[str, float]) -> str:
+    return f"{rate['median']:.1f} ({rate['min']:.1f}-{rate['max']:.1f})"
+
+
+def host_work(variant: str, sam2_size: int = 1024, image_size: int = 448, max_num: int = 12) -> Any:
+    """The host's work on one image file, per variant (see the module docstring)."""
+    from sa2va_pipeline.data.image_io import read_rgb
+    from sa2va_pipeline.model.preprocessing import (
+        sam2_uint8, sam2_uint8_torch, to_pil_rgb, vit_tiles_uint8, vit_tiles_uint8_torch)
+    from sa2va_pipeline.model.streaming import decode_frame
+
+    def pil(path: Path) -> None:  # what streaming.preprocess_image does for InternVL, after decoding
+        image = to_pil_rgb(read_rgb(path))
+        sam2_uint8(image, sam2_size)
+        vit_tiles_uint8(image, image_size, max_num)
+
+    def decode(path: Path) -> None:  # what the pool does when the GPU resizes (pinned copy on a GPU host)
+        decode_frame(read_rgb(path), pinned=False)
+
+    def torch_cpu(path: Path) -> None:
+        frame = torch.from_numpy(read_rgb(path)).permute(2, 0, 1)[None].contiguous()
+        sam2_uint8_torch(frame, sam2_size)
+        vit_tiles_uint8_torch(frame, image_size, max_num)
+
+    return {"pil": pil, "decode": decode, "torch": torch_cpu}[variant]
+
+
+def bench_host(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Decode + preprocessing images/s on the CPU, per variant, frame size and thread count."""
+    import tempfile
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)  # one core per worker thread: K threads = K cores
+    rows = []
+    for size in args.frame_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = write_frames(Path(tmp), args.n_files, size)
+            for variant in args.variants:
+                work = host_work(variant)
+                for threads in args.threads:
+                    with ThreadPoolExecutor(threads) as pool:
+                        list(pool.map(work, paths[: 2 * threads]))  # warm-up: caches, tap tables
+                        seconds, cpu_seconds = [], []
+                        for _ in range(args.repeats):
+                            t0, c0 = time.perf_counter(), time.process_time()
+                            list(pool.map(work, paths))
+                            seconds.append(time.perf_counter() - t0)
+                            cpu_seconds.append(time.process_time() - c0)
+                    rate = spread(seconds, len(paths))
+                    # images per CPU-second of this process: the rate per core, even on a shared machine
+                    per_core = spread(cpu_seconds, len(paths))
+                    row = {"mode": "host", "variant": variant, "frame": size, "threads": threads,
+                           "n_files": len(paths), "img_per_s": rate, "img_per_s_per_thread": rate["median"] / threads,
+                           "img_per_cpu_s": per_core}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def host_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| frame | host work | threads | images/s median (min-max) | images/s per thread | "
+             "images per CPU-second (per core) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['frame']} | {r['variant']} | {r['threads']} | {fmt(r['img_per_s'])} | "
+                     f"{r['img_per_s_per_thread']:.1f} | {fmt(r['img_per_cpu_s'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """End to end from PNG files: the inference pipeline's folder reading, then the prediction engine."""
+    import tempfile
+    import time
+
+    from sa2va_pipeline.inference.folder import read_image_folder
+    from sa2va_pipeline.inference.segment import segment_folder
+    from sa2va_pipeline.model import Sa2VA
+    from sa2va_pipeline.model.streaming import pixels_on_device
+    from sa2va_pipeline.prediction.engine import predict_maps
+
+    cuda = torch.cuda.is_available()  # a CPU run (tiny preset) only checks that this mode works
+    model = Sa2VA.from_preset(preset, device="cuda" if cuda else "cpu", dtype=torch.bfloat16).eval()
+    if args.compile:
+        model.compile_for_inference(mode=args.compile_mode)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rows = []
+    for size in args.frame_sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_frames(Path(tmp), args.n_files, size)
+            for b in args.batch_sizes:
+                maps = {}
+                for pixels in args.pixels:
+                    model.prediction_pixels = pixels
+
+                    def run() -> tuple[Any, float]:
+                        t0 = time.perf_counter()
+                        folder = read_image_folder(tmp)
+                        decoded = time.perf_counter() - t0
+                        samples = [{"id": name, "image": im} for name, im in folder.images.items()]
+                        out = predict_maps(model, samples, ["blood vessel"], b, "float16")
+                        return out, decoded
+
+                    folder = read_image_folder(tmp)  # warm-up (compilation, cuDNN, tap tables): two chunks
+                    warm = [{"id": n, "image": im} for n, im in list(folder.images.items())[: 2 * b]]
+                    predict_maps(model, warm, ["blood vessel"], b, "float16")
+                    seconds, decode_s = [], []
+                    for _ in range(args.repeats):
+                        sync()
+                        t0 = time.perf_counter()
+                        out, decoded = run()
+                        seconds.append(time.perf_counter() - t0)
+                        decode_s.append(decoded)
+                    maps[pixels] = out
+                    row = {"mode": "files", "preset": preset, "frame": size, "batch": b, "pixels": pixels,
+                           "resized_on": "device" if pixels_on_device(model) else "host",
+                           "compiled": bool(args.compile), "n_files": args.n_files,
+                           "img_per_s": spread(seconds, args.n_files),
+                           "decode_img_per_s": spread(decode_s, args.n_files),
+                           "peak_gb": G.peak_gb() if cuda else 0.0}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                # the inference node's whole work (but the disk): folder reading, prediction, and the encoding of
+                # masks, probability PNGs and overlays (segment_folder's thread pool)
+                model.prediction_pixels = "auto"
+                seconds = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    segment_folder(model, read_image_folder(tmp), {"blood vessel": 0.5}, {"batch_size": b}, {}, {})
+                    seconds.append(time.perf_counter() - t0)
+                row = {"mode": "files-inference", "preset": preset, "frame": size, "batch": b,
+                       "compiled": bool(args.compile), "n_files": args.n_files,
+                       "img_per_s": spread(seconds, args.n_files)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
+                paths = sorted(Path(tmp).iterdir())
+                seconds = []
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in model.iter_predict_proba(paths, "blood vessel", batch_size=b):
+                        pass
+                    seconds.append(time.perf_counter() - t0)
+                row = {"mode": "files-paths", "preset": preset, "frame": size, "batch": b,
+                       "compiled": bool(args.compile), "n_files": len(paths), "img_per_s": spread(seconds, len(paths))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if len(maps) > 1:  # the settings' maps: the same pixels, so the same probabilities
+                    first, *others = list(maps)
+                    for other in others:
+                        diffs, agree, total = [], 0, 0
+                        for key in maps[first].maps:
+                            a = maps[first].probabilities(*key)
+                            c = maps[other].probabilities(*key)
+                            diffs.append(float(abs(a.astype("float32") - c.astype("float32")).max()))
+                            agree += int(((a >= 0.5) == (c >= 0.5)).sum())
+                            total += a.size
+                        row = {"mode": "files-agreement", "preset": preset, "frame": size, "batch": b,
+                               "pixels": f"{first} vs {other}", "max_abs_diff": max(diffs),
+                               "agree_at_0.5": agree / total}
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def files_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| preset | compiled | frame | batch | pixels resized on | end to end img/s median (min-max) | "
+             "folder decoding alone img/s | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for r in rows:
+        if r["mode"] == "files":
+            where = "device (torch)" if r["resized_on"] == "device" else "host (PIL)"
+            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['frame']} | {r['batch']} | "
+                         f"{where} | {fmt(r['img_per_s'])} | {fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
+        elif r["mode"] == "files-inference":
+            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: the inference node's work (folder "
+                         f"reading, prediction, masks + probability PNGs + overlays encoded): {fmt(r['img_per_s'])} "
+                         "img/s")
+        elif r["mode"] == "files-paths":
+            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: file paths straight into "
+                         f"iter_predict_proba (decoding overlapped with the GPU): {fmt(r['img_per_s'])} img/s")
+        else:
+            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}, {r['pixels']}: max |p difference| "
+                         f"{r['max_abs_diff']:.2e}, pixels agreeing at 0.5: {100 * r['agree_at_0.5']:.4f}%")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| preset | compiled | batch | predict_proba img/s (end to end) | model img/s (GPU part) | "
              "host preprocessing img/s (pool) | peak GB |",
@@ -206,15 +437,51 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=G.RESULTS)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path("."))
+    parser.add_argument("--mode", choices=["gpu", "files", "host"], default="gpu",
+                        help="gpu: in-memory frames (above); files: end to end from PNG files; host: CPU only")
+    parser.add_argument("--n-files", type=int, default=512, help="PNG frames written for --mode files/host")
+    parser.add_argument("--frame-sizes", default="512", help="frame sides for --mode files/host, e.g. 512,1024")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median, min-max)")
+    parser.add_argument("--pixels", default="auto,host",
+                        help="--mode files: Sa2VA.prediction_pixels settings to time (auto = GPU on CUDA)")
+    parser.add_argument("--threads", default="1,2", help="--mode host: thread counts")
+    parser.add_argument("--variants", default="pil,decode,torch", help="--mode host: host work variants")
     args = parser.parse_args()
     args.presets = [p for p in args.presets.split(",") if p]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    args.frame_sizes = [int(v) for v in args.frame_sizes.split(",") if v]
+    args.pixels = [p for p in args.pixels.split(",") if p]
+    args.threads = [int(v) for v in args.threads.split(",") if v]
+    args.variants = [v for v in args.variants.split(",") if v]
+    command = "python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:])
+    if args.mode == "host":
+        import platform
+
+        rows = bench_host(args)
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        text = f"\n## Prediction host work (decode + preprocessing, CPU)\n\n- machine: {machine}\n"
+        text += f"- command: `{command}`\n"
+        text += f"- {args.n_files} PNG files per run, median of {args.repeats} runs (min-max)\n\n"
+        text += host_table(rows)
+        G.write_section(text, args.results, rows, args.json)
+        print(text)
+        return
+    rows: list[dict[str, Any]] = []
+    if args.mode == "files":
+        print(f"device: {G.device_line() if torch.cuda.is_available() else 'CPU'}", flush=True)
+        for preset in args.presets:
+            rows += bench_files(preset, args)
+        title = "Prediction end to end from PNG files (GPU)"
+        text = G.section_header(title, command) if torch.cuda.is_available() else f"\n## {title} (CPU check)\n"
+        text += (f"- {args.n_files} files per run ({os.cpu_count()} CPUs), median of {args.repeats} runs (min-max); "
+                 "read_image_folder + predict_maps, bf16\n\n" + files_table(rows))
+        G.write_section(text, args.results, rows, args.json)
+        print(text)
+        return
     peak_measured = G.measured_matmul_tflops()
     print(f"device: {G.device_line()}; measured bf16 matmul {peak_measured:.0f} TFLOP/s", flush=True)
-    rows: list[dict[str, Any]] = []
     for preset in args.presets:
         rows += bench_preset(preset, args, peak_measured, args.out_dir)
-    command = "python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:])
     text = G.section_header("Prediction throughput (GPU)", command)
     text += f"- measured bf16 matmul: {peak_measured:.0f} TFLOP/s; weights bf16, SDPA, inference_mode\n\n" + table(rows)
     G.write_section(text, args.results, rows, args.json)

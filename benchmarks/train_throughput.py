@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,11 +43,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_common as G  # noqa: E402
 
+from sa2va_pipeline.training.optim import clip_gradients  # noqa: E402
+
 PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
 
 
-def build(preset: str, sam2_image_size: int | None = None) -> tuple[Any, list[torch.Tensor], dict[str, float]]:
-    """Model in bf16 on the GPU with the official trainable set; trainable tensors cast to fp32 masters."""
+def build(preset: str, sam2_image_size: int | None = None,
+          master: str = "model") -> tuple[Any, list[torch.Tensor], Any, dict[str, float]]:
+    """Model in bf16 on the GPU with the official trainable set and its AdamW. ``master``: ``model`` = fp32
+    trainable parameters cast at each use; ``optimizer`` = bf16 compute copies, fp32 masters in the optimiser
+    (``training.master_weights``)."""
+    from sa2va_pipeline.training.master_weights import MasterWeightAdamW
+
     from sa2va_pipeline.model import Sa2VA
     from sa2va_pipeline.training.config import LoraSettings, TrainableParts
     from sa2va_pipeline.training.prepare import prepare_for_training
@@ -61,6 +69,10 @@ def build(preset: str, sam2_image_size: int | None = None) -> tuple[Any, list[to
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
         p.data = p.data.float()
+    if master == "optimizer":
+        optimizer = MasterWeightAdamW([{"params": trainable, "lr": 4e-5}], (0.9, 0.999), 0.05)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
     model.train()
     info = {
         "build_s": build_s,
@@ -68,7 +80,7 @@ def build(preset: str, sam2_image_size: int | None = None) -> tuple[Any, list[to
         "params_trainable": sum(p.numel() for p in trainable),
         "weights_gb": torch.cuda.memory_allocated() / 1e9,
     }
-    return model, trainable, info
+    return model, trainable, optimizer, info
 
 
 def set_checkpointing(model: Any, on: bool) -> None:
@@ -92,7 +104,7 @@ def make_step(model: Any, batches: list[dict[str, Any]], optimizer: torch.optim.
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = model.training_forward(batch)
             (out["total"] / len(batches)).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        clip_gradients(optimizer, trainable, 1.0)
         optimizer.step()
         return out["total"]
 
@@ -109,12 +121,13 @@ def forward_backward(model: Any, batch: dict[str, Any]):
     return run
 
 
-def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, out_dir: Path) -> list[dict[str, Any]]:
+def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, out_dir: Path,
+                 master: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    model, trainable, info = build(preset, args.sam2_image_size)
-    print(f"[{preset}] built in {info['build_s']:.1f} s: {info['params_total'] / 1e9:.2f} B params, "
-          f"{info['params_trainable'] / 1e6:.1f} M trainable, {info['weights_gb']:.1f} GB", flush=True)
-    optimizer = torch.optim.AdamW(trainable, lr=4e-5, betas=(0.9, 0.999), weight_decay=0.05, fused=True)
+    model, trainable, optimizer, info = build(preset, args.sam2_image_size, master)
+    print(f"[{preset}] master weights in the {master}: built in {info['build_s']:.1f} s: "
+          f"{info['params_total'] / 1e9:.2f} B params, {info['params_trainable'] / 1e6:.1f} M trainable, "
+          f"{info['weights_gb']:.1f} GB", flush=True)
     max_b = max(args.batch_sizes)
     data = G.frames(max_b, seed=1)
     t0 = time.perf_counter()
@@ -136,12 +149,18 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         try:
             G.reset_peak()
             step()  # first step allocates optimiser state; timed steps follow
-            seconds, iters = G.time_it(step, warmup=1, min_iters=args.min_iters, min_seconds=args.min_seconds)
+            # repeats: separate timing windows; the row is their median, with the slowest and fastest
+            windows = [G.time_it(step, warmup=1, min_iters=args.min_iters, min_seconds=args.min_seconds)
+                       for _ in range(args.repeats)]
+            rates = sorted(samples / seconds for seconds, _ in windows)
+            seconds, iters = samples / statistics.median(rates), sum(i for _, i in windows)
             peak = G.peak_gb()
             flops = G.count_flops(flop_fn) * (accumulation if path == "official" else 1)
             row = {
-                "preset": preset, "path": path, "batch": b, "accumulation": accumulation, "checkpointing": ckpt,
-                "samples_per_s": samples / seconds, "step_s": seconds, "iters": iters, "peak_gb": peak,
+                "preset": preset, "path": path, "master": master, "batch": b, "accumulation": accumulation,
+                "checkpointing": ckpt, "samples_per_s": samples / seconds, "samples_per_s_min": rates[0],
+                "samples_per_s_max": rates[-1], "repeats": len(rates), "step_s": seconds, "iters": iters,
+                "peak_gb": peak,
                 "tflop_per_sample": flops / samples / 1e12,
                 "mfu_datasheet": flops / seconds / 1e12 / G.H100_BF16_DENSE_TFLOPS,
                 "mfu_measured": flops / seconds / 1e12 / peak_measured,
@@ -149,8 +168,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         except Exception as error:  # OOM at large batch: record it, carry on
             if not G.is_oom(error):
                 raise
-            row = {"preset": preset, "path": path, "batch": b, "accumulation": accumulation, "checkpointing": ckpt,
-                   "error": "OOM"}
+            row = {"preset": preset, "path": path, "master": master, "batch": b, "accumulation": accumulation,
+                   "checkpointing": ckpt, "error": "OOM"}
             optimizer.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
@@ -213,11 +232,11 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
 
                 record(path, b, 1, step, flops_fn, ckpt)
                 if args.profile and not ckpt and b == max_b:
-                    table = G.profile_table(step, out_dir / f"profile_train_{preset}_cached_b{b}.txt")
+                    table = G.profile_table(step, out_dir / f"profile_train_{preset}_{master}_cached_b{b}.txt")
                     print(table, flush=True)
                 del batch
             set_checkpointing(model, False)
-        if args.compile:  # torch.compile each LLM decoder layer (one graph reused by all layers)
+        if args.compile and master in args.compile_masters:  # each LLM decoder layer (one graph for all)
             for layer in model.language_model.layers:
                 layer.compile()
             for b in args.compile_batch_sizes:
@@ -228,11 +247,13 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                 record("cached+compile", b, 1, make_step(model, [batch], optimizer, trainable),
                        forward_backward(model, batch), False)
                 del batch
-        rows.append(cache_load_row(model, data, preset, args))
-        print(json.dumps(rows[-1]), flush=True)
+        if args.cache_load:
+            rows.append(cache_load_row(model, data, preset, args))
+            print(json.dumps(rows[-1]), flush=True)
         del cached
     del model, optimizer, trainable
     gc.collect()
+    torch._dynamo.reset()  # the next model's compiled layers start afresh
     torch.cuda.empty_cache()
     return rows
 
@@ -263,20 +284,22 @@ def cache_load_row(model: Any, data: list, preset: str, args: argparse.Namespace
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| preset | path | batch x accum | ckpt | samples/s | peak GB | TFLOP/sample | MFU (989) | MFU (measured) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset | path | fp32 masters in | batch x accum | ckpt | samples/s median (min-max) | peak GB | "
+        "TFLOP/sample | MFU (989) | MFU (measured) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["path"] == "cache-load":
-            lines.append(f"| {r['preset']} | feature-cache load (disk->GPU, bf16) | {r['batch']} | | "
+            lines.append(f"| {r['preset']} | feature-cache load (disk->GPU, bf16) | | {r['batch']} | | "
                          f"{r['load_images_per_s']:.1f} img/s | | | | fill {r['fill_s_per_image'] * 1000:.0f} ms/img |")
         elif "error" in r:
-            lines.append(f"| {r['preset']} | {r['path']} | {r['batch']} x {r['accumulation']} | "
+            lines.append(f"| {r['preset']} | {r['path']} | {r['master']} | {r['batch']} x {r['accumulation']} | "
                          f"{'on' if r['checkpointing'] else 'off'} | {r['error']} | | | | |")
         else:
             lines.append(
-                f"| {r['preset']} | {r['path']} | {r['batch']} x {r['accumulation']} | "
-                f"{'on' if r['checkpointing'] else 'off'} | {r['samples_per_s']:.2f} | {r['peak_gb']:.1f} | "
+                f"| {r['preset']} | {r['path']} | {r['master']} | {r['batch']} x {r['accumulation']} | "
+                f"{'on' if r['checkpointing'] else 'off'} | {r['samples_per_s']:.1f} ({r['samples_per_s_min']:.1f}-"
+                f"{r['samples_per_s_max']:.1f}) | {r['peak_gb']:.1f} | "
                 f"{r['tflop_per_sample']:.2f} | {100 * r['mfu_datasheet']:.1f}% | {100 * r['mfu_measured']:.1f}% |"
             )
     return "\n".join(lines) + "\n"
@@ -295,6 +318,11 @@ def main() -> None:
                         help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")
     parser.add_argument("--compile", action="store_true", help="also: cached path with torch.compile'd LLM layers")
     parser.add_argument("--compile-batch-sizes", default="16")
+    parser.add_argument("--masters", default="model,optimizer",
+                        help="where the fp32 trainable weights live (training.master_weights): model, optimizer")
+    parser.add_argument("--compile-masters", default="model,optimizer", help="which --masters get --compile")
+    parser.add_argument("--repeats", type=int, default=3, help="timing windows per row (median, min-max)")
+    parser.add_argument("--cache-load", action="store_true", help="also time the feature cache's disk -> GPU load")
     parser.add_argument("--results", type=Path, default=G.RESULTS, help="markdown file to append the section to")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out-dir", type=Path, default=Path("."), help="where profile tables go")
@@ -303,12 +331,15 @@ def main() -> None:
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     args.paths = [p for p in args.paths.split(",") if p]
     args.compile_batch_sizes = [int(b) for b in args.compile_batch_sizes.split(",") if b]
+    args.masters = [m for m in args.masters.split(",") if m]
+    args.compile_masters = [m for m in args.compile_masters.split(",") if m]
     torch.backends.cuda.matmul.allow_tf32 = True
     peak_measured = G.measured_matmul_tflops()
     print(f"device: {G.device_line()}; measured bf16 matmul {peak_measured:.0f} TFLOP/s", flush=True)
     rows: list[dict[str, Any]] = []
     for preset in args.presets:
-        rows += bench_preset(preset, args, peak_measured, args.out_dir)
+        for master in args.masters:
+            rows += bench_preset(preset, args, peak_measured, args.out_dir, master)
     command = "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])
     text = G.section_header("Training throughput (GPU)", command)
     text += f"- measured bf16 matmul: {peak_measured:.0f} TFLOP/s; MFU = counted model FLOPs / time / rate\n\n"

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--extra", default="{}", help="JSON merged into params:training")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="whole training runs in this process (the feature cache is filled once)")
     args = parser.parse_args()
 
     import torch
@@ -75,13 +77,21 @@ def main() -> None:
                 params[key].update(value)
             else:
                 params[key] = value
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        trained = run_training(samples, [], params, progress=False)
-        wall = time.perf_counter() - t0
-    history = trained.result.history
-    # after warm-up (and, with --compile, the first compilations)
-    rates = [r["samples_per_s"] for r in history[5:]] or [r["samples_per_s"] for r in history]
+        run_medians, walls = [], []
+        for repeat in range(args.repeats):
+            params["checkpoint"]["dir"] = f"{tmp}/ckpt{repeat}"
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            trained = run_training(samples, [], params, progress=False)
+            walls.append(time.perf_counter() - t0)
+            history = trained.result.history
+            # after warm-up (and, with --compile, the first compilations)
+            rates = [r["samples_per_s"] for r in history[5:]] or [r["samples_per_s"] for r in history]
+            run_medians.append(statistics.median(rates))
+            print(f"run {repeat + 1}/{args.repeats}: {run_medians[-1]:.1f} samples/s (median of its steps), "
+                  f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, {walls[-1]:.0f} s", flush=True)
+            del trained.model
+        wall = statistics.median(walls)
     summary = {
         "preset": args.preset,
         "devices": args.devices,
@@ -92,7 +102,9 @@ def main() -> None:
         "batch_per_device": args.batch_size,
         "accumulation": args.accumulation,
         "steps": trained.result.steps_done,
-        "samples_per_s_median": statistics.median(rates),
+        "master_weights": trained.result.plan.get("master_weights"),
+        "samples_per_s_median": statistics.median(run_medians),
+        "samples_per_s_runs": [round(r, 2) for r in run_medians],
         "peak_gb_per_rank": trained.result.peak_memory_gb,
         "peak_gb_this_process": torch.cuda.max_memory_allocated() / 1e9,
         "wall_s": wall,

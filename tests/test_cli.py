@@ -138,3 +138,31 @@ def test_cli_debug_switch_shows_the_traceback(project_copy: Path):
     result = _kedro(project_copy, "--pipelines=thresold", env={"SA2VA_DEBUG": "1"})
     assert result.returncode == 2
     assert "Traceback" in result.stderr and "Error: there is no pipeline" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_external_dir_spelling_and_bad_folders(project_copy: Path, tmp_path: Path):
+    """The spelling the README gives runs the external evaluation (here: on a missing, then an empty folder)."""
+    import json
+
+    from kedro.io.core import generate_timestamp
+
+    result = _kedro(project_copy, "--pipelines=evaluation", "--params", f"external_dir={tmp_path}")
+    _assert_one_clean_message(result, "nothing trained yet")  # the model is read before anything is written
+    version = generate_timestamp()  # a finished main run: a model and its frozen threshold
+    model = project_copy / "data/06_models/trained_model" / version / "trained_model"
+    model.mkdir(parents=True)
+    (model / "model_source.json").write_text('{"phrases": ["blood vessel"]}')
+    frozen = project_copy / "data/08_reporting/threshold/frozen_threshold.json" / version / "frozen_threshold.json"
+    frozen.parent.mkdir(parents=True)
+    frozen.write_text(json.dumps({"thresholds": {"blood vessel": {"threshold": 0.4}}, "phrases": ["blood vessel"]}))
+    before = _files(project_copy / "data")
+    missing = tmp_path / "no such data"
+    result = _kedro(project_copy, "--pipelines=evaluation", "--params", f"external_dir={missing}")
+    _assert_one_clean_message(result, f"external_dir '{missing}' does not exist")
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    result = _kedro(project_copy, "--pipelines=evaluation", "--params", f"external_dir={tmp_path / 'empty'}")
+    _assert_one_clean_message(result, "images/ folder is empty")
+    result = _kedro(project_copy, "--params", f"external_dir={missing}")  # the whole chain would ignore it
+    _assert_one_clean_message(result, "does not evaluate", "--pipelines=evaluation")
+    assert _files(project_copy / "data") == before  # nothing written or overwritten

@@ -114,3 +114,50 @@ def test_run_from_annotations_json_without_masks_trains_and_evaluates_per_phrase
             assert summary["phrases"][phrase]["threshold"] == frozen["thresholds"][phrase]["threshold"]
     inference = sorted(p.relative_to(p.parents[2]).as_posix() for p in (data / "07_model_output").rglob("masks/*/*.png"))
     assert inference == [f"masks/{folder}/new {i}.png" for folder in ("blood_vessel", "catheter") for i in (0, 1)]
+
+
+@pytest.mark.slow
+def test_a_trained_model_is_scored_on_an_external_folder_at_its_frozen_thresholds(kedro_project, tmp_path):
+    """A real tiny model trained from annotations.json, then `--pipelines=evaluation --params external_dir=...` on
+    a folder in another layout (one mask folder per phrase): the frozen thresholds, the main outputs untouched."""
+    from kedro.framework.session import KedroSession
+
+    from sa2va_pipeline.session import ProjectSession
+
+    raw = _annotations_folder(tmp_path)
+    pipelines = ["ingestion", "annotation", "split", "training", "threshold", "evaluation"]
+    with KedroSession.create(project_path=kedro_project, env="test",
+                             runtime_params={"raw_dir": str(raw), "training": TRAINING}) as session:
+        session.run(pipeline_names=pipelines)
+    data = kedro_project / "data"
+    main_summary = _latest(data / "08_reporting/evaluation/test/summary.json", "summary.json")
+    main_bytes = main_summary.read_bytes()
+
+    external = tmp_path / "external data"
+    rng = np.random.default_rng(7)
+    for video in range(2):
+        for frame, phrase in enumerate(PHRASES):
+            stem = f"other{video}_frame_{frame}"
+            image, polygon = _frame(rng, phrase)
+            (external / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(external / "images" / f"{stem}.png")
+            x0, x1 = int(polygon[0]), int(polygon[2])
+            mask = np.zeros((64, 64), np.uint8)
+            mask[4:60, x0:x1] = 255
+            (external / "masks" / phrase).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(external / "masks" / phrase / f"{stem}_mask.png")
+    runtime = {"external_dir": str(external), "evaluation": {"bootstrap": {"n_resamples": 100}}}
+    with ProjectSession.create(project_path=kedro_project, env="test", runtime_params=runtime) as session:
+        session.run(pipeline_names=["evaluation"])
+
+    assert main_summary.read_bytes() == main_bytes
+    assert len([p for p in (data / "08_reporting/evaluation/test").rglob("summary.json") if p.is_file()]) == 1
+    frozen = json.loads(_latest(data / "08_reporting/threshold/frozen_threshold.json", "frozen_threshold.json").read_text())
+    summary = json.loads(_latest(data / "08_reporting/external/summary.json", "summary.json").read_text())
+    assert summary["split"] == "external" and summary["n_images"] == 4 and summary["n_groups"] == 2
+    assert summary["dataset"]["layout_detail"] == "masks/<phrase>/<stem>_mask.png"
+    for phrase in PHRASES:
+        assert summary["phrases"][phrase]["threshold"] == frozen["thresholds"][phrase]["threshold"]
+        assert summary["phrases"][phrase]["n_images_with_phrase"] == 2
+    assert summary["provenance"]["same_model"] is True  # thresholds frozen for this very model
+    assert len(summary["macro"]["at_threshold"]["mean_ci95"]["dice"]) == 2

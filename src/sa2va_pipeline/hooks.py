@@ -376,7 +376,32 @@ SUMMARY_OUTPUTS = {  # dataset -> label in the summary's list of outputs
     "evaluation_summary_test": "test evaluation",
     "inference_outputs": "inference masks",
     "inference_report": "inference report",
+    "external_evaluation_summary": "external evaluation",
 }
+
+
+def external_lines(external: Mapping[str, Any] | None) -> list[str]:
+    """Per phrase the external set's frozen threshold, Dice mean [95% CI] / pooled, clDice (and the baseline's
+    Dice), from an external ``summary.json``; no lines without one."""
+    if not isinstance(external, Mapping) or not isinstance(external.get("phrases"), Mapping):
+        return []
+    dataset = external.get("dataset") or {}
+    baseline = external.get("baseline") or {}
+    lines = [f"  External dataset {dataset.get('folder', '?')} ({dataset.get('layout', '?')}, "
+             f"{external.get('n_images', '?')} images, {external.get('n_groups', '?')} groups), frozen thresholds:"]
+    for phrase, block in external["phrases"].items():
+        dice = _dig(block, "at_threshold", "mean", "dice") or {}
+        low, high = (dice.get("ci95") or [None, None])[:2]
+        text = (f"    {phrase}: threshold {_fmt(block.get('threshold'))}, Dice {_fmt(dice.get('mean'))} "
+                f"[{_fmt(low)}, {_fmt(high)}] / pooled {_fmt(_dig(block, 'at_threshold', 'pooled', 'dice'))}, "
+                f"clDice {_fmt(_dig(block, 'at_threshold', 'mean', 'cldice', 'mean'))}")
+        if baseline.get("available"):
+            text += f"; baseline Dice {_fmt(_dig(baseline, 'phrases', phrase, 'at_threshold', 'mean', 'dice', 'mean'))}"
+        lines.append(text)
+    not_scored = (dataset.get("phrases") or {}).get("not_scored")
+    if not_scored:
+        lines.append(f"    not scored (unknown to the model): {', '.join(map(str, not_scored))}")
+    return lines
 
 
 def summary_text(
@@ -388,8 +413,10 @@ def summary_text(
     experiment_id: str | None,
     default_phrase: str | None,
     ui_port: str = "5000",
+    external: Mapping[str, Any] | None = None,
 ) -> str:
-    """The end-of-run summary: a per-phrase table, the outputs, the MLflow run and how to open it."""
+    """The end-of-run summary: a per-phrase table (and the external one), the outputs, the MLflow run and how to
+    open it."""
     val_scores = phrase_scores(val, default_phrase)
     test_scores = phrase_scores(test, default_phrase)
     thresholds = frozen_thresholds(frozen, default_phrase)
@@ -409,6 +436,7 @@ def summary_text(
                 f"{_fmt(t.get('dice_mean')) + ' / ' + _fmt(t.get('dice_pooled')):>21}  "
                 f"{_fmt(t.get('cldice_mean')):>11}"
             )
+    lines += external_lines(external)
     if outputs:
         lines.append("  Outputs:")
         width = max(len(label) for label in outputs)
@@ -466,6 +494,7 @@ class RunSummaryHook:
             tracking.experiment_id if tracking is not None else None,
             phrase if isinstance(phrase, str) else None,
             ui_port,
+            load("external_evaluation_summary"),
         )
         self.last_summary = text
         print(text, flush=True)

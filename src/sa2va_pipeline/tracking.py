@@ -34,6 +34,10 @@ DATASET_GROUPS = {
     "baseline_metrics": "9_baseline",
     "baseline_comparison_metrics": "9_baseline",
     "cross_validation_metrics": "9_cross_validation",
+    "external_ingestion_metrics": "8_external",
+    "external_annotation_metrics": "8_external",
+    "external_evaluation_metrics": "8_external",
+    "external_baseline_metrics": "8_external",
 }
 # Metric-name prefixes of the metrics the dataset groups above name after their stage.
 DATASET_NAME_PREFIX = {
@@ -43,6 +47,10 @@ DATASET_NAME_PREFIX = {
     "baseline_metrics": "baseline.",
     "baseline_comparison_metrics": "comparison.",
     "cross_validation_metrics": "cv.",
+    "external_ingestion_metrics": "external.ingestion.",
+    "external_annotation_metrics": "external.annotation.",
+    "external_evaluation_metrics": "external.",
+    "external_baseline_metrics": "external.baseline.",
 }
 
 

@@ -100,3 +100,38 @@ def test_paired_difference_and_add_ci95():
     assert set(block["pooled_ci95"]) == {"dice", "cldice"} and block["ci95_method"]["n_groups"] == 5
     with pytest.raises(ValueError, match="no group"):
         add_ci95(summary, table, {}, n_resamples=10)
+
+
+def test_macro_interval_draws_groups_once_for_every_phrase():
+    from sa2va_pipeline.evaluation.bootstrap import add_macro_ci95, group_bootstrap_macro
+    from sa2va_pipeline.evaluation.metrics import pooled_metrics
+
+    # two phrases on the same 5 videos x 4 frames; the second phrase's Dice is the first's minus 0.2
+    vessel, groups = _table(np.random.default_rng(2))
+    catheter = vessel.assign(dice=vessel["dice"] - 0.2)
+    table = pd.concat([vessel.assign(phrase="vessel"), catheter.assign(phrase="catheter")], ignore_index=True)
+    rows_groups = groups + groups
+    out = group_bootstrap_macro(table, rows_groups, ["dice", "hd95"], n_resamples=300, seed=4)
+
+    # by hand: the same multiplicities for both phrases, macro = mean of the two replicate means
+    weights = group_multiplicities(5, 300, seed=4)
+    per_group = vessel.assign(group=groups).groupby("group")["dice"].agg(["sum", "count"])
+    first = (weights @ per_group["sum"].to_numpy()) / (weights @ per_group["count"].to_numpy())
+    expected = np.percentile((first + (first - 0.2)) / 2, [2.5, 97.5])
+    assert [out["mean"]["dice"]["low"], out["mean"]["dice"]["high"]] == pytest.approx(list(expected))
+    # phrases drawn independently would give a narrower interval; one draw keeps their correlation
+    single = group_bootstrap_mean(vessel["dice"], groups, n_resamples=300, seed=4)
+    assert out["mean"]["dice"]["high"] - out["mean"]["dice"]["low"] == pytest.approx(single["high"] - single["low"])
+    # one phrase: the macro interval is that phrase's own interval
+    alone = group_bootstrap_macro(vessel.assign(phrase="vessel"), groups, ["dice"], n_resamples=300, seed=4)
+    assert alone["mean"]["dice"]["low"] == pytest.approx(single["low"])
+    pooled = pooled_metrics(vessel.to_dict("records"))["dice"]
+    assert out["pooled"]["dice"]["low"] <= pooled <= out["pooled"]["dice"]["high"] + 1e-9
+
+    macro = {"mean": {"dice": float(table["dice"].mean()), "hd95": 1.0}, "pooled": {"dice": pooled, "iou": 0.4}}
+    add_macro_ci95(macro, table, rows_groups, n_resamples=300, seed=4)
+    assert macro["mean_ci95"]["dice"] == [out["mean"]["dice"]["low"], out["mean"]["dice"]["high"]]
+    assert set(macro["pooled_ci95"]) == {"dice", "iou"} and macro["ci95_method"]["n_groups"] == 5
+    lone = {"mean": {"dice": 0.5}, "pooled": {}}
+    add_macro_ci95(lone, table.iloc[:4], ["v0"] * 4, n_resamples=10)
+    assert lone["mean_ci95"]["dice"] == [None, None] and "needs >= 2 groups" in lone["ci95_method"]["note"]

@@ -231,6 +231,26 @@ def test_iter_predict_proba_streams_every_image_in_order_across_chunks(tiny, mak
         assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_resizing_on_the_device_gives_the_host_paths_maps_exactly(make_image, tmp_path):
+    """prediction_pixels="device" (the default on a GPU) resizes with torch: the same pixels, so the same maps,
+    for arrays and image files, chunks mixing sizes."""
+    from PIL import Image
+
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset("tiny", sam2_image_size=256, seed=4)
+    images = [make_image(30, 128, 128), make_image(31, 90, 200), make_image(32, 128, 128)]
+    Image.fromarray(images[1]).save(tmp_path / "frame.png")
+    assert model.prediction_pixels == "auto"  # the host (PIL) on the CPU
+    host = model.predict_proba(images, "vessel", batch_size=2)
+    model.prediction_pixels = "device"
+    on_device = model.predict_proba([images[0], tmp_path / "frame.png", images[2]], "vessel", batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(host, on_device))
+    model.prediction_pixels = "gpu"
+    with pytest.raises(ValueError, match="prediction_pixels"):
+        model.predict_proba(images[0], "vessel")
+
+
 def test_predict_proba_rejects_a_question_that_adds_a_seg_token(tiny, make_image):
     with pytest.raises(ValueError, match=r"2 \[SEG\] tokens for 1 images"):
         tiny.predict_proba(make_image(0), "vessel", question_template="[SEG] Segment the {phrase}.")

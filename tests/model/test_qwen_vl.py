@@ -164,6 +164,18 @@ def test_predict_proba_shape_range_and_batch_matches_single(qwen, make_image):
     assert single.shape == (1, 128, 128) and torch.allclose(single[0], batched[0], atol=1e-5)
 
 
+def test_patches_resized_on_the_device_give_the_host_paths_maps_exactly(qwen, make_image):
+    model, _ = qwen
+    images = [make_image(2, 128, 128), make_image(3, 96, 160)]
+    host = model.predict_proba(images, "blood vessel", batch_size=2)
+    model.prediction_pixels = "device"
+    try:
+        on_device = model.predict_proba(images, "blood vessel", batch_size=2)
+    finally:
+        model.prediction_pixels = "auto"
+    assert all(torch.equal(a, b) for a, b in zip(host, on_device))
+
+
 def _recipe_trainable(model) -> None:
     model.requires_grad_(False)
     for module in (model.vlm.model.visual.merger, model.sam2.mask_decoder, model.text_hidden_fcs,

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kedro.io.core import VersionNotFoundError
 from kedro_datasets.json import JSONDataset as _KedroJSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset as _KedroMatplotlibDataset
 from kedro_datasets.pandas import CSVDataset as _KedroCSVDataset
@@ -266,7 +267,16 @@ class CSVDataset(_AtomicLocalSave, _KedroCSVDataset):
 
 
 class JSONDataset(_AtomicLocalSave, _KedroJSONDataset):
-    """``json.JSONDataset``, saved atomically with a checksum record and checked on load."""
+    """``json.JSONDataset``, saved atomically with a checksum record and checked on load.
+
+    ``missing_ok: true`` (catalog option) makes ``load`` return ``None`` when no version was saved yet: a
+    read-only "the latest one, if any" entry (e.g. the baseline's thresholds for the external evaluation).
+    """
+
+    def __init__(self, *args: Any, missing_ok: bool = False, **kwargs: Any) -> None:
+        """The parent's options, plus ``missing_ok``."""
+        super().__init__(*args, **kwargs)
+        self._missing_ok = missing_ok
 
     def save(self, data: Any) -> None:
         """Write the document atomically (see module docstring)."""
@@ -274,6 +284,12 @@ class JSONDataset(_AtomicLocalSave, _KedroJSONDataset):
 
     def load(self) -> Any:
         """Read the document; refuse it if it differs from its completeness record."""
+        if self._missing_ok:
+            try:
+                if not Path(str(self._get_load_path())).is_file():
+                    return None
+            except VersionNotFoundError:
+                return None
         if getattr(self, "_protocol", "file") == "file":
             path = Path(str(self._get_load_path()))
             check_record(path)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io.core import AbstractVersionedDataset, DatasetError, Version
+from kedro.io.core import AbstractVersionedDataset, DatasetError, Version, VersionNotFoundError
 
 from sa2va_pipeline.datasets.atomic_files import check_folder_record, published_folder
 
@@ -47,14 +47,30 @@ class FileFolderDataset(AbstractVersionedDataset[Mapping[str, FileContent], File
           versioned: true
     """
 
-    def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None):
-        """Create the dataset; ``filepath`` is the folder (a version folder goes inside it if versioned)."""
+    def __init__(
+        self,
+        filepath: str,
+        version: Version | None = None,
+        metadata: dict[str, Any] | None = None,
+        missing_ok: bool = False,
+    ):
+        """Create the dataset; ``filepath`` is the folder (a version folder goes inside it if versioned). With
+        ``missing_ok`` a load before any save returns ``None`` (a read-only "the latest one, if any" entry)."""
         super().__init__(PurePosixPath(Path(filepath).as_posix()), version)
         self.metadata = metadata
+        self._missing_ok = missing_ok
 
-    def load(self) -> FileFolder:
-        """Return the folder of the requested (default: latest) version and its file list."""
-        root = Path(str(self._get_load_path())).absolute()
+    def load(self) -> FileFolder | None:
+        """Return the folder of the requested (default: latest) version and its file list (``None`` when no
+        version exists and ``missing_ok``)."""
+        try:
+            root = Path(str(self._get_load_path())).absolute()
+        except VersionNotFoundError:
+            if self._missing_ok:
+                return None
+            raise
+        if self._missing_ok and not root.exists():
+            return None
         if not root.is_dir():
             raise DatasetError(f"{root} is not a folder written by FileFolderDataset")
         check_folder_record(root)
@@ -84,4 +100,4 @@ class FileFolderDataset(AbstractVersionedDataset[Mapping[str, FileContent], File
             return False
 
     def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}
+        return {"filepath": str(self._filepath), "version": self._version, "missing_ok": self._missing_ok}

@@ -12,6 +12,8 @@ Statistics:
 - ``pooled`` metrics: the drawn groups' confusion / skeleton counts are summed and the ratio taken, exactly as
   :func:`sa2va_pipeline.evaluation.metrics.pooled_metrics` does for the whole split;
 - paired differences (model A minus model B on the same images): the per-image difference is the value.
+- the ``macro`` mean over phrases: groups are drawn ONCE per replicate for all phrases, each phrase's mean
+  (or pooled value) is computed on that draw and the replicate is their unweighted mean.
 
 With a single group there is no interval (``low``/``high`` None and a ``note``); with few groups (say < 10) the
 percentile interval is too narrow (it cannot show variation the few groups do not contain): read it as a floor
@@ -98,13 +100,42 @@ def group_bootstrap_mean(
     codes, n_groups = _codes(groups)
     if len(codes) != len(values):
         raise ValueError(f"{len(values)} values but {len(codes)} group labels")
+    replicates = _mean_replicates(values, codes, n_groups, group_multiplicities(n_groups, n_resamples, seed))
+    return _record(*_interval(replicates, level), n_groups, n_resamples, level)
+
+
+def _mean_replicates(values: np.ndarray, codes: np.ndarray, n_groups: int, weights: np.ndarray) -> np.ndarray:
+    """``(B,)`` replicate means of ``values`` (NaN skipped) for the ``(B, n_groups)`` multiplicities."""
     finite = np.isfinite(values)
     sums = np.bincount(codes, weights=np.where(finite, values, 0.0), minlength=n_groups)
     counts = np.bincount(codes, weights=finite.astype(np.float64), minlength=n_groups)
-    weights = group_multiplicities(n_groups, n_resamples, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
-        replicates = (weights @ sums) / (weights @ counts)
-    return _record(*_interval(replicates, level), n_groups, n_resamples, level)
+        return (weights @ sums) / (weights @ counts)
+
+
+def _pooled_replicates(
+    counts: pd.DataFrame, codes: np.ndarray, n_groups: int, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``{metric: (B,) replicates}`` of the pooled metrics: the drawn groups' counts summed, then the ratio."""
+    from .metrics import ConfusionCounts, SkeletonCounts, cldice_from_counts, overlap_metrics
+
+    missing = [c for c in COUNT_COLUMNS if c not in counts.columns]
+    if missing:
+        raise ValueError(f"per-image table lacks the count column(s) {missing} that pooled metrics need")
+    per_group = {
+        c: np.bincount(codes, weights=counts[c].to_numpy(np.float64), minlength=n_groups)
+        for c in COUNT_COLUMNS
+    }
+    totals = {c: weights @ v for c, v in per_group.items()}  # (B,) per count
+    replicates: dict[str, list[float]] = {}
+    for b in range(weights.shape[0]):
+        row = overlap_metrics(ConfusionCounts(*(int(round(totals[c][b])) for c in ("tp", "fp", "fn", "tn"))))
+        row["cldice"] = cldice_from_counts(
+            SkeletonCounts(*(int(round(totals[c][b])) for c in COUNT_COLUMNS[4:]))
+        )
+        for name, value in row.items():
+            replicates.setdefault(name, []).append(value)
+    return {name: np.asarray(v, dtype=np.float64) for name, v in replicates.items()}
 
 
 def group_bootstrap_pooled(
@@ -116,32 +147,62 @@ def group_bootstrap_pooled(
 ) -> dict[str, dict[str, Any]]:
     """Percentile intervals of the pooled metrics (Dice, IoU, precision, recall, specificity, clDice) with
     whole ``groups`` resampled; ``counts`` holds one row per image with the :data:`COUNT_COLUMNS`."""
-    from .metrics import ConfusionCounts, SkeletonCounts, cldice_from_counts, overlap_metrics
-
     codes, n_groups = _codes(groups)
     if len(codes) != len(counts):
         raise ValueError(f"{len(counts)} rows but {len(codes)} group labels")
-    missing = [c for c in COUNT_COLUMNS if c not in counts.columns]
-    if missing:
-        raise ValueError(f"per-image table lacks the count column(s) {missing} that pooled metrics need")
-    per_group = {
-        c: np.bincount(codes, weights=counts[c].to_numpy(np.float64), minlength=n_groups)
-        for c in COUNT_COLUMNS
-    }
     weights = group_multiplicities(n_groups, n_resamples, seed)
-    totals = {c: weights @ v for c, v in per_group.items()}  # (B,) per count
-    replicates: dict[str, list[float]] = {}
-    for b in range(n_resamples):
-        row = overlap_metrics(ConfusionCounts(*(int(round(totals[c][b])) for c in ("tp", "fp", "fn", "tn"))))
-        row["cldice"] = cldice_from_counts(
-            SkeletonCounts(*(int(round(totals[c][b])) for c in COUNT_COLUMNS[4:]))
-        )
-        for name, value in row.items():
-            replicates.setdefault(name, []).append(value)
-    return {
-        name: _record(*_interval(np.asarray(v), level), n_groups, n_resamples, level)
-        for name, v in replicates.items()
-    }
+    replicates = _pooled_replicates(counts, codes, n_groups, weights)
+    return {name: _record(*_interval(v, level), n_groups, n_resamples, level) for name, v in replicates.items()}
+
+
+def group_bootstrap_macro(
+    per_image: pd.DataFrame,
+    groups: Sequence[Any],
+    metrics: Sequence[str],
+    n_resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Percentile intervals of the MACRO mean over phrases (the summary's ``macro`` block) with whole groups
+    resampled ONCE per replicate for every phrase: each replicate draws groups, computes every phrase's
+    statistic on the drawn groups' rows, and takes the unweighted mean over phrases (phrases whose statistic
+    is undefined in that replicate are skipped, as the macro point estimate skips them).
+
+    ``per_image`` holds one row per image and phrase (column ``phrase``, the ``metrics`` columns and, for the
+    pooled intervals, the :data:`COUNT_COLUMNS`); ``groups`` gives each row's group. Because the phrases share
+    the draw, the interval keeps their correlation (one hard video lowers every phrase in the same replicate).
+
+    Returns ``{"mean": {metric: record}, "pooled": {metric: record}}`` (records as
+    :func:`group_bootstrap_mean`; ``pooled`` only when the count columns are there).
+    """
+    codes, n_groups = _codes(groups)
+    if len(codes) != len(per_image):
+        raise ValueError(f"{len(per_image)} rows but {len(codes)} group labels")
+    if "phrase" not in per_image.columns:
+        raise ValueError("a macro interval needs the per-image table's 'phrase' column")
+    weights = group_multiplicities(n_groups, n_resamples, seed)
+    phrase_of = per_image["phrase"].astype(str).to_numpy()
+    parts = [(codes[phrase_of == p], per_image[phrase_of == p]) for p in dict.fromkeys(phrase_of)]
+
+    def macro(stacked: list[np.ndarray]) -> np.ndarray:
+        matrix = np.vstack(stacked)  # (phrases, B)
+        finite = np.isfinite(matrix)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(finite, matrix, 0.0).sum(axis=0) / finite.sum(axis=0)
+
+    out: dict[str, dict[str, dict[str, Any]]] = {"mean": {}}
+    for metric in metrics:
+        if metric not in per_image.columns:
+            continue
+        reps = macro([_mean_replicates(t[metric].to_numpy(np.float64), c, n_groups, weights) for c, t in parts])
+        out["mean"][metric] = _record(*_interval(reps, level), n_groups, n_resamples, level)
+    if all(c in per_image.columns for c in COUNT_COLUMNS):
+        pooled = [_pooled_replicates(t, c, n_groups, weights) for c, t in parts]
+        out["pooled"] = {
+            name: _record(*_interval(macro([p[name] for p in pooled]), level), n_groups, n_resamples, level)
+            for name in pooled[0]
+        }
+    return out
 
 
 def paired_difference(
@@ -228,6 +289,35 @@ def add_ci95_to_block(
     if n_groups < MIN_GROUPS:
         block["ci95_method"]["note"] = f"no interval: needs >= {MIN_GROUPS} groups, this split has {n_groups}"
     return block
+
+
+def add_macro_ci95(
+    macro: dict[str, Any],
+    per_image: pd.DataFrame,
+    groups: Sequence[Any],
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Put ``mean_ci95: {metric: [low, high]}`` and ``pooled_ci95: {metric: [low, high]}`` beside the plain
+    macro values of one macro block (``{"mean": {metric: value}, "pooled": {metric: value}}``, e.g.
+    ``summary["macro"]["at_threshold"]``), from :func:`group_bootstrap_macro`; ``per_image`` holds every
+    phrase's rows (column ``phrase``), ``groups`` their groups in the same order. Returns the block (in place).
+    """
+    metrics = [m for m in macro.get("mean", {}) if m in per_image.columns]
+    intervals = group_bootstrap_macro(per_image, groups, metrics, n_resamples, seed, 0.95)
+    macro["mean_ci95"] = {m: _pair(r) for m, r in intervals["mean"].items()}
+    if "pooled" in intervals and "pooled" in macro:
+        macro["pooled_ci95"] = {m: _pair(r) for m, r in intervals["pooled"].items() if m in macro["pooled"]}
+    n_groups = len(set(map(str, groups)))
+    macro["ci95_method"] = {
+        "method": METHOD + "; groups drawn once per replicate for all phrases, then the mean over phrases",
+        "n_groups": n_groups,
+        "n_resamples": n_resamples,
+        "seed": seed,
+    }
+    if n_groups < MIN_GROUPS:
+        macro["ci95_method"]["note"] = f"no interval: needs >= {MIN_GROUPS} groups, this split has {n_groups}"
+    return macro
 
 
 def add_ci95(

@@ -17,6 +17,7 @@ Records of the single-phrase version (``threshold`` + ``phrase``, no ``threshold
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 
 from .threshold_sweep import choose_threshold, sweep_thresholds
+
+logger = logging.getLogger(__name__)
 
 
 class MissingThresholdError(UserError, LookupError):
@@ -120,3 +123,19 @@ def thresholds_by_phrase(record: Mapping[str, Any], phrases: Sequence[str]) -> d
             "re-run `kedro run --pipelines=threshold`, or set a number with --params inference.threshold=0.5"
         )
     return {p: known[p] for p in phrases}
+
+
+def scoring_provenance(probabilities: ProbabilityMaps, frozen_threshold: dict[str, Any], split: str) -> dict[str, Any]:
+    """Which model chose the thresholds and which one made the maps scored on ``split`` (a warning when they
+    differ): the ``provenance`` block of an evaluation summary."""
+    now = probabilities.metadata.get("model", {}).get("fingerprint")
+    then = frozen_threshold.get("model", {}).get("fingerprint")
+    if now and then and now != then:
+        logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s "
+                       "(%s): re-run `kedro run --pipelines=threshold` first", then, split, now)
+    return {
+        "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
+        "threshold_model": frozen_threshold.get("model", {}),
+        "probabilities_model": probabilities.metadata.get("model", {}),
+        "same_model": bool(now and now == then),
+    }

@@ -20,7 +20,7 @@ import pandas as pd
 
 from sa2va_pipeline.prediction.maps import ProbabilityMaps, quantise
 
-from .bootstrap import add_ci95_to_block, metric_intervals
+from .bootstrap import add_ci95_to_block, add_macro_ci95, metric_intervals
 from .frozen_threshold import frozen_threshold_record, sweep_per_phrase, thresholds_by_phrase
 from .metrics import METRIC_NAMES, pooled_metrics
 from .report import describe_values, evaluate_split
@@ -128,8 +128,9 @@ def add_group_intervals(
     groups: Mapping[str, Any],
     bootstrap: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Add ``ci95`` (group bootstrap) to every phrase's ``at_threshold`` block of an evaluation summary, in place;
-    returns the per-image table with a ``group`` column (``groups``: image id -> group).
+    """Add ``ci95`` (group bootstrap) to every phrase's ``at_threshold`` block of an evaluation summary and
+    ``mean_ci95`` / ``pooled_ci95`` to its macro ``at_threshold`` block (groups drawn once for all phrases), in
+    place; returns the per-image table with a ``group`` column (``groups``: image id -> group).
 
     Raises:
         ValueError: an image of the table has no group.
@@ -146,6 +147,9 @@ def add_group_intervals(
     for phrase, block in summary["phrases"].items():
         rows = table[table["phrase"] == phrase]
         add_ci95_to_block(block["at_threshold"], rows, rows["group"].tolist(), n_resamples, seed)
+    if "macro" in summary and "phrase" in table.columns:
+        scored = table[table["phrase"].isin(list(summary["phrases"]))]
+        add_macro_ci95(summary["macro"]["at_threshold"], scored, scored["group"].tolist(), n_resamples, seed)
     return table
 
 

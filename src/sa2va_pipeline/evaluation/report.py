@@ -10,7 +10,8 @@ phrases of those numbers. HD95 is NaN where exactly one mask is empty: means ski
 
 ``summary.json`` layout: ``split``, ``n_images``, ``phrases`` ({phrase: {threshold, n_images_with_phrase,
 at_threshold, at_0.5, oracle_upper_bound}}), ``macro`` ({at_threshold, at_0.5: {mean: {metric: ...},
-pooled: {metric: ...}}, oracle_dice_mean}), ``threshold`` (the first phrase's, for old readers),
+pooled: {metric: ...}}, oracle_dice_mean}; the evaluation adds ``mean_ci95`` / ``pooled_ci95`` to the macro
+``at_threshold``: ``evaluation.bootstrap.add_macro_ci95``), ``threshold`` (the first phrase's, for old readers),
 ``conventions``, ``provenance``, ``metric_per_case`` (the per-image rows, with ``phrase``).
 """
 

@@ -1,7 +1,7 @@
 """Reading a folder of new, unlabelled images for inference: read-only, safe, with one report row per entry.
 
 Only the folder's top level is read, in sorted order; files are read as bytes and never written, moved or
-touched. Each entry gets one report row with a ``status``:
+touched. Files are decoded by a thread pool (the decoders release the GIL), so decoding keeps up with a GPU. Each entry gets one report row with a ``status``:
 
 - ``ok``: decoded;
 - ``not_an_image``: a sub-folder or a file whose extension is not accepted;
@@ -15,7 +15,9 @@ A folder with no readable image is an error (:class:`EmptyInputFolderError`) rai
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from sa2va_pipeline.errors import UserError
 
 REPORT_COLUMNS = ["file", "status", "message", "width", "height", "output_name"]
 DEFAULT_MAX_PIXELS = 50_000_000  # far above 4k x 4k frames (16.8M), far below PIL's bomb limit
+DECODE_THREADS = 16  # at most; one per CPU core below that
 
 
 class InputFolderError(UserError, FileNotFoundError):
@@ -105,8 +108,10 @@ def read_image_folder(
         )
     accepted = {e.lower() for e in (extensions or IMAGE_EXTENSIONS)}
     result = ImageFolder(root=root)
-    for path in sorted(root.iterdir()):
-        row, image = _read_entry(path, root, accepted, int(max_pixels))
+    paths = sorted(root.iterdir())
+    with ThreadPoolExecutor(max(1, min(DECODE_THREADS, os.cpu_count() or 1))) as pool:
+        entries = list(pool.map(lambda p: _read_entry(p, root, accepted, int(max_pixels)), paths))
+    for path, (row, image) in zip(paths, entries):
         if image is not None:
             result.images[path.name] = image
         result.report.append(row)

@@ -43,10 +43,12 @@ from .preprocessing import (
     normalize,
     normalize_qwen_vl_patches,
     qwen_vl_patches_uint8,
+    qwen_vl_patches_uint8_torch,
     qwen_vl_pixel_values,
     tile_grid,
     vit_pixel_values,
     vit_tiles_uint8,
+    vit_tiles_uint8_torch,
 )
 from .prompts import IMG_CONTEXT_TOKEN, first_turn_input
 from .qwen_vl import (
@@ -119,6 +121,12 @@ class InternVLFamily:
     def host_pixels(self, pil: Image.Image) -> dict[str, Any]:
         """Prediction's uint8 tiles of one image (thread-pool work): ``{"tiles": [n, 448, 448, 3]}``."""
         return {"tiles": vit_tiles_uint8(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)}
+
+    def device_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
+        """:meth:`host_pixels` of same-size images uint8 [B, 3, H, W] on the device, bit for bit (one dict per
+        image; the tiles stay on the device)."""
+        tiles = vit_tiles_uint8_torch(pixels, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+        return [{"tiles": t.permute(0, 2, 3, 1)} for t in tiles]  # [n, 448, 448, 3] as host_pixels
 
     @staticmethod
     def prompt_counts(prepared: Sequence[dict[str, Any]]) -> list[int]:
@@ -316,6 +324,14 @@ class QwenVLFamily:
             pil, self.patch_size, self.merge_size, self.temporal_patch_size, self.min_pixels, self.max_pixels
         )
         return {"patches": patches, "grid": grid}
+
+    def device_pixels(self, pixels: torch.Tensor) -> list[dict[str, Any]]:
+        """:meth:`host_pixels` of same-size images uint8 [B, 3, H, W] on the device, bit for bit (patches on
+        the device, grids on the host)."""
+        out = qwen_vl_patches_uint8_torch(
+            pixels, self.patch_size, self.merge_size, self.temporal_patch_size, self.min_pixels, self.max_pixels
+        )
+        return [{"patches": patches, "grid": grid} for patches, grid in out]
 
     def prompt_counts(self, prepared: Sequence[dict[str, Any]]) -> list[int]:
         """``<|image_pad|>`` tokens per image of a prediction chunk."""

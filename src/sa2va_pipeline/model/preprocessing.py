@@ -6,6 +6,10 @@ Matches the official inference code:
 - SAM2 input: PIL ``resize((S, S))`` (bicubic), /255, ImageNet mean/std. The official inference code runs
   this normalisation with constants cast to bf16 (``sam2_constants="bf16"``); training uses the exact
   values (``"exact"``).
+
+The ``*_torch`` twins (:func:`sam2_uint8_torch`, :func:`vit_tiles_uint8_torch`) give the same uint8 pixels bit
+for bit from a batch of same-size images on any torch device (:mod:`.pil_resize`); prediction on a GPU uses
+them so that the host only decodes.
 """
 
 from __future__ import annotations
@@ -39,6 +43,20 @@ def to_pil_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
     if array.ndim != 3 or array.shape[2] not in (3, 4):
         raise ValueError(f"Expected an HxW or HxWx3 image array, got shape {array.shape}")
     return Image.fromarray(array[..., :3], mode="RGB")
+
+
+def rgb_array(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
+    """The HxWx3 uint8 pixels :func:`to_pil_rgb` gives (arrays are not copied through PIL)."""
+    if isinstance(image, (str, Path, Image.Image)):
+        return np.asarray(to_pil_rgb(image))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise TypeError(f"Image arrays must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        return np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"Expected an HxW or HxWx3 image array, got shape {array.shape}")
+    return array[..., :3]
 
 
 def find_closest_aspect_ratio(
@@ -155,6 +173,39 @@ def sam2_pixel_values(
     return normalize(_hwc_to_chw(sam2_uint8(image, size)), *sam2_constants(constants))
 
 
+def _check_batch(pixels: torch.Tensor) -> None:
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"expected uint8 images [B, 3, H, W], got {pixels.dtype} {tuple(pixels.shape)}")
+
+
+def sam2_uint8_torch(pixels: torch.Tensor, size: int = 1024) -> torch.Tensor:
+    """:func:`sam2_uint8` of a batch of same-size images uint8 [B, 3, H, W] on their device: [B, 3, S, S]."""
+    from .pil_resize import resize_bicubic
+
+    _check_batch(pixels)
+    return resize_bicubic(pixels, size, size)
+
+
+def vit_tiles_uint8_torch(
+    pixels: torch.Tensor, image_size: int = 448, max_num: int = 12, use_thumbnail: bool = True
+) -> torch.Tensor:
+    """:func:`vit_tiles_uint8` of a batch of same-size images uint8 [B, 3, H, W] on their device:
+    uint8 [B, n_tiles, 3, image_size, image_size] (the same grid for all: it depends on the size alone)."""
+    from .pil_resize import resize_bicubic
+
+    _check_batch(pixels)
+    b, height, width = pixels.shape[0], pixels.shape[2], pixels.shape[3]
+    cols, rows = tile_grid(width, height, 1, max_num, image_size)
+    resized = resize_bicubic(pixels, image_size * rows, image_size * cols)
+    # tile i is row i // cols, column i % cols (dynamic_preprocess's crop order)
+    tiles = resized.reshape(b, 3, rows, image_size, cols, image_size).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(b, rows * cols, 3, image_size, image_size)
+    if use_thumbnail and rows * cols != 1:
+        thumbnail = resize_bicubic(pixels, image_size, image_size)
+        tiles = torch.cat([tiles, thumbnail[:, None]], dim=1)
+    return tiles
+
+
 def mask_to_tensor(mask: np.ndarray | torch.Tensor | Image.Image) -> torch.Tensor:
     """A binary mask (any of bool/uint8 0-1/0-255 arrays or a PIL image) as a float32 [H, W] tensor of 0/1."""
     if isinstance(mask, Image.Image):
@@ -230,6 +281,14 @@ def qwen_vl_patches_uint8(
     factor = patch_size * merge_size
     h, w = smart_resize(pil.height, pil.width, factor, min_pixels, max_pixels)
     pixels = _hwc_to_chw(np.asarray(pil.resize((w, h), Image.BICUBIC)))  # [3, h, w]
+    return _qwen_vl_patchify(pixels, patch_size, merge_size, temporal_patch_size)
+
+
+def _qwen_vl_patchify(
+    pixels: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resized pixels [3, h, w] -> patches [gh * gw, 3 * T * P * P] in merge order, ``image_grid_thw``."""
+    h, w = pixels.shape[-2:]
     frames = pixels[None].expand(temporal_patch_size, -1, -1, -1)  # one image = T identical frames
     gh, gw, m, p = h // patch_size, w // patch_size, merge_size, patch_size
     patches = frames.reshape(1, temporal_patch_size, 3, gh // m, m, p, gw // m, m, p)
@@ -238,6 +297,24 @@ def qwen_vl_patches_uint8(
     )  # grid_t, row blocks, col blocks, in-block, C, T, P, P
     flat = patches.reshape(gh * gw, 3 * temporal_patch_size * p * p).contiguous()
     return flat, torch.tensor([[1, gh, gw]])
+
+
+def qwen_vl_patches_uint8_torch(
+    pixels: torch.Tensor,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    min_pixels: int = QWEN_VL_MIN_PIXELS,
+    max_pixels: int = QWEN_VL_MAX_PIXELS,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`qwen_vl_patches_uint8` of a batch of same-size images uint8 [B, 3, H, W] on their device: one
+    (patches on the device, ``image_grid_thw`` on the host) per image."""
+    from .pil_resize import resize_bicubic
+
+    _check_batch(pixels)
+    h, w = smart_resize(pixels.shape[2], pixels.shape[3], patch_size * merge_size, min_pixels, max_pixels)
+    resized = resize_bicubic(pixels, h, w)
+    return [_qwen_vl_patchify(image, patch_size, merge_size, temporal_patch_size) for image in resized]
 
 
 def normalize_qwen_vl_patches(

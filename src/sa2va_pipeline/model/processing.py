@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..memo import ObjectMemo
 from .losses import IGNORE_INDEX
 from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb
 from .prompts import clean_phrase, sample_answer, sample_question
@@ -102,6 +103,21 @@ def sample_objects(sample: Any, index: int) -> tuple[Any, list[Any], list[str]]:
     return image, masks, phrases
 
 
+_TARGETS = ObjectMemo()  # the same sample masks come back every epoch
+
+
+def _target_mask(owner: Any, k: int, mask: Any, size: int, image_hw: tuple[int, int], index: int) -> torch.Tensor:
+    """Object ``k``'s training target: the mask area-resized to ``size`` (bool), computed once per mask."""
+
+    def compute() -> torch.Tensor:
+        tensor = mask_to_tensor(mask)
+        if tuple(tensor.shape) != image_hw:
+            raise ValueError(f"Sample {index}: mask shape {tuple(tensor.shape)} != image {image_hw[0]}x{image_hw[1]}")
+        return resize_masks_area(tensor[None], size)[0].bool()
+
+    return _TARGETS.get(owner, (k, size, image_hw), compute)
+
+
 def choose_objects(n_objects: int, max_objects: int | None, rng: random.Random) -> list[int]:
     """Indices of the objects a sample keeps: all of them, or ``max_objects`` drawn with ``rng`` when it has
     more (in their original order). Draws nothing from ``rng`` when all are kept."""
@@ -140,12 +156,8 @@ def collate(
         fields.append(field)
         if "sam2" not in skip_pixels:
             sam2_inputs.append(sam2_pixel_values(pil, model.sam2_image_size, "exact"))
-        mask_stack = torch.stack([mask_to_tensor(m) for m in masks])
-        if mask_stack.shape[-2:] != (pil.height, pil.width):
-            raise ValueError(
-                f"Sample {i}: mask shape {tuple(mask_stack.shape[-2:])} != image {pil.height}x{pil.width}"
-            )
-        gt_masks.append(resize_masks_area(mask_stack, model.mask_size))
+        owner = sample["masks"] if isinstance(sample, dict) else sample[1]
+        gt_masks += [_target_mask(owner, k, m, model.mask_size, (pil.height, pil.width), i) for k, m in zip(keep, masks)]
         object_image += [len(kept)] * len(masks)
         object_phrases += [clean_phrase(p) for p in phrases]
         kept.append(i)
@@ -163,7 +175,7 @@ def collate(
         "labels": labels,
         "attention_mask": attention,
         **adapter.batch_fields(fields),
-        "gt_masks": torch.cat(gt_masks),
+        "gt_masks": torch.stack(gt_masks).float(),
         "object_image_index": torch.tensor(object_image),
         "object_phrases": object_phrases,
         "sample_index": kept,

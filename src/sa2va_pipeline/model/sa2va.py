@@ -90,6 +90,9 @@ class Sa2VA(nn.Module):
     min_pixels = _FamilySetting()
     max_pixels = _FamilySetting()
     seg_hidden_prenorm = _FamilySetting()
+    # Where prediction resizes the images (.streaming.pixels_on_device): "auto" = on the device when it is a
+    # GPU, else PIL on the host; "host" / "device" force one. Both give the same pixels, bit for bit.
+    prediction_pixels: str = "auto"
 
     def __init__(self, config: dict[str, Any], tokenizer: Any, attn_implementation: str = "sdpa") -> None:
         super().__init__()
@@ -486,7 +489,8 @@ class Sa2VA(nn.Module):
 
         A pipeline (:mod:`.streaming`): a thread pool prepares the next chunk while the current one runs,
         uint8 pixels go through pinned memory, no step waits for the GPU, and a chunk's maps come back while
-        the next chunk computes.
+        the next chunk computes. On a GPU the pool only decodes and the images are resized there, with the
+        pixels PIL gives (``prediction_pixels``). Images may also be image file paths (decoded by the pool).
         """
         return streaming.iter_predict_proba(
             self, images, phrases, question_template, answer, batch_size, object_score_gate

@@ -1,11 +1,16 @@
 """The streaming prediction pipeline behind ``Sa2VA.predict_proba`` / ``iter_predict_proba``.
 
-A pipeline, so that neither the GPU nor the CPU waits on the other: a thread pool resizes the next chunk's
-images (PIL, outside the GIL) while the current chunk runs; pixels travel as uint8 (a quarter of the bytes)
-through pinned memory and are normalised on the device (bit-identical to the CPU); token positions are found
-on the host, so no step waits for the GPU; and a chunk's maps come back to the host (an async copy into pinned
-memory) while the next chunk already computes. Family differences (tiles or patches, how the [SEG] state is
-obtained) are the family adapter's (:mod:`.families`).
+A pipeline, so that neither the GPU nor the CPU waits on the other: a thread pool prepares the next chunk's
+images while the current chunk runs; pixels travel as uint8 (a quarter of the bytes) through pinned memory and
+are normalised on the device (bit-identical to the CPU); token positions are found on the host, so no step
+waits for the GPU; and a chunk's maps come back to the host (an async copy into pinned memory) while the next
+chunk already computes. Family differences (tiles or patches, how the [SEG] state is obtained) are the family
+adapter's (:mod:`.families`).
+
+Where the resizing runs (``model.prediction_pixels``, see :func:`pixels_on_device`): on a GPU the pool only
+decodes (image files) and copies each frame into pinned memory; the SAM2 frame and the tiles/patches are then
+resized on the GPU (:mod:`.pil_resize`, bit-identical to PIL), so the host is never the limit. On the CPU the
+pool resizes with PIL as the official preprocessing does (torch's gather is slower there than PIL's loops).
 """
 
 from __future__ import annotations
@@ -20,12 +25,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preprocessing import normalize, sam2_constants, sam2_uint8, to_pil_rgb
+from .preprocessing import normalize, rgb_array, sam2_constants, sam2_uint8, sam2_uint8_torch, to_pil_rgb
 from .processing import pad_rows, prompt_ids
 from .prompts import SEG_TOKEN, clean_phrase
 
 NO_OBJECT_SCORE = -1024.0  # SAM2's mask logit for "no object"
-MAX_WORKERS = 8  # host preprocessing threads (PIL releases the GIL while resizing)
+MAX_WORKERS = 8  # host preprocessing threads when PIL resizes (it releases the GIL while resizing)
+MAX_DECODE_WORKERS = 16  # when the device resizes, the pool only decodes and copies: more threads pay off
+PREDICTION_PIXELS = ("auto", "host", "device")
+
+
+def pixels_on_device(model: nn.Module) -> bool:
+    """Whether prediction resizes on the model's device: ``model.prediction_pixels`` is ``"device"``, or
+    ``"auto"`` (the default) on a CUDA device; ``"host"``: PIL in the thread pool. Same pixels either way."""
+    choice = getattr(model, "prediction_pixels", "auto")
+    if choice not in PREDICTION_PIXELS:
+        raise ValueError(f"prediction_pixels must be one of {PREDICTION_PIXELS}, got {choice!r}")
+    return choice == "device" or (choice == "auto" and model.device.type == "cuda")
 
 
 def as_image_list(images: Any) -> list[Any]:
@@ -55,12 +71,16 @@ def iter_predict_proba(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
     model.eval()  # deterministic even mid-training (LoRA dropout)
-    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    on_device = pixels_on_device(model)
+    workers = max(1, min(MAX_DECODE_WORKERS if on_device else MAX_WORKERS, os.cpu_count() or 1))
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="sa2va-preprocess") as pool:
 
-            def submit(start: int) -> tuple[list[Future], torch.Tensor]:
+            def submit(start: int) -> tuple[list[Future], torch.Tensor | None]:
                 chunk = images[start : start + batch_size]
+                if on_device:  # the workers decode; the device resizes (device_inputs)
+                    pinned = model.device.type == "cuda"
+                    return [pool.submit(decode_frame, im, pinned) for im in chunk], None
                 # the workers write the SAM2 frames (most of the bytes) straight into upload memory
                 size = model.sam2_image_size
                 sam2_host = torch.empty(
@@ -99,8 +119,43 @@ def preprocess_image(model: nn.Module, image: Any, sam2_out: torch.Tensor) -> di
     return out
 
 
+def decode_frame(image: Any, pinned: bool) -> dict[str, Any]:
+    """Thread-pool work when the device resizes: the image (file path, PIL image or array) as uint8 RGB
+    [H, W, 3] in (pinned, for a GPU) host memory, and its size."""
+    array = rgb_array(image)
+    frame = torch.empty(array.shape, dtype=torch.uint8, pin_memory=pinned)
+    frame.numpy()[...] = array
+    return {"size": tuple(array.shape[:2]), "frame": frame}
+
+
+def device_inputs(
+    model: nn.Module, decoded: list[dict[str, Any]], to_device: Any
+) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Upload decoded frames and resize them on the device, images of one size as one batch: (what
+    :func:`preprocess_image` gives per image, its LLM-side pixels already on the device; the uint8 SAM2 frames
+    [B, S, S, 3] on the device)."""
+    frames = [to_device(d["frame"]) for d in decoded]
+    prepared: list[dict[str, Any]] = [{} for _ in decoded]
+    sam2: list[torch.Tensor] = [torch.empty(0)] * len(decoded)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, d in enumerate(decoded):
+        by_size.setdefault(d["size"], []).append(i)
+    for image_size, members in by_size.items():
+        batch = torch.stack([frames[i] for i in members]).permute(0, 3, 1, 2).contiguous()  # [b, 3, H, W]
+        # [S, S, 3] in memory as the host path's frames: the same strides reach SAM2's convolution, whose
+        # kernels (so its last bits) depend on the memory layout
+        frames_sam2 = sam2_uint8_torch(batch, model.sam2_image_size).permute(0, 2, 3, 1)
+        for i, frame, pixels in zip(members, frames_sam2, model.adapter.device_pixels(batch)):
+            prepared[i], sam2[i] = {"size": image_size, **pixels}, frame
+    # stacked back in input order (no index tensor: a host-to-device copy of one would wait for the GPU)
+    return prepared, torch.stack(sam2)
+
+
 def upload(arrays: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Concatenate uint8 arrays along dim 0 into (pinned, on a GPU) host memory and start the copy."""
+    """Concatenate uint8 arrays along dim 0 on ``device``: host arrays through (pinned, on a GPU) host memory
+    and an async copy; tensors already on the device directly."""
+    if all(isinstance(a, torch.Tensor) and a.device == device for a in arrays):
+        return torch.cat(list(arrays))
     first = arrays[0]
     shape = (sum(a.shape[0] for a in arrays), *first.shape[1:])
     host = torch.empty(shape, dtype=torch.uint8, pin_memory=device.type == "cuda")
@@ -111,20 +166,26 @@ def upload(arrays: Sequence[np.ndarray | torch.Tensor], device: torch.device) ->
 def launch_chunk(
     model: nn.Module,
     prepared: list[dict[str, Any]],
-    sam2_host: torch.Tensor,
+    sam2_host: torch.Tensor | None,
     phrases: list[str],
     question_template: str,
     answer: str,
     object_score_gate: bool,
 ) -> PendingMaps:
     """Queue one chunk's forward pass on the device without waiting for it; :meth:`PendingMaps.collect`
-    waits and returns the maps."""
+    waits and returns the maps. ``sam2_host`` None: ``prepared`` holds decoded frames
+    (:func:`decode_frame`), resized here on the device."""
     device = model.device
 
     def to_device(t: torch.Tensor) -> torch.Tensor:  # through pinned memory: no wait for the GPU
         if device.type != "cuda":
-            return t
+            return t.to(device)
         return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+    if sam2_host is None:
+        prepared, sam2_frames = device_inputs(model, prepared, to_device)
+    else:
+        sam2_frames = to_device(sam2_host)
 
     counts = model.adapter.prompt_counts(prepared)
     rows = [
@@ -138,7 +199,7 @@ def launch_chunk(
             f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
         )
     input_ids = to_device(ids_host)
-    sam2_pixels = normalize(to_device(sam2_host).movedim(-1, -3), *sam2_constants("bf16"))
+    sam2_pixels = normalize(sam2_frames.movedim(-1, -3), *sam2_constants("bf16"))
     fpn = model.encode_sam2(sam2_pixels)
     hidden = model.adapter.prediction_hidden(
         model, prepared, input_ids, ids_host, attention_host, lambda a: upload(a, device), to_device

@@ -5,7 +5,8 @@ start time plus a random suffix, so names sort by age); a fresh run never touche
 ``checkpoint.resume: true`` continues the latest run, ``resume: <run id>`` that one (:func:`resolve_run`).
 
 A checkpoint is a directory ``<run>/step_<N>/`` holding
-    trainable.safetensors   every trainable parameter, by its model name (full tensors)
+    trainable.safetensors   every trainable parameter, by its model name (full tensors, fp32 masters when
+                            the optimiser keeps them: ``training.master_weights``)
     optimizer.safetensors   AdamW state flattened to ``<param name>::<state key>`` (full tensors)
     rng.safetensors         per rank: torch CPU (and CUDA) generator states, numpy's MT19937 key
     state.json              step, total steps, the data position, python/numpy RNG scalars per rank, history
@@ -180,7 +181,12 @@ def full_cpu(tensor: torch.Tensor, keep: bool = True) -> torch.Tensor | None:
 
     if isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
-    return tensor.detach().cpu().contiguous() if keep else None
+    if not keep:
+        return None
+    out = tensor.detach().cpu().contiguous()
+    if out.untyped_storage().nbytes() != out.numel() * out.element_size():
+        out = out.clone()  # a view into a larger buffer (flat optimiser state): safetensors wants its own
+    return out
 
 
 def optimizer_to_flat(
@@ -199,8 +205,8 @@ def optimizer_to_flat(
             for key, value in optimizer.state.get(param, {}).items():
                 value = value if torch.is_tensor(value) else torch.tensor(value)
                 full = full_cpu(value, keep)
-                if full is not None:
-                    tensors[f"{name}{SEP}{key}"] = full
+                if full is not None:  # a step counter may be one tensor shared by a group: its own copy
+                    tensors[f"{name}{SEP}{key}"] = full.clone() if key == "step" else full
         groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"})
     return tensors, {"param_groups": groups, "names": names}
 
@@ -217,13 +223,16 @@ def optimizer_from_flat(
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         for key, value in saved.items():
             group[key] = tuple(value) if key == "betas" else value
-    optimizer.state.clear()
     for group, group_names in zip(optimizer.param_groups, names):
         for name, param in zip(group_names, group["params"]):
-            state = {}
+            state = optimizer.state.get(param, {})  # empty before the first step, but for MasterWeightAdamW
             for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                 flat = tensors.get(f"{name}{SEP}{key}")
-                if flat is not None:
+                if flat is None:
+                    continue
+                if key in state:  # pre-allocated (views into flat buffers): filled in place
+                    state[key].copy_(flat.to(state[key].device))
+                else:
                     state[key] = like(flat, param) if key != "step" else flat.clone()
             if state:
                 optimizer.state[param] = state
@@ -260,7 +269,8 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    trainable = {n: full_cpu(p, keep=write) for n, p in model.named_parameters() if p.requires_grad}
+    masters = getattr(optimizer, "masters", {})  # fp32 masters of bf16 compute weights (MasterWeightAdamW)
+    trainable = {n: full_cpu(masters.get(p, p), keep=write) for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = optimizer_to_flat(optimizer, optimizer_names, keep=write)
     rng_states = gather_objects(capture_rng(), ctx)
     if not write:
@@ -305,7 +315,7 @@ def load_checkpoint(
     """
     path = Path(path)
     state, weights, opt_tensors, rng_tensors = _read_checkpoint(path)
-    _load_weights(path, model, weights)
+    _load_weights(path, model, weights, getattr(optimizer, "masters", {}))
     optimizer_from_flat(optimizer, optimizer_names, opt_tensors, state["optimizer"])
     _restore_rank_rng(path, state, rng_tensors, ctx, seed)
     return state
@@ -328,7 +338,10 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict, dict, dict]:
     return state, tensors[0], tensors[1], tensors[2]
 
 
-def _load_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def _load_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor],
+                  masters: dict[torch.Tensor, torch.Tensor]) -> None:
+    """Copy the saved trainable weights into the model (and into the fp32 masters where the optimiser keeps
+    them: the checkpoint holds full precision in both ``training.master_weights`` modes)."""
     import torch
 
     params = dict(model.named_parameters())
@@ -345,6 +358,8 @@ def _load_weights(path: Path, model: nn.Module, weights: dict[str, torch.Tensor]
                 raise ValueError(f"Checkpoint {path}: {name} has shape {tuple(tensor.shape)}, the model "
                                  f"{tuple(params[name].shape)}. Resume with the same model and settings.")
             params[name].copy_(like(tensor.to(params[name].dtype), params[name]))
+            if params[name] in masters:
+                masters[params[name]].copy_(tensor.to(masters[params[name]].device))
 
 
 def _restore_rank_rng(path: Path, state: dict, tensors: dict, ctx: DistributedContext | None, seed: int) -> None:

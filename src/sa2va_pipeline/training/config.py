@@ -180,6 +180,7 @@ class TrainingConfig:
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
     compile: bool = False  # torch.compile each LLM decoder layer (GPU throughput; compiles once per shape)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    master_weights: str = "auto"  # where fp32 trainable weights live under bf16: auto | optimizer | model
     gradient_checkpointing: bool = False
     prefetch: int = 2  # steps whose batches are built ahead on background threads (0: build in the loop)
     batch_size: int = 2
@@ -402,6 +403,10 @@ def _check_choices(config: TrainingConfig) -> None:
         raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
     if not isinstance(config.fsdp.meta_init, bool):
         raise TrainingConfigError(f"training.fsdp.meta_init must be true or false, got {config.fsdp.meta_init!r}")
+    if config.master_weights not in ("auto", "optimizer", "model"):
+        raise TrainingConfigError(
+            f"training.master_weights must be auto | optimizer | model, got {config.master_weights!r}"
+        )
     if config.model.mask_resolution not in MASK_RESOLUTIONS:
         raise TrainingConfigError(
             f"training.model.mask_resolution must be one of {' | '.join(MASK_RESOLUTIONS)}, "

@@ -22,6 +22,7 @@ Sizes per 512x512 frame: ViT ~2 MB in bf16, SAM2 at 1024 ~44 MB in bf16 (twice t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sa2va_pipeline.memo import ObjectMemo
 
 if TYPE_CHECKING:
     import torch
@@ -79,15 +82,21 @@ def module_fingerprint(module: nn.Module, sample: int = 4096) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS = ObjectMemo()  # training asks for the same images' digests every epoch
+
+
 def image_digest(image: Any) -> str:
     """A hash of an image's pixels (uint8 array or PIL image) and shape: the file name of its features."""
     import numpy as np
 
-    array = np.ascontiguousarray(np.asarray(image))
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{array.shape}|{array.dtype}|".encode())
-    digest.update(array.tobytes())
-    return digest.hexdigest()
+    def compute() -> str:
+        array = np.ascontiguousarray(np.asarray(image))
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{array.shape}|{array.dtype}|".encode())
+        digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    return _DIGESTS.get(image, "blake2b-16", compute)
 
 
 def cacheable_parts(
@@ -238,6 +247,8 @@ class FeatureCache:
             )
         tensors = load_file(str(path))
         if self.memory is not None:
+            if self.model.device.type == "cuda":  # page-locked: the copy to the GPU runs asynchronously
+                tensors = {k: v.pin_memory() for k, v in tensors.items()}
             self.memory[(part, digest)] = tensors
         return tensors
 
@@ -247,22 +258,32 @@ class FeatureCache:
         (``compute_dtype`` set), else in the weights' dtype."""
         import torch
 
-        device = self.model.device if device is None else device
+        device = torch.device(self.model.device if device is None else device)
         # Under autocast the stored dtype feeds the model as is; without it, the weights' dtype.
         dtype = self.storage_dtype if self.compute_dtype is not None else self.model.dtype
         digests = [image_digest(im) for im in images]
         out: dict[str, Any] = {}
-        if "vit" in self.parts:
-            vit = torch.cat([self._load("vit", d)["vit"] for d in digests])
-            out["vit_features"] = vit.to(device, dtype)
-        if "sam2" in self.parts:
-            loaded = [self._load("sam2", d) for d in digests]
-            maps = []
-            for k in range(3):
-                m = torch.stack([t[f"fpn{k}"] for t in loaded])
-                maps.append(m.to(device, dtype))
-            out["sam2_features"] = maps
+        # On a GPU the copies run on a stream of their own, so that a batch built ahead (training prefetch
+        # threads) never waits for, nor holds up, the training step queued on the compute stream; the
+        # consumer waits on the event (wait_for_features).
+        stream = self._copy_stream(device) if device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if "vit" in self.parts:
+                out["vit_features"] = _gather([self._load("vit", d)["vit"] for d in digests], device, dtype, True)
+            if "sam2" in self.parts:
+                loaded = [self._load("sam2", d) for d in digests]
+                out["sam2_features"] = [_gather([t[f"fpn{k}"] for t in loaded], device, dtype, False)
+                                        for k in range(3)]
+        if stream is not None:
+            out[READY] = stream.record_event()
         return out
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        import torch
+
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     def attach(self, batch: dict[str, Any], images: Sequence[Any]) -> dict[str, Any]:
         """Put the cached features of ``images`` (the batch's images, in order) into a collated batch and drop
@@ -274,6 +295,42 @@ class FeatureCache:
             batch.pop("sam2_pixel_values", None)
         batch.update(features)
         return batch
+
+
+READY = "features_ready"  # batch key: the CUDA event after which the cached features are on the device
+
+
+def _gather(parts: list[torch.Tensor], device: torch.device, dtype: torch.dtype, concat: bool) -> torch.Tensor:
+    """Stack (or concatenate along dim 0) host tensors straight into one new device tensor."""
+    import torch
+
+    if device.type != "cuda":
+        return (torch.cat(parts) if concat else torch.stack(parts)).to(device, dtype)
+    rows = [p.shape[0] for p in parts] if concat else [1] * len(parts)
+    shape = (sum(rows), *parts[0].shape[1:]) if concat else (len(parts), *parts[0].shape)
+    out = torch.empty(shape, device=device, dtype=dtype)
+    start = 0
+    for part, n in zip(parts, rows):
+        out[start : start + n].copy_(part if concat else part[None], non_blocking=part.is_pinned())
+        start += n
+    return out
+
+
+def wait_for_features(batch: dict[str, Any]) -> dict[str, Any]:
+    """Make the current CUDA stream wait until the batch's cached features have arrived (see
+    :meth:`FeatureCache.load`) and tell the allocator they are used there; a no-op for other batches."""
+    import torch
+
+    event = batch.pop(READY, None)
+    if event is None:
+        return batch
+    stream = torch.cuda.current_stream()
+    stream.wait_event(event)
+    for key in ("vit_features", "sam2_features"):
+        for tensor in batch.get(key) if isinstance(batch.get(key), list) else [batch.get(key)]:
+            if tensor is not None:
+                tensor.record_stream(stream)
+    return batch
 
 
 def _atomic_save(tensors: dict[str, Any], path: Path, dtype: torch.dtype) -> None:

@@ -70,8 +70,10 @@ def _global_sums(tensors: list[torch.Tensor | None]) -> list[tuple[float, float]
 class GradientReachCheck:
     """Call :meth:`before_step` after backward and before ``optimizer.step()``, then :meth:`after_step`."""
 
-    def __init__(self, params_by_group: dict[str, list[tuple[str, torch.Tensor]]], required: list[str]):
+    def __init__(self, params_by_group: dict[str, list[tuple[str, torch.Tensor]]], required: list[str],
+                 masters: dict[torch.Tensor, torch.Tensor] | None = None):
         self.params_by_group = params_by_group
+        self.masters = masters or {}  # fp32 masters of bf16 compute weights: a 4e-5 update may not move bf16
         self.required = list(required)
         self.report = GradientReport()
         self._sums: dict[str, tuple[float, float]] = {}
@@ -79,7 +81,7 @@ class GradientReachCheck:
     def before_step(self) -> None:
         """Record gradient norms of trainable groups and checksums of every tensor."""
         named = [(group, name, p) for group, params in self.params_by_group.items() for name, p in params]
-        weights = _global_sums([p for _, _, p in named])
+        weights = _global_sums([self.masters.get(p, p) for _, _, p in named])
         grads = _global_sums([p.grad if p.requires_grad else None for _, _, p in named])
         totals: dict[str, float] = {}
         for (group, name, p), checksum, (_, grad_sq) in zip(named, weights, grads):
@@ -92,7 +94,7 @@ class GradientReachCheck:
         """Compare checksums; raise :class:`GradientReachError` when a required group got no gradient or
         did not change, or a frozen tensor changed."""
         named = [(group, name, p) for group, params in self.params_by_group.items() for name, p in params]
-        now = dict(zip([name for _, name, _ in named], _global_sums([p for _, _, p in named])))
+        now = dict(zip([name for _, name, _ in named], _global_sums([self.masters.get(p, p) for _, _, p in named])))
         for group, params in self.params_by_group.items():
             changed = False
             for name, p in params:

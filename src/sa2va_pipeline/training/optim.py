@@ -8,20 +8,24 @@ every trainable tensor, as in the official recipe (no bias/norm exclusion).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     from sa2va_pipeline.training.config import OptimizerSettings
+    from sa2va_pipeline.training.master_weights import MasterWeightAdamW
 
 
 def build_optimizer(
-    params_by_group: dict[str, list[tuple[str, torch.Tensor]]], settings: OptimizerSettings
-) -> tuple[torch.optim.AdamW, list[list[str]]]:
+    params_by_group: dict[str, list[tuple[str, torch.Tensor]]], settings: OptimizerSettings,
+    master_weights: bool = False,
+) -> tuple[torch.optim.AdamW | MasterWeightAdamW, list[list[str]]]:
     """AdamW with one param group per model group that has trainable tensors.
 
-    Returns the optimiser and, per param group, the parameter names (used to save optimiser state by name).
+    ``master_weights``: the model computes with bf16 copies and the optimiser keeps the fp32 masters
+    (:class:`~sa2va_pipeline.training.master_weights.MasterWeightAdamW`). Returns the optimiser and, per
+    param group, the parameter names (used to save optimiser state by name).
     """
     import torch
 
@@ -40,6 +44,10 @@ def build_optimizer(
         import logging
 
         logging.getLogger(__name__).warning("optimizer.lr_by_group names groups with nothing to train: %s", unknown)
+    if master_weights:
+        from sa2va_pipeline.training.master_weights import MasterWeightAdamW
+
+        return MasterWeightAdamW(groups, tuple(settings.betas), settings.weight_decay), names
     # Per-tensor updates on CPU, one fused kernel on GPU: both bit-identical with and without resume.
     on_gpu = all(p.is_cuda for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
@@ -50,6 +58,15 @@ def build_optimizer(
         **({"fused": True} if on_gpu else {"foreach": False}),
     )
     return optimizer, names
+
+
+def clip_gradients(optimizer: Any, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm``; returns the norm before clipping (a device tensor)."""
+    import torch
+
+    if hasattr(optimizer, "clip_grad_norm_"):  # MasterWeightAdamW: one reduction over its flat gradients
+        return optimizer.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, start_factor: float) -> float:

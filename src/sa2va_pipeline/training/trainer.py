@@ -49,7 +49,8 @@ from sa2va_pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from sa2va_pipeline.training.gradient_check import GradientReachCheck
-from sa2va_pipeline.training.optim import build_optimizer, set_lr
+from sa2va_pipeline.training.master_weights import use_master_weights
+from sa2va_pipeline.training.optim import build_optimizer, clip_gradients, set_lr
 from sa2va_pipeline.training.ranks import any_rank, gather_objects, max_over_ranks
 from sa2va_pipeline.evaluation.report import metric_key
 
@@ -195,7 +196,10 @@ class TrainingLoop:
         self.run_dir, self.resuming = Path(run_dir), resuming
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(config.precision, self.device.type)
-        self.optimizer, self.optimizer_names = build_optimizer(params_by_group, config.optimizer)
+        self.master_weights = use_master_weights(config.master_weights, self.device, self.amp_dtype,
+                                                 config.grad_accumulation, ctx is not None)
+        self.optimizer, self.optimizer_names = build_optimizer(params_by_group, config.optimizer,
+                                                               self.master_weights)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.per_step = config.batch_size * config.grad_accumulation
         self.result = TrainResult(total_steps=0, steps_done=0, run_dir=str(self.run_dir))
@@ -297,10 +301,11 @@ class TrainingLoop:
         lr_factor = set_lr(self.optimizer, step, self.total_steps, self.config.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         losses, per_phrase = self.forward_backward(step, batches)
-        check = GradientReachCheck(self.params_by_group, self.config.trainable.require_gradient) if step == 0 else None
+        check = (GradientReachCheck(self.params_by_group, self.config.trainable.require_gradient,
+                                    getattr(self.optimizer, "masters", None)) if step == 0 else None)
         if check:
             check.before_step()
-        grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.optimizer.grad_clip))
+        grad_norm = _as_float(clip_gradients(self.optimizer, self.trainable, self.config.optimizer.grad_clip))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"Non-finite gradient norm at optimiser step {step} (loss {losses}). Training stopped; the "
@@ -338,6 +343,8 @@ class TrainingLoop:
         if result.steps_done and (not result.evaluations or result.evaluations[-1]["step"] != result.steps_done):
             self.validate(result.steps_done)
         self.save(result.steps_done)
+        if self.master_weights:  # the model leaves as it came: fp32 trainable weights
+            self.optimizer.masters_into_model()
         result.wall_time_s = time.monotonic() - self.started_at
 
     # ------------------------------------------------------------------ helpers of the parts
@@ -418,7 +425,7 @@ class TrainingLoop:
                 "epochs": round(self.total_steps * self.per_step / (n * repeats), 4),
                 "passes_over_images": round(self.total_steps * self.per_step / n, 4),
                 "eval_interval": self.interval, "checkpoint_interval": config.checkpoint.interval,
-                "run_dir": str(self.run_dir)}
+                "master_weights": "optimizer" if self.master_weights else "model", "run_dir": str(self.run_dir)}
         self.result.plan = plan
         log.info("Training plan: %d optimiser steps (from %s) at a global batch of %d = %.3g epoch(s) of %d "
                  "images x %d repeats; validation every %s steps; checkpoints in %s", plan["steps"], length,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.devices import autocast_dtype, resolve_device
 from sa2va_pipeline.training.artifacts import TrainedModel
+from sa2va_pipeline.training.feature_cache import wait_for_features
 from sa2va_pipeline.training.prepare import (
     PreparedModel,
     added_token_ids,
@@ -220,7 +221,7 @@ def _loss_function(model: Sa2VA, config: TrainingConfig, ctx: DistributedContext
     kwargs = config.loss.forward_kwargs()
 
     def loss_fn(m: Sa2VA, batch: dict[str, Any]) -> dict[str, Any]:
-        out = m.training_forward(batch, **kwargs)
+        out = m.training_forward(wait_for_features(batch), **kwargs)
         return {LOSS_NAMES.get(k, k): v for k, v in out.items()}
 
     if ctx is None:

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from sa2va_pipeline.data.samples import load_samples, phrase_truths
-from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, thresholds_by_phrase
+from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, scoring_provenance, thresholds_by_phrase
 from sa2va_pipeline.evaluation.overlay_panels import evaluation_overlays
 from sa2va_pipeline.evaluation.protocol import add_group_intervals
 from sa2va_pipeline.evaluation.report import evaluate_split, summary_metrics
@@ -41,23 +41,6 @@ def predict_test_probabilities(
     )
 
 
-def _provenance(
-    probabilities: ProbabilityMaps, frozen_threshold: dict[str, Any], split: str
-) -> dict[str, Any]:
-    """Which model chose the thresholds and which one made the maps (warned about when they differ)."""
-    now = probabilities.metadata.get("model", {}).get("fingerprint")
-    then = frozen_threshold.get("model", {}).get("fingerprint")
-    if now and then and now != then:
-        logger.warning("The frozen threshold was chosen for another model (%s) than the one scored on %s "
-                       "(%s): re-run `kedro run --pipelines=threshold` first", then, split, now)
-    return {
-        "frozen_threshold": {k: v for k, v in frozen_threshold.items() if k != "model"},
-        "threshold_model": frozen_threshold.get("model", {}),
-        "probabilities_model": probabilities.metadata.get("model", {}),
-        "same_model": bool(now and now == then),
-    }
-
-
 def score_split(
     probabilities: ProbabilityMaps,
     split_manifest: pd.DataFrame,
@@ -78,7 +61,7 @@ def score_split(
         split=split,
         hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
         reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
-        extra=_provenance(probabilities, frozen_threshold, split),
+        extra=scoring_provenance(probabilities, frozen_threshold, split),
     )
     # ci95 beside each phrase's means: a bootstrap over the split's groups (videos/patients), never frames
     groups = dict(zip(split_manifest["id"].astype(str), split_manifest["group"].astype(str)))
