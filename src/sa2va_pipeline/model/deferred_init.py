@@ -161,6 +161,7 @@ class CheckpointTensors:
             if len(group) == 1 and len(native) == 1 and next(iter(native.values())) is self.meta[group[0]]:
                 self.renames.add(i)
         self.aliases: dict[str, str] = {}
+        self._open: dict[Path, Any] = {}
 
     def native_meta(self) -> dict[str, torch.Tensor]:
         """Every native tensor the checkpoint gives, as meta tensors of the converted shapes and dtypes."""
@@ -171,21 +172,33 @@ class CheckpointTensors:
         """The official tensor ``key`` from its file (only ``rows`` of dim 0 when given)."""
         from safetensors import safe_open
 
-        with safe_open(str(self.where[key]), framework="pt") as handle:
-            if rows is None:
-                return handle.get_tensor(key)
-            return handle.get_slice(key)[rows[0] : rows[1]]
+        file = self.where[key]
+        if file not in self._open:  # each file's header is parsed once per stream
+            self._open[file] = safe_open(str(file), framework="pt")
+        handle = self._open[file]
+        if rows is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows[0] : rows[1]]
 
     def kept_aside(self) -> dict[str, torch.Tensor]:
         """The SAM2 video/memory tensors, unconverted (written back at export), on the CPU."""
-        return {k: self.read(k) for k in self.kept_keys}
+        try:
+            return {k: self.read(k) for k in self.kept_keys}
+        finally:
+            self._open.clear()
 
     def stream(self, rows_wanted: RowsWanted) -> Iterator[tuple[str, torch.Tensor, int, int]]:
         """``(native name, tensor, first row, bytes read for it)`` for every native tensor, in the model's
         dtype for floating tensors (as the eager load casts). ``rows_wanted(name)`` is the row range this
         process keeps (None: all); a plain rename is read for those rows only, anything else whole (the
         caller cuts it)."""
-        by_source = {source: [] for source in self.aliases.values()}
+        try:
+            yield from self._stream(rows_wanted)
+        finally:
+            self._open.clear()  # closes the files
+
+    def _stream(self, rows_wanted: RowsWanted) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+        by_source: dict[str, list[str]] = {source: [] for source in self.aliases.values()}
         for alias, source in self.aliases.items():
             by_source[source].append(alias)
         for i, group in enumerate(self.groups):
