@@ -288,13 +288,18 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     cuda = torch.cuda.is_available()  # a CPU run (tiny preset) only checks that this mode works
     model = Sa2VA.from_preset(preset, device="cuda" if cuda else "cpu", dtype=torch.bfloat16).eval()
-    if args.compile:
-        model.compile_for_inference(mode=args.compile_mode)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for size in args.frame_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             write_frames(Path(tmp), args.n_files, size)
+            eager = None
+            if args.compile:  # bf16 eager maps of the first frames: what the compiled maps are compared with
+                first = [{"id": n, "image": im} for n, im in list(read_image_folder(tmp).images.items())[:64]]
+                eager = predict_maps(model, first, ["blood vessel"], args.batch_sizes[0], "float16")
+                if not getattr(model, "_compiled_for_inference", False):
+                    model.compile_for_inference(mode=args.compile_mode)
+                    model._compiled_for_inference = True
             for b in args.batch_sizes:
                 maps = {}
                 for pixels in args.pixels:
@@ -354,6 +359,18 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                        "compiled": bool(args.compile), "n_files": len(paths), "img_per_s": spread(seconds, len(paths))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if eager is not None:  # compiled vs bf16 eager, both resized on the device
+                    diffs, agree, total = [], 0, 0
+                    for key in eager.maps:
+                        a = eager.probabilities(*key).astype("float32")
+                        c = maps["auto" if "auto" in maps else next(iter(maps))].probabilities(*key).astype("float32")
+                        diffs.append(float(abs(a - c).max()))
+                        agree += int(((a >= 0.5) == (c >= 0.5)).sum())
+                        total += a.size
+                    row = {"mode": "files-agreement", "preset": preset, "frame": size, "batch": b,
+                           "pixels": "compiled vs bf16 eager", "max_abs_diff": max(diffs), "agree_at_0.5": agree / total}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
                 if len(maps) > 1:  # the settings' maps: the same pixels, so the same probabilities
                     first, *others = list(maps)
                     for other in others:
