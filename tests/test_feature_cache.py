@@ -96,3 +96,25 @@ def test_partial_cache_and_helpers(model, tmp_path):
     assert image_digest(images[0]) == image_digest(images[0].copy())
     with pytest.raises(ValueError, match="dtype"):
         FeatureCache(tmp_path, model, storage_dtype="fp16")
+
+
+def test_keep_in_memory_auto_holds_the_features_only_when_they_fit(model, tmp_path, monkeypatch):
+    import sa2va_pipeline.training.feature_cache as fc
+
+    images = [im for im, _, _ in _samples(2)]
+    need = None
+    for available, expected in [(10**12, True), (1, False), (None, False)]:
+        cache = FeatureCache(tmp_path, model, storage_dtype="fp32", keep_in_memory="auto")
+        cache.fill(images)
+        monkeypatch.setattr(fc, "available_memory_bytes", lambda a=available: a)
+        assert cache.settle_memory(images) is expected
+        if expected:
+            first = cache.load(images)
+            need = sum(p.stat().st_size for d in cache.dirs.values() for p in d.glob("*.safetensors"))
+            for path in [p for d in cache.dirs.values() for p in d.glob("*.safetensors")]:
+                path.unlink()  # held in memory: the files are not read again
+            again = cache.load(images)
+            assert torch.equal(first["vit_features"], again["vit_features"])
+    assert need and FeatureCache(tmp_path, model, keep_in_memory=True).settle_memory([]) is True
+    with pytest.raises(ValueError, match="keep_in_memory"):
+        FeatureCache(tmp_path, model, keep_in_memory="yes")

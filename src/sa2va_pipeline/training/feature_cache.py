@@ -51,7 +51,9 @@ class FeatureCacheSettings:
     enabled: bool = False
     dtype: str = "bf16"  # bf16 (half the disk, ~1e-2 relative rounding) | fp32 (exact)
     dir: str = "data/05_model_input/feature_cache"
-    keep_in_memory: bool = False  # also hold loaded features in RAM (small data sets, fast disks unneeded)
+    # also hold loaded features in RAM, page-locked on a GPU (no disk read, an asynchronous copy): true | false |
+    # auto = when the training images' features take at most MEMORY_SHARE of the available RAM
+    keep_in_memory: bool | str = "auto"
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -155,7 +157,7 @@ class FeatureCache:
         parts: Sequence[str] = PARTS,
         storage_dtype: str = "bf16",
         compute_dtype: torch.dtype | None = None,
-        keep_in_memory: bool = False,
+        keep_in_memory: bool | str = False,
     ) -> None:
         unknown = sorted(set(parts) - set(PARTS))
         if unknown:
@@ -174,7 +176,25 @@ class FeatureCache:
             if not key_file.exists():
                 key_file.write_text(json.dumps(key, indent=2, sort_keys=True))
             self.dirs[part] = folder
-        self.memory: dict[tuple[str, str], Any] | None = {} if keep_in_memory else None
+        if keep_in_memory not in (True, False, "auto"):
+            raise ValueError(f"training.feature_cache.keep_in_memory must be true, false or auto, got {keep_in_memory!r}")
+        self.keep_in_memory = keep_in_memory
+        self.memory: dict[tuple[str, str], Any] | None = {} if keep_in_memory is True else None
+
+    def settle_memory(self, images: Sequence[Any], processes: int = 1) -> bool:
+        """Decide ``keep_in_memory: auto`` once the cache is filled: hold the features in RAM when those of
+        ``images`` take at most MEMORY_SHARE of the available memory (shared by ``processes`` on this host).
+        Returns whether the features are held in memory."""
+        if self.keep_in_memory == "auto":
+            need = sum(self.path(part, image_digest(im)).stat().st_size for im in images for part in self.parts)
+            available = available_memory_bytes()
+            keep = available is not None and need * max(1, processes) <= MEMORY_SHARE * available
+            log.info("Feature cache: %.1f GB of features, %s GB of RAM available -> %s", need / 1e9,
+                     f"{available / 1e9:.0f}" if available else "unknown",
+                     "held in memory" if keep else "read from disk every step")
+            self.memory = {} if keep else None
+            self.keep_in_memory = keep
+        return self.memory is not None
 
     def path(self, part: str, digest: str) -> Path:
         """The file holding ``part`` features of the image with pixel hash ``digest``."""
@@ -295,6 +315,26 @@ class FeatureCache:
             batch.pop("sam2_pixel_values", None)
         batch.update(features)
         return batch
+
+
+MEMORY_SHARE = 0.4  # keep_in_memory: auto holds the features when they fit in this share of the available RAM
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else free physical pages; None when unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 READY = "features_ready"  # batch key: the CUDA event after which the cached features are on the device

@@ -268,4 +268,5 @@ def _feature_cache(model: Sa2VA, config: TrainingConfig, train_samples: Sequence
         import torch.distributed as dist
 
         dist.barrier()
+    cache.settle_memory(training_images(train_samples), processes=1 if ctx is None else ctx.world_size)
     return cache
