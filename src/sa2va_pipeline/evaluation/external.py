@@ -4,7 +4,7 @@ thresholds frozen on the original validation split.
 The external folder is read by the project's one ingestion code (:func:`sa2va_pipeline.data.ingestion.ingest`,
 any layout it supports: ``masks/``, ``masks/<phrase>/``, ``labels/`` + ``labels.json``, ``annotations.json``,
 COCO with polygons or RLE) and turned into annotations by the one annotation code; every accepted image is
-scored (no split). Scoring is the main evaluation's: :func:`~sa2va_pipeline.evaluation.report.evaluate_split`
+scored (no split). Scoring is the main evaluation's: :func:`~sa2va_pipeline.evaluation.protocol.score_phrases`
 (every trained phrase on every image; a trained phrase the external set lacks is an empty ground truth, as on
 the test split) plus the group-bootstrap intervals of :func:`~sa2va_pipeline.evaluation.protocol.
 add_group_intervals` (groups from the file names by ``split.group_regex``, as for the main data).
@@ -33,10 +33,8 @@ from sa2va_pipeline.data.sources import IngestionConfig
 from sa2va_pipeline.errors import UserError
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 
-from .frozen_threshold import scoring_provenance, thresholds_by_phrase
-from .protocol import add_group_intervals, truths_by_phrase
-from .report import evaluate_split
-from .threshold_sweep import threshold_grid
+from .frozen_threshold import scoring_provenance
+from .protocol import score_phrases
 
 log = logging.getLogger(__name__)
 
@@ -200,20 +198,8 @@ def score_maps(
     """The main evaluation's scoring of one model's external maps at its FROZEN thresholds: per-image table
     (one row per image and phrase, with ``group``) and the summary (summary.json's schema, ``split: external``,
     group-bootstrap ``ci95`` per phrase and for the macro mean)."""
-    grid = frozen.get("grid", {"start": 0.05, "stop": 0.95, "step": 0.01})
-    table, summary = evaluate_split(
-        maps,
-        truths_by_phrase(samples, phrases),
-        thresholds_by_phrase(frozen, phrases),
-        oracle_grid=threshold_grid(grid["start"], grid["stop"], grid["step"]),
-        split=SPLIT,
-        hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
-        reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
-        extra=scoring_provenance(maps, dict(frozen), SPLIT),
-    )
-    table = add_group_intervals(table, summary, groups, evaluation.get("bootstrap"))
-    summary["n_groups"] = int(table["group"].nunique())
-    return table, summary
+    return score_phrases(maps, samples, dict(frozen), dict(evaluation), SPLIT, groups, evaluation.get("bootstrap"),
+                         phrases=phrases, extra=scoring_provenance(maps, dict(frozen), SPLIT), per_case=True)
 
 
 def _layout(manifest: pd.DataFrame, annotation_report: pd.DataFrame) -> dict[str, Any]:
@@ -293,7 +279,7 @@ def score_baseline(
 
     from .compare import paired_comparison
     from .frozen_threshold import record_phrases
-    from .protocol import as_probability_maps, score_phrases
+    from .protocol import as_probability_maps
 
     identity = {"model_dir": str(baseline_model.root), "kind": "baseline-dynunet"}
     chosen_for = (baseline_frozen.get("model") or {}).get("model_dir")

@@ -161,13 +161,19 @@ def score_phrases(
     split: str,
     groups: Mapping[str, Any],
     bootstrap: dict[str, Any] | None = None,
+    phrases: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    per_case: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Score every phrase's maps at its frozen threshold with the evaluation's report code, plus ``ci95``.
+    """Score every phrase's maps (``phrases``, default the maps' own) at its frozen threshold with the
+    evaluation's report code, plus the group-bootstrap ``ci95`` (``groups``: id -> video/patient).
 
     Returns the per-image table (one row per image and phrase, with ``group``) and the evaluation summary
-    (``phrases`` + ``macro``; the per-case records stay in the table).
+    (``phrases`` + ``macro`` + ``extra``; the per-case records stay in the table unless ``per_case``).
     """
-    phrases = maps.phrases()
+    phrases = list(phrases) if phrases is not None else maps.phrases()
+    if extra is None:
+        extra = {"frozen_threshold": {k: v for k, v in frozen.items() if k != "model"}}
     grid = frozen.get("grid", {"start": 0.05, "stop": 0.95, "step": 0.01})
     table, summary = evaluate_split(
         maps,
@@ -177,9 +183,10 @@ def score_phrases(
         split=split,
         hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
         reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
-        extra={"frozen_threshold": {k: v for k, v in frozen.items() if k != "model"}},
+        extra=extra,
     )
-    summary.pop("metric_per_case", None)  # the per-image table holds them
+    if not per_case:
+        summary.pop("metric_per_case", None)  # the per-image table holds them
     table = add_group_intervals(table, summary, groups, bootstrap)
     summary["n_groups"] = int(table["group"].nunique())
     return table, summary

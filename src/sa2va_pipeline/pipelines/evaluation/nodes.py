@@ -13,12 +13,11 @@ from typing import Any
 
 import pandas as pd
 
-from sa2va_pipeline.data.samples import load_samples, phrase_truths
+from sa2va_pipeline.data.samples import load_samples
 from sa2va_pipeline.evaluation.frozen_threshold import record_phrases, scoring_provenance, thresholds_by_phrase
 from sa2va_pipeline.evaluation.overlay_panels import evaluation_overlays
-from sa2va_pipeline.evaluation.protocol import add_group_intervals
-from sa2va_pipeline.evaluation.report import evaluate_split, summary_metrics
-from sa2va_pipeline.evaluation.threshold_sweep import threshold_grid
+from sa2va_pipeline.evaluation.protocol import score_phrases
+from sa2va_pipeline.evaluation.report import summary_metrics
 from sa2va_pipeline.prediction.maps import ProbabilityMaps
 from sa2va_pipeline.prediction.stored import predict_split_maps
 
@@ -52,20 +51,11 @@ def score_split(
     """Per-image metrics (one row per image and phrase), summary.json and MLflow metrics of one split."""
     phrases = record_phrases(frozen_threshold) or probabilities.phrases()
     samples = load_samples(split_manifest, annotations, split=split, ids=probabilities.ids())
-    grid = frozen_threshold.get("grid", {"start": 0.05, "stop": 0.95, "step": 0.01})
-    table, summary = evaluate_split(
-        probabilities,
-        {p: phrase_truths(samples, p) for p in phrases},
-        thresholds_by_phrase(frozen_threshold, phrases),
-        oracle_grid=threshold_grid(grid["start"], grid["stop"], grid["step"]),
-        split=split,
-        hd_percentile=float(evaluation.get("hd_percentile", 95.0)),
-        reference_threshold=float(evaluation.get("reference_threshold", 0.5)),
-        extra=scoring_provenance(probabilities, frozen_threshold, split),
-    )
     # ci95 beside each phrase's means: a bootstrap over the split's groups (videos/patients), never frames
     groups = dict(zip(split_manifest["id"].astype(str), split_manifest["group"].astype(str)))
-    table = add_group_intervals(table, summary, groups, evaluation.get("bootstrap"))
+    table, summary = score_phrases(probabilities, samples, frozen_threshold, evaluation, split, groups,
+                                   evaluation.get("bootstrap"), phrases=phrases,
+                                   extra=scoring_provenance(probabilities, frozen_threshold, split), per_case=True)
     for phrase, block in summary["phrases"].items():
         at = block["at_threshold"]
         dice = at["mean"]["dice"]
