@@ -9,7 +9,7 @@ from sa2va_pipeline.training.master_weights import MasterWeightAdamW, use_master
 from sa2va_pipeline.training.optim import clip_gradients
 from sa2va_pipeline.training.recipe import run_training
 
-from test_training_tiny import _params, _samples
+from test_training_tiny import _params, _samples, stop_after_two_steps
 
 
 def _pair(seed: int = 0) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
@@ -76,9 +76,6 @@ def test_tiny_training_with_masters_in_the_optimizer_resumes_exactly(tmp_path, m
     """bf16 on the CPU: the run trains (gradient-reach check on the masters), a run stopped after its step-2
     checkpoint and resumed ends on the same weights, and the trained model holds fp32 trainable weights, as
     with master_weights: model."""
-    from sa2va_pipeline.model.sa2va import Sa2VA
-    from sa2va_pipeline.training.trainer import NonFiniteLossError
-
     train, val = _samples(6, 0), _samples(2, 1)
     over = {"precision": "bf16", "master_weights": "optimizer"}
     full = run_training(train, val, _params(tmp_path / "a", **over), progress=False)
@@ -86,19 +83,7 @@ def test_tiny_training_with_masters_in_the_optimizer_resumes_exactly(tmp_path, m
     trained = {n: p.detach() for n, p in full.model.named_parameters() if p.requires_grad}
     assert all(t.dtype == torch.float32 for t in trained.values())
 
-    real_forward, calls = Sa2VA.training_forward, {"n": 0}
-
-    def flaky_forward(self, batch, **kw):
-        calls["n"] += 1
-        out = real_forward(self, batch, **kw)
-        if calls["n"] == 3:
-            out["total"] = out["total"] * float("nan")
-        return out
-
-    monkeypatch.setattr(Sa2VA, "training_forward", flaky_forward)
-    with pytest.raises(NonFiniteLossError, match="step 2"):
-        run_training(train, val, _params(tmp_path / "b", **over), progress=False)
-    monkeypatch.setattr(Sa2VA, "training_forward", real_forward)
+    stop_after_two_steps(monkeypatch, train, val, _params(tmp_path / "b", **over))
     resumed = run_training(train, val, _params(tmp_path / "b", **over, checkpoint={"resume": True}), progress=False)
     assert resumed.result.steps_done == 4
     for name, p in resumed.model.named_parameters():

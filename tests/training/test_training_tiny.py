@@ -53,18 +53,8 @@ def _params(tmp_path: Path, **over) -> dict:
     return params
 
 
-def _trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.mark.slow
-def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
-    train, val = _samples(6, 0), _samples(2, 1)
-    full = run_training(train, val, _params(tmp_path / "a"), progress=False)
-    assert full.result.steps_done == 4
-    assert [e["step"] for e in full.result.evaluations] == [0, 4]
-
-    # interrupted run: the loss turns NaN in step 3, after the step-2 checkpoint
+def stop_after_two_steps(monkeypatch, train: list[dict], val: list[dict], params: dict) -> None:
+    """Run ``params`` with the loss turned NaN in step 3: the run stops after its step-2 checkpoint."""
     from sa2va_pipeline.model.sa2va import Sa2VA
 
     real_forward, calls = Sa2VA.training_forward, {"n": 0}
@@ -78,8 +68,23 @@ def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Sa2VA, "training_forward", flaky_forward)
     with pytest.raises(NonFiniteLossError, match="step 2"):
-        run_training(train, val, _params(tmp_path / "b"), progress=False)
+        run_training(train, val, params, progress=False)
     monkeypatch.setattr(Sa2VA, "training_forward", real_forward)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
+    train, val = _samples(6, 0), _samples(2, 1)
+    full = run_training(train, val, _params(tmp_path / "a"), progress=False)
+    assert full.result.steps_done == 4
+    assert [e["step"] for e in full.result.evaluations] == [0, 4]
+
+    # interrupted run: the loss turns NaN in step 3, after the step-2 checkpoint
+    stop_after_two_steps(monkeypatch, train, val, _params(tmp_path / "b"))
     assert [p.name for p in list_checkpoints(list_runs(tmp_path / "b" / "ckpt")[-1])] == ["step_00000002"]
 
     torch.manual_seed(999)  # another process state; the checkpoint restores what matters
