@@ -85,6 +85,7 @@ def test_tiny_resume_is_exact_and_artifact_round_trips(tmp_path, monkeypatch):
 
     # interrupted run: the loss turns NaN in step 3, after the step-2 checkpoint
     stop_after_two_steps(monkeypatch, train, val, _params(tmp_path / "b"))
+    from sa2va_pipeline.model.sa2va import Sa2VA
     assert [p.name for p in list_checkpoints(list_runs(tmp_path / "b" / "ckpt")[-1])] == ["step_00000002"]
 
     torch.manual_seed(999)  # another process state; the checkpoint restores what matters
