@@ -93,6 +93,9 @@ def test_summary_reads_the_per_phrase_layout():
     catheter = next(line for line in lines if line.strip().startswith("catheter"))
     assert "0.300" in catheter and "0.710 / 0.500" in catheter
     assert "MLflow run" not in text  # tracking off: no run to open
+    # an evaluation-only run saved no frozen threshold: the summaries' own thresholds are shown
+    text = summary_text(per_phrase, per_phrase, None, {}, None, None, "blood vessel")
+    assert "0.450" in next(line for line in text.splitlines() if line.strip().startswith("blood vessel"))
 
 
 @pytest.mark.slow

@@ -430,7 +430,8 @@ def summary_text(
         for phrase in phrases:
             v, t = val_scores.get(phrase, {}), test_scores.get(phrase, {})
             lines.append(
-                f"  {phrase:<{width}}  {_fmt(thresholds.get(phrase)):>9}  "
+                # an evaluation-only run saved no frozen threshold: the one its summaries were scored at
+                f"  {phrase:<{width}}  {_fmt(thresholds.get(phrase, t.get('threshold', v.get('threshold')))):>9}  "
                 f"{_fmt(v.get('dice_mean')) + ' / ' + _fmt(v.get('dice_pooled')):>20}  "
                 f"{_fmt(v.get('cldice_mean')):>10}  "
                 f"{_fmt(t.get('dice_mean')) + ' / ' + _fmt(t.get('dice_pooled')):>21}  "
