@@ -78,9 +78,12 @@ def test_baseline_pipeline_scores_test_and_compares_with_sa2va(tmp_path, monkeyp
             "params:threshold": MemoryDataset(THRESHOLD),
             "params:evaluation": MemoryDataset(EVALUATION),
             "evaluation_per_image_test": MemoryDataset(sa2va),
+            "evaluation_summary_test": MemoryDataset({"split": "test", "phrases": {"blood vessel": {}}}),
             "baseline_model": FileFolderDataset(str(tmp_path / "baseline_model")),
             "baseline_per_image": kept_memory_dataset(),
             "baseline_frozen_threshold": kept_memory_dataset(),
+            "baseline_summary": kept_memory_dataset(),
+            "baseline_comparison": kept_memory_dataset(),
         }
     )
     SequentialRunner().run(create_pipeline(), catalog)
@@ -99,3 +102,7 @@ def test_baseline_pipeline_scores_test_and_compares_with_sa2va(tmp_path, monkeyp
     block = comparison["phrases"]["blood vessel"]["dice"]
     assert block["difference"]["mean"] == pytest.approx(0.9 - block["baseline"])
     assert block["difference"]["n_groups"] == 1 and block["difference"]["low"] is None
+    # summary.json again, the baseline beside Sa2VA
+    both = catalog.load("evaluation_summary_test_with_baseline")
+    assert both["split"] == "test" and both["phrases"] == {"blood vessel": {}}
+    assert both["baseline"]["phrases"] == summary["phrases"] and both["baseline"]["comparison"] == comparison

@@ -128,3 +128,12 @@ def compare_with_sa2va(
         "comparison": comparison,
         "metrics": {k: {"value": float(v), "step": 0} for k, v in metrics.items()},
     }
+
+
+def add_baseline_block(sa2va_summary: dict[str, Any], baseline_summary: dict[str, Any],
+                       comparison: dict[str, Any]) -> dict[str, Any]:
+    """Sa2VA's test summary.json with a ``baseline`` block beside it: the baseline's summary at its own frozen
+    thresholds (same images, same metric code) and the paired comparison, Sa2VA minus baseline. Saved as a new
+    version of the test summary; the version the evaluation wrote stays as it was."""
+    return {**sa2va_summary, "baseline": {"available": True, "model": "MONAI DynUNet", **baseline_summary,
+                                          "comparison": comparison}}

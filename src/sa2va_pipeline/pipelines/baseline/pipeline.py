@@ -7,7 +7,8 @@ from . import nodes
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """Train the DynUNet on train, predict val/test, freeze thresholds on val, score test, compare to Sa2VA."""
+    """Train the DynUNet on train, predict val/test, freeze thresholds on val, score test, compare to Sa2VA, and
+    write the test summary.json again with the baseline beside Sa2VA."""
     return Pipeline(
         [
             node(
@@ -54,6 +55,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs={"comparison": "baseline_comparison", "metrics": "baseline_comparison_metrics"},
                 name="compare_baseline_with_sa2va",
+            ),
+            node(
+                nodes.add_baseline_block,
+                inputs=["evaluation_summary_test", "baseline_summary", "baseline_comparison"],
+                outputs="evaluation_summary_test_with_baseline",
+                name="add_baseline_to_test_summary",
             ),
         ]
     )
