@@ -120,11 +120,6 @@ class MasterWeightAdamW:
             self._grad_scale = torch.clamp((total + 1e-6) / float(max_norm), min=1.0)
         return total
 
-    @property
-    def defaults(self) -> dict[str, Any]:
-        """What ``torch.optim.Optimizer.defaults`` would hold (read by nothing here but kept for tools)."""
-        return {"betas": self.betas, "weight_decay": self.weight_decay, "eps": self.eps}
-
     def step(self) -> None:
         """One AdamW update of the masters (chunk by chunk), then the bf16 weights are refreshed from them."""
         import torch
@@ -146,14 +141,6 @@ class MasterWeightAdamW:
                     )
                     flat["weight"][part].copy_(flat["master"][part])
         self._grad_scale = None
-
-    def refresh_weights(self) -> None:
-        """Copy the masters into the bf16 weights (after a checkpoint wrote the masters)."""
-        import torch
-
-        with torch.no_grad():
-            for flat in self._flat:
-                flat["weight"].copy_(flat["master"])
 
     def masters_into_model(self) -> None:
         """Hand the fp32 masters to the model as its trainable weights (after training: the trained model
