@@ -16,7 +16,11 @@ Paths, measured in the same run:
   step; the cache's disk-to-GPU load time of a batch is
   reported separately), encoders moved off the GPU, fused AdamW, no checkpointing;
 - ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant);
-- ``cached+compile`` (``--compile``): the cached path with each LLM decoder layer ``torch.compile``'d.
+- ``cached+compile`` (``--compile``): the cached path with each LLM decoder layer ``torch.compile``'d
+  (``--compile-mode``: torch's default, or ``reduce-overhead`` = CUDA graphs, each timed step then starts with
+  ``torch.compiler.cudagraph_mark_step_begin()`` as the trainer's do, or ``max-autotune-no-cudagraphs``).
+
+``--pad-to-multiple N`` pads every batch's prompts up to the next multiple of N tokens (``training.pad_to_multiple``).
 
 Each row: samples/s, peak GPU memory (``max_memory_allocated``), model FLOPs of one step counted once per
 config with ``FlopCounterMode`` (forward+backward, recomputation not counted), and MFU against the datasheet
@@ -25,6 +29,8 @@ before timing: its CPU cost per sample is printed separately.
 
     python benchmarks/train_throughput.py                                   # all presets, batch 1..16
     python benchmarks/train_throughput.py --presets sa2va-1b --batch-sizes 8,16 --profile
+    python benchmarks/train_throughput.py --presets sa2va-1b --batch-sizes 32 --paths cached --compile \
+        --compile-batch-sizes 32 --compile-mode reduce-overhead --pad-to-multiple 64 --masters optimizer
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_common as G  # noqa: E402
 
+from sa2va_pipeline.training.config import COMPILE_MODES, compile_uses_cudagraphs  # noqa: E402
 from sa2va_pipeline.training.optim import clip_gradients  # noqa: E402
 
 PRESETS = ["sa2va-1b", "sa2va-internvl3-2b", "sa2va-4b"]
@@ -97,8 +104,13 @@ def set_encoders_device(model: Any, device: str) -> None:
     model.sam2.vision_encoder.to(device)
 
 
-def make_step(model: Any, batches: list[dict[str, Any]], optimizer: torch.optim.Optimizer, trainable: list) -> Any:
+def make_step(model: Any, batches: list[dict[str, Any]], optimizer: torch.optim.Optimizer, trainable: list,
+              cudagraphs: bool = False) -> Any:
+    """One optimiser step over ``batches``; ``cudagraphs``: start it as the trainer does under reduce-overhead
+    (a new cudagraph-trees step, so the replays may reuse the previous step's output memory)."""
     def step() -> torch.Tensor:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         optimizer.zero_grad(set_to_none=True)
         for batch in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -131,13 +143,14 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     max_b = max(args.batch_sizes)
     data = G.frames(max_b, seed=1)
     t0 = time.perf_counter()
-    full = model.collate([(im, m, "blood vessel") for im, m in data], seed=0)
+    full = model.collate([(im, m, "blood vessel") for im, m in data], seed=0, pad_to_multiple=args.pad_to_multiple)
     collate_ms = (time.perf_counter() - t0) * 1000 / max_b
     print(f"[{preset}] collate (PIL preprocessing, CPU): {collate_ms:.1f} ms/sample, sequence length "
           f"{full['input_ids'].shape[1]}", flush=True)
 
     def batch_of(b: int, cached: dict[str, Any] | None = None) -> dict[str, Any]:
-        batch = model.collate([(im, m, "blood vessel") for im, m in data[:b]], seed=0)
+        batch = model.collate([(im, m, "blood vessel") for im, m in data[:b]], seed=0,
+                              pad_to_multiple=args.pad_to_multiple)
         if cached is not None:
             batch.pop("pixel_values"), batch.pop("sam2_pixel_values")
             batch["vit_features"] = cached["vit_features"][:b]
@@ -158,7 +171,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
             flops = G.count_flops(flop_fn) * (accumulation if path == "official" else 1)
             row = {
                 "preset": preset, "path": path, "master": master, "batch": b, "accumulation": accumulation,
-                "checkpointing": ckpt, "samples_per_s": samples / seconds, "samples_per_s_min": rates[0],
+                "checkpointing": ckpt, "compile_mode": args.compile_mode if path == "cached+compile" else None,
+                "pad_to_multiple": args.pad_to_multiple, "samples_per_s": samples / seconds, "samples_per_s_min": rates[0],
                 "samples_per_s_max": rates[-1], "repeats": len(rates), "step_s": seconds, "iters": iters,
                 "peak_gb": peak,
                 "tflop_per_sample": flops / samples / 1e12,
@@ -237,15 +251,22 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                 del batch
             set_checkpointing(model, False)
         if args.compile and master in args.compile_masters:  # each LLM decoder layer (one graph for all)
+            cudagraphs = compile_uses_cudagraphs(args.compile_mode, "cuda")
             for layer in model.language_model.layers:
-                layer.compile()
+                layer.compile(mode=args.compile_mode)
             for b in args.compile_batch_sizes:
                 batch = batch_of(b, cached)
+                step = make_step(model, [batch], optimizer, trainable, cudagraphs)
                 t0 = time.perf_counter()
-                make_step(model, [batch], optimizer, trainable)()
-                print(f"[{preset}] compile + first step at batch {b}: {time.perf_counter() - t0:.0f} s", flush=True)
-                record("cached+compile", b, 1, make_step(model, [batch], optimizer, trainable),
-                       forward_backward(model, batch), False)
+                step()
+                print(f"[{preset}] compile ({args.compile_mode or 'default'}) + first step at batch {b}: "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+                def eager_flops(batch=batch):  # model FLOPs: CUDA-graph replays would hide the ops from the counter
+                    with torch.compiler.set_stance("force_eager"):
+                        forward_backward(model, batch)()
+
+                record("cached+compile", b, 1, step, eager_flops, False)
                 del batch
         if args.cache_load:
             rows.append(cache_load_row(model, data, preset, args))
@@ -282,6 +303,13 @@ def cache_load_row(model: Any, data: list, preset: str, args: argparse.Namespace
             "load_images_per_s": len(images) / load_s}
 
 
+def _path_label(row: dict[str, Any]) -> str:
+    """The row's path with its compile mode and prompt padding, when set."""
+    extra = [f"mode {row['compile_mode']}"] if row.get("compile_mode") else []
+    extra += [f"prompts padded to x{row['pad_to_multiple']}"] if row.get("pad_to_multiple") else []
+    return row["path"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| preset | path | fp32 masters in | batch x accum | ckpt | samples/s median (min-max) | peak GB | "
@@ -289,6 +317,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        r = {**r, "path": _path_label(r)}
         if r["path"] == "cache-load":
             lines.append(f"| {r['preset']} | feature-cache load (disk->GPU, bf16) | | {r['batch']} | | "
                          f"{r['load_images_per_s']:.1f} img/s | | | | fill {r['fill_s_per_image'] * 1000:.0f} ms/img |")
@@ -318,6 +347,10 @@ def main() -> None:
                         help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")
     parser.add_argument("--compile", action="store_true", help="also: cached path with torch.compile'd LLM layers")
     parser.add_argument("--compile-batch-sizes", default="16")
+    parser.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                        help="torch.compile mode of --compile (default: torch's; training.compile)")
+    parser.add_argument("--pad-to-multiple", type=int, default=None,
+                        help="pad prompts up to the next multiple of this many tokens (training.pad_to_multiple)")
     parser.add_argument("--masters", default="model,optimizer",
                         help="where the fp32 trainable weights live (training.master_weights): model, optimizer")
     parser.add_argument("--compile-masters", default="model,optimizer", help="which --masters get --compile")

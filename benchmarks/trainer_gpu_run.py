@@ -7,6 +7,8 @@ nor MLflow was imported (they are not installed on the GPU machines).
     python benchmarks/trainer_gpu_run.py --preset sa2va-1b --steps 300 --batch-size 8
     python benchmarks/trainer_gpu_run.py --preset sa2va-1b --steps 50 --devices 2   # DDP, one process per GPU
     python benchmarks/trainer_gpu_run.py --preset sa2va-4b --steps 30 --devices 2 --strategy fsdp --compile
+    python benchmarks/trainer_gpu_run.py --preset sa2va-1b --steps 100 --batch-size 32 --feature-cache bf16 \
+        --extra '{"compile": "reduce-overhead", "pad_to_multiple": 64}'                 # CUDA graphs
 
 Peak memory: ``peak_gb_per_rank`` is ``torch.cuda.max_memory_allocated`` of each training process (each
 worker with --devices > 1, as the workers report it in the training result); ``peak_gb_this_process`` is
@@ -96,7 +98,8 @@ def main() -> None:
         "preset": args.preset,
         "devices": args.devices,
         "strategy": args.strategy if args.devices > 1 else "single",
-        "compile": args.compile,
+        "compile": params["compile"],  # --compile, or a mode from --extra '{"compile": "reduce-overhead"}'
+        "pad_to_multiple": params.get("pad_to_multiple"),
         "gradient_checkpointing": args.gradient_checkpointing,
         "feature_cache": args.feature_cache,
         "batch_per_device": args.batch_size,

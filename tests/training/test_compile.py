@@ -1,15 +1,19 @@
 """``training.compile``: torch.compile'd LLM decoder layers train like eager ones (CPU inductor; slow: the
-first step compiles, ~10-20 s on 2 cores)."""
+first step compiles, ~10-20 s on 2 cores); the mode reaches every layer and, under CUDA graphs
+(``reduce-overhead``), the loop marks each step for cudagraph trees (fast: torch.compile replaced by a
+recorder, nothing compiles)."""
 
 from __future__ import annotations
 
 import random
 from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from stripe_frames import stripe_samples
+from torch import nn
 
 from sa2va_pipeline.training.recipe import run_training
 
@@ -25,6 +29,92 @@ def fresh_dynamo():
     counters.clear()
     yield counters
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """torch.compile replaced by a recorder of its ``mode`` that returns the function as it is (runs eager)."""
+    calls: list = []
+
+    def record(fn, *args, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    return calls
+
+
+def test_compile_llm_layers_passes_the_mode_to_every_layer(compile_calls):
+    from sa2va_pipeline.training.prepare import compile_llm_layers
+
+    model = nn.Module()
+    model.llm = nn.Module()
+    model.llm.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    layout = SimpleNamespace(llm="llm.")
+    assert compile_llm_layers(model, layout, "reduce-overhead") == 3
+    assert compile_calls == ["reduce-overhead"] * 3
+    compile_calls.clear()
+    assert compile_llm_layers(model, layout) == 3 and compile_calls == [None] * 3  # torch's default mode
+    assert model.llm.layers[0](torch.ones(1, 2)).shape == (1, 2)
+    with pytest.raises(ValueError, match="no decoder layers"):
+        compile_llm_layers(nn.Module(), SimpleNamespace(llm=""))
+
+
+def test_the_trainer_compiles_with_the_configured_mode_and_pads_prompts(tmp_path, compile_calls, monkeypatch):
+    """Through run_training (tiny model, CPU): every LLM layer gets the mode, batches are padded to the
+    multiple, and on the CPU no cudagraph step is marked (CUDA graphs exist on CUDA devices only)."""
+    from sa2va_pipeline.model.sa2va import Sa2VA
+
+    marks, widths = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    collate = Sa2VA.collate
+
+    def recording_collate(self, *args, **kwargs):
+        batch = collate(self, *args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(Sa2VA, "collate", recording_collate)
+    params = {
+        "model": {"preset": "tiny", "overrides": {"sam2_image_size": 64}}, "recipe": "tiny", "device": "cpu",
+        "compile": "reduce-overhead", "pad_to_multiple": 64, "batch_size": 2, "prefetch": 0,
+        "schedule": {"max_steps": 2, "epochs": None}, "eval": {"at_start": False, "interval": 0},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 0, "keep_last": 1},
+    }
+    run_training(_samples(4), [], params, progress=False)
+    assert compile_calls == ["reduce-overhead"] * 2  # the tiny LLM's two decoder layers
+    assert widths and all(w % 64 == 0 for w in widths)
+    assert not marks
+
+
+@pytest.mark.parametrize(("setting", "marked"), [("reduce-overhead", True), (True, False), (False, False)])
+def test_the_loop_marks_each_step_for_cudagraph_trees_only_under_cuda_graphs(tmp_path, monkeypatch, setting,
+                                                                            marked):
+    """Once per optimiser step before its micro-batches (not between them: accumulated gradients must stay
+    valid) and before each validation; the toy runs on the CPU, so the loop's CUDA check is emulated."""
+    from training_toy_model import ToySa2VA, loss_fn, make_batch, make_samples
+
+    from sa2va_pipeline.training.config import compile_uses_cudagraphs, load_training_config
+    from sa2va_pipeline.training.prepare import prepare_for_training
+    from sa2va_pipeline.training.trainer import TrainingLoop
+
+    config = load_training_config({
+        "model": {"preset": "toy"}, "recipe": "toy", "compile": setting, "batch_size": 2, "grad_accumulation": 2,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "optimizer": {"lr": 1e-2}, "schedule": {"max_steps": 3},
+        "eval": {"at_start": True, "interval": 0},
+        "checkpoint": {"dir": str(tmp_path / "ckpt"), "interval": 0, "keep_last": 1},
+    })
+    prepared = prepare_for_training(ToySa2VA(), config.lora, config.trainable)
+    model = prepared.model
+    marks: list[int] = []  # the model's forward count at each mark
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(model.calls))
+    loop = TrainingLoop(model, prepared.params_by_group, make_samples(), config, make_batch, loss_fn,
+                        evaluate=lambda m: {"val_dice_best_threshold": 0.5}, progress=False)
+    assert not loop.cudagraphs  # on the CPU, whatever the setting
+    loop.cudagraphs = compile_uses_cudagraphs(config.compile, "cuda")  # as on a GPU
+    loop.run()
+    # validation at step 0, steps 1-3 (two micro-batches each), the final validation
+    assert marks == ([0, 0, 2, 4, 6] if marked else [])
 
 
 @pytest.mark.slow

@@ -118,6 +118,38 @@ def test_absurd_numbers_are_refused_naming_the_key(override, key):
         load_training_config({**override, "recipe": "tiny"})
 
 
+@pytest.mark.parametrize("setting", [False, True, "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compile_takes_true_false_or_a_mode(setting):
+    from sa2va_pipeline.training.config import compile_mode, compile_uses_cudagraphs
+
+    config = load_training_config({"recipe": "tiny", "compile": setting, "pad_to_multiple": 64})
+    assert config.compile == setting and config.pad_to_multiple == 64
+    assert compile_mode(setting) == (setting if isinstance(setting, str) else None)  # None: torch's default
+    assert compile_uses_cudagraphs(setting, "cuda:0") == (setting == "reduce-overhead")
+    assert not compile_uses_cudagraphs(setting, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"compile": "max-autotune"}, "training.compile"),
+        ({"compile": "yes"}, "training.compile"),
+        ({"compile": 1}, "training.compile"),
+        ({"pad_to_multiple": 0}, "training.pad_to_multiple"),
+        ({"pad_to_multiple": -64}, "training.pad_to_multiple"),
+        ({"pad_to_multiple": 2.5}, "training.pad_to_multiple"),
+        ({"pad_to_multiple": True}, "training.pad_to_multiple"),
+        ({"pad_to_multiple": "wide"}, "training.pad_to_multiple"),
+    ],
+)
+def test_bad_compile_and_padding_settings_are_refused(override, key):
+    from sa2va_pipeline.training.config import TrainingConfigError
+
+    with pytest.raises(TrainingConfigError, match=key.replace(".", r"\.")):
+        load_training_config({**override, "recipe": "tiny"})
+    assert load_training_config({"recipe": "tiny"}).pad_to_multiple is None  # default: pad to the longest
+
+
 def test_data_checks_stop_before_training():
     from sa2va_pipeline.training.recipe import check_training_data
 

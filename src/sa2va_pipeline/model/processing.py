@@ -28,10 +28,16 @@ DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
 DEFAULT_ANSWER = "Sure, [SEG]."
 
 
-def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(
+    rows: Sequence[Sequence[int]], value: int, multiple: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows to the longest one: (tensor [B, T] filled with ``value``, attention mask [B, T]).
-    """
+
+    ``multiple``: T is the longest row rounded up to the next multiple of it (shapes that repeat from batch to
+    batch, so compiled graphs and CUDA graphs are reused); None: the longest row."""
     length = max(len(r) for r in rows)
+    if multiple is not None:
+        length = -(-length // multiple) * multiple
     out = torch.full((len(rows), length), value, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -137,8 +143,11 @@ def collate(
     questions: Sequence[str] | None = None,
     skip_pixels: Sequence[str] = (),
     max_objects: int | None = None,
+    pad_to_multiple: int | None = None,
 ) -> dict[str, Any]:
     """A training batch from samples; see :meth:`.sa2va.Sa2VA.collate` for the keys and rules."""
+    if pad_to_multiple is not None and (type(pad_to_multiple) is not int or pad_to_multiple < 1):
+        raise ValueError(f"pad_to_multiple must be a positive whole number or None, got {pad_to_multiple!r}")
     rng = rng if rng is not None else random.Random(0 if seed is None else seed)
     adapter = model.adapter
     rows, pixels, fields, sam2_inputs, gt_masks = [], [], [], [], []
@@ -168,8 +177,8 @@ def collate(
             f"None of the {len(samples)} samples of this batch has an object: samples without objects have no "
             "[SEG] turn and are left out of training batches; draw batches from samples with objects."
         )
-    input_ids, attention = pad_rows([ids for ids, _ in rows], model.pad_id)
-    labels, _ = pad_rows([labels for _, labels in rows], IGNORE_INDEX)
+    input_ids, attention = pad_rows([ids for ids, _ in rows], model.pad_id, pad_to_multiple)
+    labels, _ = pad_rows([labels for _, labels in rows], IGNORE_INDEX, pad_to_multiple)
     batch = {
         "input_ids": input_ids,
         "labels": labels,

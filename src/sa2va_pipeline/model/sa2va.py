@@ -336,6 +336,7 @@ class Sa2VA(nn.Module):
         questions: Sequence[str] | None = None,
         skip_pixels: Sequence[str] = (),
         max_objects: int | None = None,
+        pad_to_multiple: int | None = None,
     ) -> dict[str, Any]:
         """Build a training batch from samples (see :mod:`.processing`).
 
@@ -346,7 +347,9 @@ class Sa2VA(nn.Module):
         from ``questions`` (forms with ``{class_name}``; default: the official SEG_QUESTIONS) and answers from
         ANSWER_LIST (or ``answer`` if given), drawn with ``rng`` (or ``random.Random(seed)``; seed 0 by default)
         so batches are deterministic. Labels are -100 except answer tokens (incl. [SEG] and the template
-        suffix); padding is to the longest sequence.
+        suffix); padding (on the right) is to the longest sequence, or with ``pad_to_multiple`` to the next
+        multiple of it (padding tokens are masked out and labelled -100, so the losses do not change; repeating
+        shapes let compiled graphs and CUDA graphs be reused, ``training.pad_to_multiple``).
 
         ``max_objects``: a sample with more objects keeps ``max_objects`` of them, drawn with ``rng`` (their
         original order kept). A sample with no object has no [SEG] turn and supervises nothing: it is left out
@@ -361,7 +364,8 @@ class Sa2VA(nn.Module):
         ``object_image_index`` [N] and ``object_phrases`` (N cleaned phrases) in [SEG] order (row-major);
         ``sample_index`` (list of B indices into ``samples``).
         """
-        return processing.collate(self, samples, rng, seed, answer, questions, skip_pixels, max_objects)
+        return processing.collate(self, samples, rng, seed, answer, questions, skip_pixels, max_objects,
+                                  pad_to_multiple)
 
     def training_forward(
         self,

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 EmbeddingMode = Literal["full", "new_tokens", "frozen"]
 # Multi-device strategies (training/fsdp.py, training/ranks.py): DDP replicas, or FSDP2 sharding.
 STRATEGIES = ("ddp", "fsdp")
+# ``training.compile`` besides true (torch.compile's default mode) and false: torch.compile modes by name.
+# reduce-overhead replays each compiled layer as a CUDA graph (cudagraph trees; one recording per shape).
+COMPILE_MODES = ("reduce-overhead", "max-autotune-no-cudagraphs")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead",)
 
 
 class TrainingConfigError(UserError, ValueError):
@@ -178,7 +182,10 @@ class TrainingConfig:
     devices: int = 1  # worker processes, one per GPU (see training/distributed.py); 1 = this process
     strategy: str = "ddp"  # with devices > 1: ddp (replicas, gradients all-reduced) | fsdp (FSDP2, sharded)
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
-    compile: bool = False  # torch.compile each LLM decoder layer (GPU throughput; compiles once per shape)
+    # torch.compile each LLM decoder layer (GPU throughput; compiles once per shape): false | true (torch's
+    # default mode) | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile: bool | str = False
+    pad_to_multiple: int | None = None  # prompt lengths padded up to a multiple of this (None: the longest)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     master_weights: str = "auto"  # where fp32 trainable weights live under bf16: auto | optimizer | model
     gradient_checkpointing: bool = False
@@ -216,6 +223,7 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "max_objects_per_image": (1, 10_000, True, True),
     "min_train_samples": (1, None, True, True),
     "num_threads": (1, 4096, True, True),
+    "pad_to_multiple": (1, 1 << 20, True, True),
     "log_every": (1, None, True, True),
     "loss.llm_weight": (0, 1e6, True, True),
     "loss.bce_weight": (0, 1e6, True, True),
@@ -249,8 +257,8 @@ NUMERIC_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 }
 INTEGER_KEYS = {
     "seed", "devices", "prefetch", "batch_size", "grad_accumulation", "max_objects_per_image", "min_train_samples",
-    "num_threads", "log_every", "loss.num_points", "loss.cldice_iterations", "lora.r", "schedule.max_steps",
-    "schedule.repeats",
+    "num_threads", "pad_to_multiple", "log_every", "loss.num_points", "loss.cldice_iterations", "lora.r",
+    "schedule.max_steps", "schedule.repeats",
     "schedule.calibration_steps", "eval.interval", "eval.points", "eval.max_samples", "eval.batch_size",
     "checkpoint.interval", "checkpoint.keep_last",
 }
@@ -357,8 +365,8 @@ def check_numbers(config: TrainingConfig) -> None:
 
 # Settings that may be null (their dataclass default is None or they are optional lengths).
 NULLABLE = {
-    "max_objects_per_image", "num_threads", "schedule.max_steps", "schedule.epochs", "schedule.time_budget_s",
-    "eval.interval", "eval.max_samples",
+    "max_objects_per_image", "num_threads", "pad_to_multiple", "schedule.max_steps", "schedule.epochs",
+    "schedule.time_budget_s", "eval.interval", "eval.max_samples",
 }
 
 
@@ -399,8 +407,14 @@ def _check_choices(config: TrainingConfig) -> None:
             f"training.strategy must be one of {' | '.join(STRATEGIES)} (used with training.devices > 1), "
             f"got {config.strategy!r}"
         )
-    if not isinstance(config.compile, bool):
-        raise TrainingConfigError(f"training.compile must be true or false, got {config.compile!r}")
+    if not isinstance(config.compile, bool) and config.compile not in COMPILE_MODES:
+        raise TrainingConfigError(
+            f"training.compile must be true, false or one of {' | '.join(COMPILE_MODES)}, got {config.compile!r}"
+        )
+    if isinstance(config.pad_to_multiple, bool):
+        raise TrainingConfigError(
+            f"training.pad_to_multiple must be a positive whole number or null, got {config.pad_to_multiple!r}"
+        )
     if not isinstance(config.fsdp.meta_init, bool):
         raise TrainingConfigError(f"training.fsdp.meta_init must be true or false, got {config.fsdp.meta_init!r}")
     if config.master_weights not in ("auto", "optimizer", "model"):
@@ -424,6 +438,17 @@ def _check_choices(config: TrainingConfig) -> None:
         raise TrainingConfigError(f"training.checkpoint.resume must be true, false or a run id (a folder name), got {resume!r}")
     _check_prompt_forms(config.prompt.questions, "{class_name}", "training.prompt.questions")
     _check_prompt_forms(config.prompt.answers, "[SEG]", "training.prompt.answers")
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """``torch.compile``'s ``mode`` for a ``training.compile`` setting (None: torch's default, for true)."""
+    return setting if isinstance(setting, str) else None
+
+
+def compile_uses_cudagraphs(setting: bool | str, device: Any) -> bool:
+    """Whether a ``training.compile`` setting replays the compiled layers as CUDA graphs on ``device`` (a name or
+    ``torch.device``; CUDA graphs exist on CUDA devices only)."""
+    return isinstance(setting, str) and setting in CUDAGRAPH_COMPILE_MODES and str(device).startswith("cuda")
 
 
 def _check_prompt_forms(forms: str | list[str], needle: str, name: str) -> None:

@@ -142,7 +142,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def compile_llm_layers(model: Sa2VA, layout: Any) -> int:
+def compile_llm_layers(model: Sa2VA, layout: Any, mode: str | None = None) -> int:
     """``torch.compile`` every LLM decoder layer in place (``training.compile``); returns how many.
 
     Per layer rather than the whole model: the layers share one code path, so one graph serves all of them,
@@ -150,6 +150,13 @@ def compile_llm_layers(model: Sa2VA, layout: Any) -> int:
     with LoRA (peft's layers are traced into the graph), gradient checkpointing (transformers checkpoints the
     layer's forward around the compiled call) and DDP / FSDP (their hooks stay outside the graphs). Shapes
     change with each batch's longest prompt, so expect a recompile or two before dynamic shapes settle.
+
+    ``mode``: ``torch.compile``'s (None: its default; ``config.compile_mode``). Under ``reduce-overhead`` each
+    layer is replayed as a CUDA graph (cudagraph trees, one recording per input shape, so bucketed prompt
+    lengths, ``training.pad_to_multiple``, keep the recordings few); a replay overwrites the previous replay's
+    outputs, so the loop starts each step with ``torch.compiler.cudagraph_mark_step_begin()`` (trainer.py) and
+    nothing may keep a layer's output across steps (the step keeps only losses and the gradients, and the
+    gradients either live in the optimiser's flat buffers or are set to None before the next backward).
     """
     from torch import nn
 
@@ -158,6 +165,6 @@ def compile_llm_layers(model: Sa2VA, layout: Any) -> int:
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise ValueError(f"training.compile: no decoder layers found under {layout.llm}layers")
     for layer in layers:
-        layer.compile()
-    log.info("torch.compile: %d LLM decoder layers (compiled on first use)", len(layers))
+        layer.compile(mode=mode)
+    log.info("torch.compile (mode %s): %d LLM decoder layers (compiled on first use)", mode or "default", len(layers))
     return len(layers)

@@ -48,6 +48,7 @@ from sa2va_pipeline.training.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from sa2va_pipeline.training.config import compile_uses_cudagraphs
 from sa2va_pipeline.training.gradient_check import GradientReachCheck
 from sa2va_pipeline.training.master_weights import use_master_weights
 from sa2va_pipeline.training.optim import build_optimizer, clip_gradients, set_lr
@@ -201,6 +202,8 @@ class TrainingLoop:
         self.optimizer, self.optimizer_names = build_optimizer(params_by_group, config.optimizer,
                                                                self.master_weights)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # training.compile: reduce-overhead replays the compiled layers as CUDA graphs (on a CUDA device only)
+        self.cudagraphs = compile_uses_cudagraphs(config.compile, self.device)
         self.per_step = config.batch_size * config.grad_accumulation
         self.result = TrainResult(total_steps=0, steps_done=0, run_dir=str(self.run_dir))
         self.start_step, self.total_steps = 0, planned_steps(config, len(train_samples))
@@ -275,6 +278,7 @@ class TrainingLoop:
         objects in the step, all ranks included)."""
         import torch
 
+        self.mark_step_begin()
         totals: dict[str, float] = {}
         phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
         for batch in batches:
@@ -348,6 +352,16 @@ class TrainingLoop:
         result.wall_time_s = time.monotonic() - self.started_at
 
     # ------------------------------------------------------------------ helpers of the parts
+    def mark_step_begin(self) -> None:
+        """Under CUDA graphs, tell cudagraph trees that a new step (or a validation) begins, so the next replay
+        may reuse the memory of the previous step's graph outputs. Once per optimiser step, not per
+        micro-batch: gradients accumulated over micro-batches must stay valid until the optimiser step. Nothing
+        of an earlier step is read afterwards (its losses are floats, its gradients consumed or set to None)."""
+        if self.cudagraphs:
+            import torch
+
+            torch.compiler.cudagraph_mark_step_begin()
+
     def validate(self, step: int) -> float:
         """Run ``evaluate`` (eval mode, no grad), record and report it; returns its duration in seconds."""
         import torch
@@ -356,6 +370,7 @@ class TrainingLoop:
             return 0.0
         t0 = time.monotonic()
         self.model.eval()
+        self.mark_step_begin()
         with torch.no_grad(), autocast(self.device, self.amp_dtype):
             metrics = dict(self.evaluate(self.model))
         self.model.train()

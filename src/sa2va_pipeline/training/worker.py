@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.devices import autocast_dtype, resolve_device
 from sa2va_pipeline.training.artifacts import TrainedModel
+from sa2va_pipeline.training.config import compile_mode
 from sa2va_pipeline.training.feature_cache import wait_for_features
 from sa2va_pipeline.training.prepare import (
     PreparedModel,
@@ -90,7 +91,7 @@ def train_on_rank(
         skeleton, params_by_group = _shard(model, prepared, ctx, weights)
     weights = None  # rank 0's CPU copy of a preset (meta init) is no longer needed
     if config.compile:
-        compile_llm_layers(model, prepared.layout)
+        compile_llm_layers(model, prepared.layout, compile_mode(config.compile))
     phrases = trained_phrases(train_samples)
     loop = TrainingLoop(
         model, params_by_group, train_samples, config,
@@ -186,13 +187,15 @@ def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext,
 
 def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
                    ctx: DistributedContext | None) -> Callable[[list[dict[str, Any]], random.Random], dict[str, Any]]:
-    """``make_batch(samples, rng)``: this rank's share, collated with the prompt and object settings."""
+    """``make_batch(samples, rng)``: this rank's share, collated with the prompt, object and padding settings."""
     questions = None if config.prompt.questions == "official" else config.prompt.questions
     answers = None if config.prompt.answers == "official" else list(config.prompt.answers)
-    object_cap: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    if config.pad_to_multiple is not None:  # bucketed prompt lengths: shapes repeat (compiled / CUDA graphs)
+        options["pad_to_multiple"] = int(config.pad_to_multiple)
     if config.max_objects_per_image is not None:
         if "max_objects" in inspect.signature(model.collate).parameters:
-            object_cap = {"max_objects": config.max_objects_per_image}
+            options["max_objects"] = config.max_objects_per_image
         else:
             log.warning("This model's collate cannot cap objects per image: training.max_objects_per_image "
                         "has no effect (every object is trained)")
@@ -205,7 +208,7 @@ def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
         batch = model.collate(
             samples, rng=rng, answer=rng.choice(answers) if answers else None, questions=questions,
             skip_pixels=cache.parts if cache is not None else (),  # cached features replace those pixels
-            **object_cap,
+            **options,
         )
         if cache is None:
             return batch

@@ -1,0 +1,59 @@
+"""Bucketed prompt lengths (``collate(pad_to_multiple=...)``, ``training.pad_to_multiple``): the padded length is
+a multiple, the extra positions are masked padding with no label, and the losses do not change, for the
+InternVL family and both Qwen-VL families (whose M-RoPE positions come from the attention mask)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sa2va_pipeline.model.losses import IGNORE_INDEX
+
+PRESETS = ["tiny", "tiny-qwen2_5-vl", "tiny-qwen3-vl"]
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def model(request):
+    from sa2va_pipeline.model import Sa2VA
+
+    torch.set_num_threads(2)
+    return Sa2VA.from_preset(request.param, sam2_image_size=256).eval()
+
+
+def _samples(make_image, make_mask):
+    # two prompts of different lengths (one object vs two), so the rows are padded by different amounts; with
+    # the prompts drawn from Random(1) no family's longest row is a multiple of 64
+    return [(make_image(0, 96, 128), make_mask(0, 96, 128), "vessel"),
+            (make_image(1, 64, 64), [make_mask(1, 64, 64), make_mask(2, 64, 64)], ["vessel", "artery"])]  # fmt: skip
+
+
+def test_padding_to_a_multiple_changes_the_length_but_not_the_losses(model, make_image, make_mask):
+    samples = _samples(make_image, make_mask)
+    plain = model.collate(samples, rng=random.Random(1))
+    padded = model.collate(samples, rng=random.Random(1), pad_to_multiple=64)
+    length, width = plain["input_ids"].shape[1], padded["input_ids"].shape[1]
+    assert width % 64 == 0 and length < width < length + 64
+    assert torch.equal(padded["input_ids"][:, :length], plain["input_ids"])
+    assert torch.equal(padded["labels"][:, :length], plain["labels"])
+    assert torch.equal(padded["attention_mask"][:, :length], plain["attention_mask"])
+    assert (padded["input_ids"][:, length:] == model.pad_id).all()
+    assert (padded["labels"][:, length:] == IGNORE_INDEX).all() and (padded["attention_mask"][:, length:] == 0).all()
+    with torch.no_grad():
+        want = model.training_forward(plain, generator=torch.Generator().manual_seed(0))
+        got = model.training_forward(padded, generator=torch.Generator().manual_seed(0))
+    for key in ("llm", "mask_bce", "mask_dice", "total"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+    for key in ("mask_bce", "mask_dice"):
+        torch.testing.assert_close(got["per_object"][key], want["per_object"][key], rtol=1e-5, atol=1e-5)
+
+
+def test_a_length_already_on_the_multiple_is_kept_and_bad_multiples_are_refused(model, make_image, make_mask):
+    samples = _samples(make_image, make_mask)
+    length = model.collate(samples, rng=random.Random(1))["input_ids"].shape[1]
+    assert model.collate(samples, rng=random.Random(1), pad_to_multiple=length)["input_ids"].shape[1] == length
+    assert model.collate(samples, rng=random.Random(1), pad_to_multiple=1)["input_ids"].shape[1] == length
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="pad_to_multiple"):
+            model.collate(samples, rng=random.Random(1), pad_to_multiple=bad)
