@@ -20,7 +20,8 @@ Paths, measured in the same run:
   (``--compile-mode``: torch's default, or ``reduce-overhead`` = CUDA graphs, each timed step then starts with
   ``torch.compiler.cudagraph_mark_step_begin()`` as the trainer's do, or ``max-autotune-no-cudagraphs``).
 
-``--pad-to-multiple N`` pads every batch's prompts up to the next multiple of N tokens (``training.pad_to_multiple``).
+``--pad-to-multiple N`` pads every batch's prompts up to the next multiple of N tokens
+(``training.pad_to_multiple``).
 
 Each row: samples/s, peak GPU memory (``max_memory_allocated``), model FLOPs of one step counted once per
 config with ``FlopCounterMode`` (forward+backward, recomputation not counted), and MFU against the datasheet
@@ -172,7 +173,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
             row = {
                 "preset": preset, "path": path, "master": master, "batch": b, "accumulation": accumulation,
                 "checkpointing": ckpt, "compile_mode": args.compile_mode if path == "cached+compile" else None,
-                "pad_to_multiple": args.pad_to_multiple, "samples_per_s": samples / seconds, "samples_per_s_min": rates[0],
+                "pad_to_multiple": args.pad_to_multiple,
+                "samples_per_s": samples / seconds, "samples_per_s_min": rates[0],
                 "samples_per_s_max": rates[-1], "repeats": len(rates), "step_s": seconds, "iters": iters,
                 "peak_gb": peak,
                 "tflop_per_sample": flops / samples / 1e12,
@@ -262,7 +264,7 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                 print(f"[{preset}] compile ({args.compile_mode or 'default'}) + first step at batch {b}: "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
 
-                def eager_flops(batch=batch):  # model FLOPs: CUDA-graph replays would hide the ops from the counter
+                def eager_flops(batch=batch):  # model FLOPs; CUDA-graph replays would hide ops from the counter
                     with torch.compiler.set_stance("force_eager"):
                         forward_backward(model, batch)()
 

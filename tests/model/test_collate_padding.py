@@ -39,7 +39,8 @@ def test_padding_to_a_multiple_changes_the_length_but_not_the_losses(model, make
     assert torch.equal(padded["labels"][:, :length], plain["labels"])
     assert torch.equal(padded["attention_mask"][:, :length], plain["attention_mask"])
     assert (padded["input_ids"][:, length:] == model.pad_id).all()
-    assert (padded["labels"][:, length:] == IGNORE_INDEX).all() and (padded["attention_mask"][:, length:] == 0).all()
+    assert (padded["labels"][:, length:] == IGNORE_INDEX).all()
+    assert (padded["attention_mask"][:, length:] == 0).all()
     with torch.no_grad():
         want = model.training_forward(plain, generator=torch.Generator().manual_seed(0))
         got = model.training_forward(padded, generator=torch.Generator().manual_seed(0))

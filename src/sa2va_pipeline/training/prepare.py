@@ -166,5 +166,6 @@ def compile_llm_layers(model: Sa2VA, layout: Any, mode: str | None = None) -> in
         raise ValueError(f"training.compile: no decoder layers found under {layout.llm}layers")
     for layer in layers:
         layer.compile(mode=mode)
-    log.info("torch.compile (mode %s): %d LLM decoder layers (compiled on first use)", mode or "default", len(layers))
+    log.info("torch.compile (mode %s): %d LLM decoder layers (compiled on first use)", mode or "default",
+             len(layers))
     return len(layers)
