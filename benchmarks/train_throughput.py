@@ -144,7 +144,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     max_b = max(args.batch_sizes)
     data = G.frames(max_b, seed=1)
     t0 = time.perf_counter()
-    full = model.collate([(im, m, "blood vessel") for im, m in data], seed=0, pad_to_multiple=args.pad_to_multiple)
+    full = model.collate([(im, m, "blood vessel") for im, m in data], seed=0,
+                         pad_to_multiple=args.pad_to_multiple)
     collate_ms = (time.perf_counter() - t0) * 1000 / max_b
     print(f"[{preset}] collate (PIL preprocessing, CPU): {collate_ms:.1f} ms/sample, sequence length "
           f"{full['input_ids'].shape[1]}", flush=True)
@@ -269,6 +270,12 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                         forward_backward(model, batch)()
 
                 record("cached+compile", b, 1, step, eager_flops, False)
+                if cudagraphs:  # inductor falls back to plain kernels (silently unless TORCH_LOGS=cudagraphs)
+                    from torch._dynamo.utils import counters
+
+                    rows[-1]["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+                    print(f"[{preset}] graphs that skipped CUDA graphs so far: {rows[-1]['cudagraph_skips']}",
+                          flush=True)
                 del batch
         if args.cache_load:
             rows.append(cache_load_row(model, data, preset, args))

@@ -114,12 +114,20 @@ def main() -> None:
         "loss_first": history[0]["loss"],
         "loss_last": history[-1]["loss"],
         "losses": [round(r["loss"], 5) for r in history],
+        # graphs inductor left out of CUDA graphs under reduce-overhead (this process only; TORCH_LOGS=cudagraphs)
+        "cudagraph_skips": _cudagraph_skips(),
         "kedro_imported": "kedro" in sys.modules,
         "mlflow_imported": "mlflow" in sys.modules,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 if __name__ == "__main__":

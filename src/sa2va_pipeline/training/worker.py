@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sa2va_pipeline.devices import autocast_dtype, resolve_device
 from sa2va_pipeline.training.artifacts import TrainedModel
-from sa2va_pipeline.training.config import compile_mode
+from sa2va_pipeline.training.config import compile_mode, compile_uses_cudagraphs
 from sa2va_pipeline.training.feature_cache import wait_for_features
 from sa2va_pipeline.training.prepare import (
     PreparedModel,
@@ -91,6 +91,9 @@ def train_on_rank(
         skeleton, params_by_group = _shard(model, prepared, ctx, weights)
     weights = None  # rank 0's CPU copy of a preset (meta init) is no longer needed
     if config.compile:
+        if compile_uses_cudagraphs(config.compile, device) and config.pad_to_multiple is None:
+            log.warning("training.compile %s without training.pad_to_multiple: a CUDA graph is recorded for every "
+                        "prompt length the batches bring (set pad_to_multiple, e.g. 64)", config.compile)
         compile_llm_layers(model, prepared.layout, compile_mode(config.compile))
     phrases = trained_phrases(train_samples)
     loop = TrainingLoop(
