@@ -106,15 +106,19 @@ def test_validation_metrics_from_counts_equal_the_threshold_sweep():
 @pytest.fixture(scope="module")
 def two_worker_runs(tmp_path_factory) -> dict:
     """The same 3-step run on 2 CPU workers with DDP, with FSDP (meta init, the default) and with FSDP built
-    eagerly (``fsdp.meta_init: false``): same seed, global batch 2, dropout 0."""
+    eagerly (``fsdp.meta_init: false``): same seed, global batch 2, dropout 0; and the FSDP pair again with the
+    feature cache and trainable token rows (``cached``), which meta init fills in its own ways."""
     from sa2va_pipeline.training.recipe import run_training
 
     runs = {}
-    for run in ("ddp", "fsdp", "fsdp_eager"):
+    for run in ("ddp", "fsdp", "fsdp_eager", "fsdp_cached", "fsdp_cached_eager"):
         root = tmp_path_factory.mktemp(run)
         params = _params(root, 2, run.split("_")[0])
-        if run == "fsdp_eager":
+        if run.endswith("_eager"):
             params["fsdp"] = {"meta_init": False}
+        if "_cached" in run:
+            params["trainable"] = {"embeddings": "new_tokens"}
+            params["feature_cache"] = {"enabled": True, "dir": str(root / "cache")}
         logged: list[tuple[dict, int]] = []
         trained = run_training(TRAIN, VAL, params,
                                log_metrics=lambda m, s, out=logged: out.append((m, s)), progress=False)
@@ -178,10 +182,16 @@ def test_fsdp_loss_curve_and_saved_model_equal_ddp(two_worker_runs):
 
 
 @pytest.mark.slow
-def test_fsdp_with_meta_init_trains_as_fsdp_built_whole(two_worker_runs):
-    """Meta init (the preset built on rank 0 and sent tensor by tensor, LoRA drawn as in the eager build)
-    changes no number: the same losses, gradient norms and trained weights as the eagerly built FSDP run."""
-    meta, eager = two_worker_runs["fsdp"]["trained"], two_worker_runs["fsdp_eager"]["trained"]
+@pytest.mark.parametrize("run", ["fsdp", "fsdp_cached"])
+def test_fsdp_with_meta_init_trains_as_fsdp_built_whole(two_worker_runs, run):
+    """Meta init (the preset built on rank 0 and sent tensor by tensor, LoRA drawn as in the eager build; with
+    the cache, the encoders alone real while it fills; token rows copied as the embeddings load) changes no
+    number: the same losses, gradient norms and trained weights as the eagerly built FSDP run."""
+    meta, eager = two_worker_runs[run]["trained"], two_worker_runs[run + "_eager"]["trained"]
+    assert not any(t.is_meta for t in [*meta.model.parameters(), *meta.model.buffers()])
+    if run == "fsdp_cached":
+        assert any((two_worker_runs[run]["ckpt"].parent / "cache").rglob("*.safetensors"))
+        assert any("trainable_tokens_delta" in n for n, _ in meta.model.named_parameters())
     for key in ("loss", "loss_llm", "loss_mask_bce", "loss_mask_dice", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in meta.result.history], [r[key] for r in eager.result.history],
                                    rtol=0, atol=1e-6, err_msg=key)

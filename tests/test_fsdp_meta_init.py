@@ -1,6 +1,7 @@
 """FSDP deferred init (``training.fsdp.meta_init``) on 2 CPU ranks (gloo): the model built on ``meta``, LoRA
-injected there, sharded, and each rank's shards filled from a checkpoint (rows per rank) or from a preset built
-on rank 0, equal to the eager build bit for bit, with about half the model held per rank.
+injected there (with trainable token rows or not), sharded, and each rank's shards filled from a checkpoint (rows
+per rank) or from a preset built on rank 0, equal to the eager build bit for bit, with about half the model held
+per rank; and the frozen encoders alone made real before sharding (for the feature cache), then freed.
 
 One spawn of 2 workers runs every scenario (most of the cost is starting the processes); the training-run
 comparison (same losses with and without meta init) is in tests/test_distributed.py."""
@@ -17,10 +18,16 @@ WORLD = 2
 # (name, model source, build dtype): a tiny InternLM2 checkpoint covers every conversion step (renames read by
 # rows; InternViT qkv and InternLM2 wqkv split; SAM2 point embeddings stacked; the gaussian copied) with the GPU
 # layout (frozen bf16, trainable fp32); the preset covers the rank-0 build sent tensor by tensor.
+# With ``new_tokens`` peft copies the added tokens' embedding rows at injection: on meta they are filled from the
+# embedding matrix when it is loaded.
 SCENARIOS = [
-    ("checkpoint", "ckpt", torch.bfloat16),
-    ("preset", {"preset": "tiny", "overrides": {"sam2_image_size": 64}}, torch.float32),
+    ("checkpoint", "ckpt", torch.bfloat16, {}),
+    ("preset", {"preset": "tiny", "overrides": {"sam2_image_size": 64}}, torch.float32, {}),
+    ("checkpoint_new_tokens", "ckpt", torch.bfloat16, {"trainable": {"embeddings": "new_tokens"}}),
+    ("preset_new_tokens", {"preset": "tiny", "overrides": {"sam2_image_size": 64}}, torch.float32,
+     {"trainable": {"embeddings": "new_tokens"}}),
 ]
+ENCODERS = ["vlm.model.vision_tower.", "sam2.vision_encoder."]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0}
 
 
@@ -37,7 +44,7 @@ def _worker(rank: int, rendezvous: str, checkpoint: str, out: str) -> None:
     import torch.distributed as dist
 
     from sa2va_pipeline.training.config import load_training_config
-    from sa2va_pipeline.training.fsdp import fsdp_shard, fsdp_shard_deferred
+    from sa2va_pipeline.training.fsdp import fsdp_shard, fsdp_shard_deferred, parts_materialised
     from sa2va_pipeline.training.prepare import (
         added_token_ids,
         build_model,
@@ -52,10 +59,11 @@ def _worker(rank: int, rendezvous: str, checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     ctx = DistributedContext(rank, WORLD, "cpu", "gloo")
     results = {}
-    for name, source, dtype in SCENARIOS:
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for name, source, dtype, extra in SCENARIOS:
         source = {"checkpoint": checkpoint} if source == "ckpt" else source
-        config = load_training_config({"model": source, "seed": 3, "lora": LORA})
-        states = {}
+        config = load_training_config({"model": source, "seed": 3, "lora": LORA, **extra})
+        states, sam2 = {}, {}
         for meta in (False, True):
             seed_everything(3)  # LoRA's A matrices come from the global generator, as in the worker
             low = dtype if dtype != torch.float32 else None
@@ -66,6 +74,13 @@ def _worker(rank: int, rendezvous: str, checkpoint: str, out: str) -> None:
             prepare_for_training(model, config.lora, config.trainable, added_token_ids(model))
             if low is not None:
                 trainable_to_fp32(model)
+            if meta:  # the encoders alone made real (the feature cache's fill), then on meta again
+                with parts_materialised(model, ENCODERS, ctx, weights):
+                    real_encoders = sum(not p.is_meta for p in model.parameters() if not p.requires_grad)
+                    sam2[meta] = model.encode_sam2(pixels)[-1]
+                encoders_freed = all(p.is_meta for p in model.parameters() if not p.requires_grad)
+            else:
+                sam2[meta] = model.encode_sam2(pixels)[-1]
             if meta:
                 real = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
                 _, report = fsdp_shard_deferred(model, ctx, weights)
@@ -79,6 +94,11 @@ def _worker(rank: int, rendezvous: str, checkpoint: str, out: str) -> None:
             "dtypes_equal": all(eager[k].dtype == deferred[k].dtype for k in eager),
             "lora_nonzero": all(bool(deferred[k].abs().sum()) for k in deferred if ".lora_A." in k),
             "real_before_shard": real,
+            "encoder_params": sum(n.startswith(tuple(ENCODERS)) for n, _ in model.named_parameters()),
+            "real_encoders": real_encoders,
+            "encoders_freed": encoders_freed,
+            "sam2_features_equal": bool(torch.equal(sam2[False], sam2[True])),
+            "token_rows_trained": sum("trainable_tokens_delta" in k for k in deferred),
             "largest_tensor": max(t.numel() * t.element_size() for t in eager.values()),
             "lora_bytes": sum(t.numel() * t.element_size() for k, t in eager.items() if ".lora_" in k),
             **{k: getattr(report, k) for k in ("local_bytes", "model_bytes", "largest_read_bytes", "read_bytes")},
@@ -109,6 +129,18 @@ def test_meta_init_gives_the_eager_weights_exactly(meta_init_results, scenario):
         got = rank_results[scenario]
         assert got["max_diff"] == 0.0, got
         assert got["dtypes_equal"] and got["lora_nonzero"]
+        assert got["token_rows_trained"] == (2 if scenario.endswith("new_tokens") else 0)  # embed_tokens, lm_head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", [s[0] for s in SCENARIOS])
+def test_the_encoders_alone_can_be_made_real_before_sharding(meta_init_results, scenario):
+    """The feature cache fills before sharding from the frozen encoders alone: inside the context exactly
+    their parameters are real (of the frozen ones; LoRA's are real from the start) and give the eager build's SAM2 features bit for bit; after it they are on meta."""
+    for rank_results in meta_init_results:
+        got = rank_results[scenario]
+        assert got["real_encoders"] == got["encoder_params"] > 0
+        assert got["sam2_features_equal"] and got["encoders_freed"]
 
 
 @pytest.mark.slow
@@ -124,7 +156,7 @@ def test_meta_init_holds_about_one_shard_per_rank(meta_init_results, scenario):
         assert share * 0.95 <= got["local_bytes"] <= share * 1.05, got
         assert got["largest_read_bytes"] <= 2 * got["largest_tensor"], got
         assert got["local_bytes"] + got["largest_read_bytes"] <= share * 1.05 + 2 * got["largest_tensor"]
-        if scenario == "checkpoint":
+        if scenario == "checkpoint":  # (new_tokens reads the embedding matrices whole: their rows go anywhere)
             # rows of its own, whole only for the split tensors
             assert got["read_bytes"] <= got["file_bytes"] / WORLD * 1.2, got
 

@@ -187,23 +187,26 @@ class CheckpointTensors:
         finally:
             self._open.clear()
 
-    def stream(self, rows_wanted: RowsWanted) -> Iterator[tuple[str, torch.Tensor, int, int]]:
-        """``(native name, tensor, first row, bytes read for it)`` for every native tensor, in the model's
-        dtype for floating tensors (as the eager load casts). ``rows_wanted(name)`` is the row range this
-        process keeps (None: all); a plain rename is read for those rows only, anything else whole (the
-        caller cuts it)."""
+    def stream(self, rows_wanted: RowsWanted,
+               only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+        """``(native name, tensor, first row, bytes read for it)`` for every native tensor (or only those
+        converted together with a name in ``only``), in the model's dtype for floating tensors (as the eager
+        load casts). ``rows_wanted(name)`` is the row range this process keeps (None: all); a plain rename is
+        read for those rows only, anything else whole (the caller cuts it)."""
         try:
-            yield from self._stream(rows_wanted)
+            yield from self._stream(rows_wanted, only)
         finally:
             self._open.clear()  # closes the files
 
-    def _stream(self, rows_wanted: RowsWanted) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+    def _stream(self, rows_wanted: RowsWanted, only: set[str] | None) -> Iterator[tuple[str, torch.Tensor, int, int]]:
         by_source: dict[str, list[str]] = {source: [] for source in self.aliases.values()}
         for alias, source in self.aliases.items():
             by_source[source].append(alias)
         for i, group in enumerate(self.groups):
             if not self.outputs[i]:
                 continue  # kept aside or unknown: not a model tensor
+            if only is not None and not any(n in only or set(by_source.get(n, ())) & only for n in self.outputs[i]):
+                continue
             if i in self.renames:
                 name = self.outputs[i][0]
                 rows = rows_wanted(name)

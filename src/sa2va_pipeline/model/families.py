@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from .configs import build_internvl_config, build_qwen_vl_config, model_family
-from .module_utils import cast_inputs_to_own_dtype, dtype_of, grad_scope
+from .module_utils import cast_inputs_to_own_dtype, device_of, dtype_of, grad_scope
 from .preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -141,7 +141,7 @@ class InternVLFamily:
         """InternViT output of tiles [T, 3, 448, 448] before pixel shuffle and projector: [T, 1024, C]."""
         tower = model.vlm.model.vision_tower
         with grad_scope(tower):
-            out = tower(pixel_values=pixel_values.to(model.device, dtype_of(tower)))
+            out = tower(pixel_values=pixel_values.to(device_of(tower), dtype_of(tower)))
             return out.last_hidden_state[:, 1:]
 
     def project_vit(self, model: nn.Module, vit_features: torch.Tensor) -> torch.Tensor:

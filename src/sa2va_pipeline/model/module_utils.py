@@ -17,6 +17,12 @@ def no_init_weights() -> Any:
     return context()
 
 
+def device_of(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (under FSDP deferred init an encoder can be real while the rest
+    of the model is still on ``meta``)."""
+    return next(module.parameters()).device
+
+
 def dtype_of(module: nn.Module) -> torch.dtype:
     """Floating dtype of a module's first floating parameter (frozen and trainable parts may differ)."""
     return next(p.dtype for p in module.parameters() if p.is_floating_point())

@@ -44,7 +44,7 @@ from .configs import (
     with_mask_resolution,
 )
 from .families import family_adapter, family_class
-from .module_utils import dtype_of, grad_scope, no_init_weights
+from .module_utils import device_of, dtype_of, grad_scope, no_init_weights
 from .preprocessing import resize_masks_area
 from .processing import DEFAULT_ANSWER, DEFAULT_QUESTION
 from .prompts import SEG_TOKEN, get_template
@@ -256,7 +256,7 @@ class Sa2VA(nn.Module):
         """SAM2 FPN features [B, 256, S/4..S/16] before the mask decoder's conv_s0/conv_s1."""
         encoder = self.sam2.vision_encoder
         with grad_scope(encoder):
-            out = encoder(sam2_pixel_values.to(self.device, dtype_of(encoder)))
+            out = encoder(sam2_pixel_values.to(device_of(encoder), dtype_of(encoder)))
             return list(out.fpn_hidden_states)
 
     def encode_images(self, pixel_values: torch.Tensor, sam2_pixel_values: torch.Tensor) -> dict[str, Any]:

@@ -110,10 +110,17 @@ def cacheable_parts(
     return tuple(p for p, trains in (("vit", vit_trains), ("sam2", sam2_encoder_trains)) if not trains)
 
 
+def encoder_of(model: Any, part: str) -> Any:
+    """The frozen encoder whose output ``part`` caches."""
+    if part not in PARTS:
+        raise ValueError(f"Unknown feature-cache part {part!r}; known: {PARTS}")
+    return model.vlm.model.vision_tower if part == "vit" else model.sam2.vision_encoder
+
+
 def cache_key(model: Any, part: str, storage_dtype: str, compute_dtype: str) -> dict[str, Any]:
     """Everything the cached features of ``part`` depend on (see the module docstring)."""
+    encoder = encoder_of(model, part)
     if part == "vit":
-        encoder = model.vlm.model.vision_tower
         preprocessing = {
             "image_size": model.image_size,
             "max_dynamic_patch": model.max_dynamic_patch,
@@ -121,11 +128,8 @@ def cache_key(model: Any, part: str, storage_dtype: str, compute_dtype: str) -> 
             "resize": "PIL bicubic",
             "normalisation": "imagenet exact",
         }
-    elif part == "sam2":
-        encoder = model.sam2.vision_encoder
-        preprocessing = {"sam2_image_size": model.sam2_image_size, "resize": "PIL bicubic", "normalisation": "imagenet exact"}
     else:
-        raise ValueError(f"Unknown feature-cache part {part!r}; known: {PARTS}")
+        preprocessing = {"sam2_image_size": model.sam2_image_size, "resize": "PIL bicubic", "normalisation": "imagenet exact"}
     return {
         "format": CACHE_FORMAT,
         "part": part,
@@ -211,8 +215,10 @@ class FeatureCache:
 
     def _autocast(self):
         from sa2va_pipeline.devices import autocast
+        from sa2va_pipeline.model.module_utils import device_of
 
-        return autocast(self.model.device, self.compute_dtype)
+        # the encoder's device: under FSDP deferred init the rest of the model is still on meta here
+        return autocast(device_of(encoder_of(self.model, self.parts[0])), self.compute_dtype)
 
     def fill(self, images: Sequence[Any], batch_size: int = 8, progress: bool = False) -> int:
         """Compute and store the features of every image not cached yet; returns how many were computed."""

@@ -19,7 +19,8 @@ as with DDP or one device.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +160,7 @@ def take_initial_values(model: nn.Module) -> dict[str, torch.Tensor]:
                 values[prefix + name] = param.detach().clone()
                 module._parameters[name] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         for name, buffer in module._buffers.items():
-            if buffer is not None:
+            if buffer is not None and not buffer.is_meta:  # meta: peft's copies of embedding rows (token_rows)
                 values[prefix + name] = buffer.detach().clone()
     return values
 
@@ -187,18 +188,23 @@ def fill_shards(model: nn.Module, ctx: DistributedContext, initial: dict[str, to
     import torch
     from torch.distributed.tensor import DTensor
 
+    derived = token_rows(model)
     model.to_empty(device=ctx.device)
     params = dict(model.named_parameters())
     entries = {**params, **dict(model.named_buffers())}
     persistent = set(model.state_dict())
-    wanted = {_plain(n): n for n in entries if n not in initial or (n in persistent and n not in params)}
+    copies = {name for targets in derived.values() for name, _ in targets}
+    wanted = {_plain(n): n for n in entries
+              if n not in copies and (n not in initial or (n in persistent and n not in params))}
     local = {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in entries.items()}
     filled: set[str] = set()
     largest = read = 0
 
     def rows_wanted(plain: str) -> tuple[int, int] | None:
         name = wanted.get(plain)
-        return local_rows(entries[name]) if name is not None else None
+        if name is None or plain in derived:  # rows copied from it may lie in any rank's share: read whole
+            return None
+        return local_rows(entries[name])
 
     def put(name: str, tensor: torch.Tensor, start: int) -> None:
         rows = local_rows(entries[name])
@@ -215,6 +221,8 @@ def fill_shards(model: nn.Module, ctx: DistributedContext, initial: dict[str, to
             if plain not in wanted:
                 raise RuntimeError(f"The weights give {plain!r}, which this model does not have")
             put(wanted[plain], tensor, start)
+            for name, rows in derived.get(plain, ()):
+                put(name, tensor[rows], 0)  # read whole (rows_wanted): start is 0
             largest, read = max(largest, nbytes), read + nbytes
     missing = sorted(set(entries) - filled)
     if missing:
@@ -227,15 +235,73 @@ def fill_shards(model: nn.Module, ctx: DistributedContext, initial: dict[str, to
     )
 
 
+@contextlib.contextmanager
+def parts_materialised(model: nn.Module, prefixes: Sequence[str], ctx: DistributedContext,
+                       weights: Any) -> Iterator[None]:
+    """Within this context the parameters under ``prefixes`` of a model built on ``meta`` are real, whole
+    and filled from ``weights`` on this rank's device; after it they are on ``meta`` again (memory freed).
+
+    For what must run before sharding: the feature cache fills from the frozen encoders alone (vision tower,
+    SAM2 image encoder), so a rank holds those for a moment instead of the whole model. A collective with a
+    preset (rank 0 sends the tensors): every rank enters it with the same ``prefixes``."""
+    import torch
+
+    slots = [(module, leaf, f"{prefix}.{leaf}" if prefix else leaf)
+             for prefix, module in model.named_modules()
+             for leaf, param in module._parameters.items()
+             if param is not None and any(f"{prefix}.{leaf}".startswith(p) for p in prefixes)]
+    entries: dict[str, torch.Tensor] = {}
+    for module, leaf, name in slots:
+        meta = module._parameters[leaf]
+        module._parameters[leaf] = torch.nn.Parameter(torch.empty_like(meta, device=ctx.device),
+                                                      requires_grad=meta.requires_grad)
+        entries[name] = module._parameters[leaf]
+    wanted = {_plain(n): n for n in entries}
+    try:
+        with torch.no_grad():
+            filled = set()
+            for plain, tensor, _, _ in _source(weights, wanted, entries, lambda plain: None, ctx, only=True):
+                if plain in wanted:  # a split tensor may give names outside the parts
+                    entries[wanted[plain]].copy_(tensor)
+                    filled.add(plain)
+        if filled != set(wanted):
+            raise RuntimeError(f"The weights left {len(set(wanted) - filled)} tensors of {list(prefixes)} "
+                               f"unfilled: {sorted(set(wanted) - filled)[:5]}")
+        yield
+    finally:
+        for module, leaf, _ in slots:
+            real = module._parameters[leaf]
+            module._parameters[leaf] = torch.nn.Parameter(real.detach().to("meta"), requires_grad=real.requires_grad)
+
+
+def token_rows(model: nn.Module) -> dict[str, list[tuple[str, list[int]]]]:
+    """peft's trainable-token tensors (``trainable.embeddings: new_tokens``), which copy rows of an embedding
+    matrix when LoRA is injected (on meta: rows of nothing): {plain name of that matrix: [(name of the copy,
+    its token ids)]}, for the delta parameter and the original-rows buffer of each adapter."""
+    derived: dict[str, list[tuple[str, list[int]]]] = {}
+    for prefix, module in model.named_modules():
+        indices = getattr(module, "token_indices", None)
+        delta = getattr(module, "trainable_tokens_delta", None)
+        if not isinstance(indices, dict) or delta is None:
+            continue
+        base = _plain(f"{prefix}.base_layer.weight")
+        for adapter, ids in indices.items():
+            for kind in ("trainable_tokens_delta", "trainable_tokens_original"):
+                if adapter in getattr(module, kind, {}):
+                    derived.setdefault(base, []).append((f"{prefix}.{kind}.{adapter}", list(ids)))
+    return derived
+
+
 def _source(weights: Any, wanted: dict[str, str], entries: dict[str, torch.Tensor], rows_wanted: Any,
-            ctx: DistributedContext) -> Iterator[tuple[str, torch.Tensor, int, int]]:
-    """``(plain name, tensor, first row, bytes)``: a checkpoint streams itself; a preset is sent tensor by
-    tensor from rank 0 (every rank walks the names in the same order)."""
+            ctx: DistributedContext, only: bool = False) -> Iterator[tuple[str, torch.Tensor, int, int]]:
+    """``(plain name, tensor, first row, bytes)``: a checkpoint streams itself (``only``: just the groups
+    giving a name in ``wanted``); a preset is sent tensor by tensor from rank 0 (every rank walks the names
+    of ``wanted`` in the same order)."""
     import torch
     import torch.distributed as dist
 
     if hasattr(weights, "stream"):
-        yield from weights.stream(rows_wanted)
+        yield from weights.stream(rows_wanted, set(wanted) if only else None)
         return
     for plain, name in wanted.items():
         target = entries[name]
@@ -250,8 +316,9 @@ def _source(weights: Any, wanted: dict[str, str], entries: dict[str, torch.Tenso
 
 
 def _plain(name: str) -> str:
-    """A parameter's name in the plain model (peft's LoRA wrapper holds the base weight in ``base_layer``)."""
-    return name.replace(".base_layer.", ".")
+    """A parameter's name in the plain model (peft's LoRA wrapper holds the base weight in ``base_layer``,
+    its trainable-token wrapper in ``token_adapter.base_layer``)."""
+    return name.replace(".token_adapter.base_layer.", ".").replace(".base_layer.", ".")
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -260,7 +327,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def unsharded_skeleton(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters are empty (meta device; requires_grad kept) and whose buffers
-    are CPU copies: the plain module that rank 0 fills with the gathered weights after FSDP training
+    are CPU copies (or empty where still on meta): the plain module that rank 0 fills with the gathered weights after FSDP training
     (:func:`gather_full_model`). Made before sharding, so it has no FSDP hooks; costs no device memory.
     The tokenizer is shared, not copied."""
     import copy
@@ -270,8 +337,8 @@ def unsharded_skeleton(model: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for param in model.parameters():
         memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
-    for buffer in model.buffers():
-        memo[id(buffer)] = buffer.detach().to("cpu", copy=True)
+    for buffer in model.buffers():  # on meta (deferred init, peft's token rows): copied at the gather
+        memo[id(buffer)] = buffer.detach().to("cpu", copy=True) if not buffer.is_meta else torch.empty_like(buffer)
     if getattr(model, "tokenizer", None) is not None:
         memo[id(model.tokenizer)] = model.tokenizer
     return copy.deepcopy(model, memo)
@@ -293,6 +360,11 @@ def gather_full_model(model: nn.Module, skeleton: nn.Module | None, ctx: Distrib
     if skeleton is None:
         raise ValueError("gather_full_model needs rank 0's skeleton (unsharded_skeleton before fully_shard)")
     skeleton.load_state_dict(state, strict=True, assign=True)
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(skeleton.named_buffers()):
+        if buffer.is_meta:  # not in the state dict and empty in the skeleton: every rank holds it whole
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner)._buffers[leaf] = buffers[name].detach().to("cpu", copy=True)
     leftover = [n for n, p in skeleton.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"FSDP gather left parameters without weights: {leftover[:5]}")

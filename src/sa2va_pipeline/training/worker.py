@@ -7,7 +7,8 @@ A one-device run is exactly :func:`train_on_rank` with ``ctx=None``; every rank 
 1. seed, threads, device; build the untrained model (preset or checkpoint) and prepare it (LoRA, trainable
    parts, fp32 masters of the trainable weights on GPU); under FSDP with ``training.fsdp.meta_init`` the
    parameters stay on ``meta`` until step 3;
-2. fill the feature cache of the frozen encoders (before sharding: the encoders run unsharded);
+2. fill the feature cache of the frozen encoders (before sharding: the encoders run unsharded; on meta only
+   those encoders are made real for it, then freed);
 3. FSDP: shard (keeping an empty skeleton to gather into at the end), with meta init then allocate and fill
    this rank's shards; DDP: wrap the loss;
 4. the three callbacks of the loop: ``make_batch`` (collate + cached features + this rank's share),
@@ -18,6 +19,7 @@ A one-device run is exactly :func:`train_on_rank` with ``ctx=None``; every rank 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import random
@@ -80,12 +82,12 @@ def train_on_rank(
     main = ctx is None or ctx.is_main
     device = resolve_device(config.device)
     amp_dtype = autocast_dtype(config.precision, device)
-    deferred = ctx is not None and config.strategy == "fsdp" and _uses_meta_init(config)
+    deferred = ctx is not None and config.strategy == "fsdp" and config.fsdp.meta_init
     model, prepared, weights = _build_prepared(config, device, amp_dtype, log_metrics if main else None,
                                                meta=deferred, builds_preset=main)
     if ctx is not None and ctx.rank:
         torch.manual_seed(config.seed + ctx.rank)  # own dropout / point sampling per rank
-    cache = _feature_cache(model, config, train_samples, amp_dtype, ctx)
+    cache = _feature_cache(model, config, train_samples, amp_dtype, ctx, weights if deferred else None)
     params_by_group, skeleton = prepared.params_by_group, None
     if ctx is not None and config.strategy == "fsdp":
         skeleton, params_by_group = _shard(model, prepared, ctx, weights)
@@ -149,21 +151,6 @@ def _build_prepared(config: TrainingConfig, device: str, amp_dtype: torch.dtype 
     if log_metrics is not None:
         log_metrics({f"params_trainable.{c['group']}": float(c["trainable"]) for c in prepared.counts}, 0)
     return model, prepared, weights
-
-
-def _uses_meta_init(config: TrainingConfig) -> bool:
-    """Whether FSDP builds on meta (``training.fsdp.meta_init``), and why not where it cannot."""
-    if not config.fsdp.meta_init:
-        return False
-    if config.feature_cache.enabled:
-        log.warning("training.fsdp.meta_init is off for this run: the feature cache runs the frozen encoders "
-                    "unsharded before sharding, so each GPU builds the whole model first")
-        return False
-    if config.trainable.embeddings == "new_tokens":
-        log.warning("training.fsdp.meta_init is off for this run: trainable.embeddings new_tokens copies rows "
-                    "of the embeddings when LoRA is injected, so each GPU builds the whole model first")
-        return False
-    return True
 
 
 def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext,
@@ -252,10 +239,11 @@ def _validator(val_samples: Sequence[dict[str, Any]], config: TrainingConfig, ph
 
 
 def _feature_cache(model: Sa2VA, config: TrainingConfig, train_samples: Sequence[dict[str, Any]],
-                   amp_dtype: torch.dtype | None, ctx: DistributedContext | None) -> Any:
+                   amp_dtype: torch.dtype | None, ctx: DistributedContext | None, weights: Any = None) -> Any:
     """The filled feature cache of the frozen encoders (``training.feature_cache``), or None when it is off or
-    both encoders train. With several ranks the first rank of each host fills it, the others wait, then read."""
-    from sa2va_pipeline.training.feature_cache import FeatureCache, cacheable_parts, training_images
+    both encoders train. With several ranks the first rank of each host fills it, the others wait, then read.
+    A model on meta (``weights``: FSDP deferred init) has only the cached encoders made real meanwhile."""
+    from sa2va_pipeline.training.feature_cache import FeatureCache, cacheable_parts, encoder_of, training_images
 
     settings = config.feature_cache
     if not settings.enabled:
@@ -264,15 +252,23 @@ def _feature_cache(model: Sa2VA, config: TrainingConfig, train_samples: Sequence
     if not parts:
         log.info("training.feature_cache is on but both encoders train: nothing to cache")
         return None
-    cache = FeatureCache(settings.dir, model, parts, settings.dtype, compute_dtype=amp_dtype,
-                         keep_in_memory=settings.keep_in_memory)
-    if ctx is None or ctx.local_rank == 0:
-        computed = cache.fill(training_images(train_samples), batch_size=max(1, config.eval.batch_size))
-        log.info("Feature cache (%s, %s): %d images computed, the rest reused", "+".join(parts), settings.dtype,
-                 computed)
-    if ctx is not None:
-        import torch.distributed as dist
+    encoders = contextlib.nullcontext()
+    if weights is not None:
+        from sa2va_pipeline.training.fsdp import parts_materialised
 
-        dist.barrier()
+        prefixes = [name + "." for name, module in model.named_modules()
+                    if any(module is encoder_of(model, part) for part in parts)]
+        encoders = parts_materialised(model, prefixes, ctx, weights)
+    with encoders:  # the key of the cache holds a fingerprint of the encoders' weights: every rank needs them
+        cache = FeatureCache(settings.dir, model, parts, settings.dtype, compute_dtype=amp_dtype,
+                             keep_in_memory=settings.keep_in_memory)
+        if ctx is None or ctx.local_rank == 0:
+            computed = cache.fill(training_images(train_samples), batch_size=max(1, config.eval.batch_size))
+            log.info("Feature cache (%s, %s): %d images computed, the rest reused", "+".join(parts),
+                     settings.dtype, computed)
+        if ctx is not None:
+            import torch.distributed as dist
+
+            dist.barrier()
     cache.settle_memory(training_images(train_samples), processes=1 if ctx is None else ctx.world_size)
     return cache
