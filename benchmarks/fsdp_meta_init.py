@@ -18,6 +18,7 @@ from the CPU generator, the eager GPU build's from CUDA's: no weight comparison 
 real-size preset takes a while).
 
     python benchmarks/fsdp_meta_init.py --preset sa2va-4b --write-checkpoint --json $OUT/fsdp_meta_init.json
+    python benchmarks/fsdp_meta_init.py --preset sa2va-1b --write-checkpoint --cache-images 8 --embeddings new_tokens
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def start(path: str, preset: str, checkpoint: str | None, dump: str | None, device: str) -> dict[str, Any]:
+def start(path: str, preset: str, checkpoint: str | None, dump: str | None, device: str, cache_images: int = 0,
+          embeddings: str = "full") -> dict[str, Any]:
     """One path (``eager`` | ``meta``) in this process; returns its memory numbers (GB) and time (s).
-    ``device`` cpu (gloo, no memory numbers) only checks this script on a machine without a GPU."""
+    ``device`` cpu (gloo, no memory numbers) only checks this script on a machine without a GPU.
+    ``cache_images`` > 0: fill a feature cache of that many synthetic frames before sharding, as the training
+    worker does (meta: the cached encoders alone made real meanwhile); its files' digest is reported."""
     import torch
     import torch.distributed as dist
 
@@ -61,7 +65,9 @@ def start(path: str, preset: str, checkpoint: str | None, dump: str | None, devi
                             device_id=torch.device("cuda", 0) if cuda else None)
     ctx = DistributedContext(0, 1, "cuda:0" if cuda else "cpu", "nccl" if cuda else "gloo")
     source = {"checkpoint": checkpoint} if checkpoint else {"preset": preset}
-    config = load_training_config({"model": source, "seed": 0})
+    cache_dir = Path(tempfile.mkdtemp()) / "cache"
+    config = load_training_config({"model": source, "seed": 0, "trainable": {"embeddings": embeddings},
+                                   "feature_cache": {"enabled": cache_images > 0, "dir": str(cache_dir)}})
     memory = (lambda: torch.cuda.max_memory_allocated() / 1e9) if cuda else (lambda: 0.0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -74,6 +80,23 @@ def start(path: str, preset: str, checkpoint: str | None, dump: str | None, devi
     prepare_for_training(model, config.lora, config.trainable, added_token_ids(model), config.gradient_checkpointing)
     trainable_to_fp32(model)
     built = memory()
+    cache_digest = None
+    if cache_images:
+        import hashlib
+
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import gpu_common as G
+
+        from sa2va_pipeline.training.worker import _feature_cache
+
+        samples = [{"image": image} for image, _ in G.frames(cache_images, seed=5)]
+        _feature_cache(model, config, samples, torch.bfloat16 if cuda else None, ctx,
+                       weights if path == "meta" else None)
+        digest = hashlib.sha256()
+        for file in sorted(cache_dir.rglob("*.safetensors"), key=lambda f: (f.parent.name, f.name)):
+            digest.update(file.read_bytes())
+        cache_digest = digest.hexdigest()[:16]
+    filled = memory()
     report = None
     if path == "meta":
         _, report = fsdp_shard_deferred(model, ctx, weights)
@@ -92,6 +115,8 @@ def start(path: str, preset: str, checkpoint: str | None, dump: str | None, devi
         "path": path,
         "peak_gb": round(memory(), 3),
         "peak_before_shard_gb": round(built, 3),
+        "peak_after_cache_fill_gb": round(filled, 3),
+        "cache_digest": cache_digest,
         "allocated_after_start_gb": round(torch.cuda.memory_allocated() / 1e9 if cuda else 0.0, 3),
         "seconds": round(seconds, 1),
         "largest_group_gb": round(max(groups.values()) / 1e9, 3),
@@ -119,11 +144,15 @@ def main() -> None:
                         help="first save the preset (built on the GPU, bf16) as a checkpoint and load that")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: check the script only")
+    parser.add_argument("--cache-images", type=int, default=0,
+                        help="fill a feature cache of this many 512x512 frames before sharding")
+    parser.add_argument("--embeddings", choices=("full", "new_tokens", "frozen"), default="full")
     parser.add_argument("--path", choices=("eager", "meta"), help=argparse.SUPPRESS)  # one path (subprocess)
     parser.add_argument("--dump", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.path:
-        print(json.dumps(start(args.path, args.preset, args.checkpoint, args.dump, args.device)))
+        print(json.dumps(start(args.path, args.preset, args.checkpoint, args.dump, args.device, args.cache_images,
+                               args.embeddings)))
         return
     results, dumps = {}, {}
     folder = Path(tempfile.mkdtemp())
@@ -138,7 +167,8 @@ def main() -> None:
         Sa2VA.from_preset(args.preset, device=args.device, dtype=torch.bfloat16).save_pretrained(checkpoint)
         print(f"wrote {args.preset} as a checkpoint in {time.perf_counter() - began:.0f} s", flush=True)
     for path in ("eager", "meta"):
-        cmd = [sys.executable, __file__, "--path", path, "--preset", args.preset, "--device", args.device]
+        cmd = [sys.executable, __file__, "--path", path, "--preset", args.preset, "--device", args.device,
+               "--cache-images", str(args.cache_images), "--embeddings", args.embeddings]
         if checkpoint:
             dumps[path] = folder / f"{path}.json"
             cmd += ["--checkpoint", checkpoint, "--dump", str(dumps[path])]
@@ -154,6 +184,8 @@ def main() -> None:
         a, b = (json.loads(dumps[p].read_text()) for p in ("eager", "meta"))
         summary["same_keys"] = a.keys() == b.keys()
         summary["tensors_differing"] = sorted(k for k in a if a[k] != b.get(k))
+    if args.cache_images:
+        summary["same_cached_features"] = results["eager"]["cache_digest"] == meta["cache_digest"]
     print(json.dumps(summary, indent=1))
     print(f"peak at start, one GPU: eager {results['eager']['peak_gb']} GB, meta init {meta['peak_gb']} GB; "
           f"computed per GPU with meta init (model / N + largest group): {per_gpu}")
