@@ -25,6 +25,12 @@ Two more modes, from image files (PNG frames of the synthetic angiography sample
 Each row is the median of ``--repeats`` runs with the min-max.
 
     python benchmarks/predict_throughput.py --mode files --presets sa2va-internvl3-2b --batch-sizes 32 --compile
+
+``--fp8 PARTS`` (gpu and files modes; Hopper/Ada): fp8 matmuls in those parts (``sa2va_pipeline.model.fp8``,
+converted before compiling), with the agreement of the fp8 maps against bf16 eager maps made before converting:
+max and mean |p difference| and the pixels on the same side of 0.5 and of ``--threshold``.
+
+    python benchmarks/predict_throughput.py --mode files --presets sa2va-internvl3-2b --batch-sizes 32 --compile --fp8 llm
     python benchmarks/predict_throughput.py --mode host --threads 1,8,16 --frame-sizes 512,1024
 """
 
@@ -91,6 +97,57 @@ class Parts:
         return self.decode(self.sam2(), self.llm(self.vit()))
 
 
+def agreement(pairs: list[tuple[Any, Any]], threshold: float) -> dict[str, float]:
+    """How far maps agree with reference maps: ``pairs`` of (reference, other) arrays or tensors of one image.
+
+    max and mean |p difference| over every pixel, and the share of pixels on the same side of 0.5 and of
+    ``threshold`` (>= counts as foreground, as the pipelines binarise)."""
+    import numpy as np
+
+    worst, total_diff, at_half, at_threshold, total = 0.0, 0.0, 0, 0, 0
+    for a, c in pairs:
+        a = np.asarray(a.float().cpu() if torch.is_tensor(a) else a, dtype=np.float32)
+        c = np.asarray(c.float().cpu() if torch.is_tensor(c) else c, dtype=np.float32)
+        diff = np.abs(a - c)
+        worst = max(worst, float(diff.max()))
+        total_diff += float(diff.sum(dtype=np.float64))
+        at_half += int(((a >= 0.5) == (c >= 0.5)).sum())
+        at_threshold += int(((a >= threshold) == (c >= threshold)).sum())
+        total += a.size
+    return {"max_abs_diff": worst, "mean_abs_diff": total_diff / total, "agree_at_0.5": at_half / total,
+            "threshold": threshold, "agree_at_threshold": at_threshold / total}
+
+
+def agreement_note(r: dict[str, Any], where: str) -> str:
+    """One printed line of an agreement row."""
+    line = (f"- {r['preset']} {where}batch {r['batch']}, {r['pixels']}: max |p difference| {r['max_abs_diff']:.2e}, "
+            f"pixels agreeing at 0.5: {100 * r['agree_at_0.5']:.4f}%")
+    if "mean_abs_diff" in r:
+        line += f", mean |p difference| {r['mean_abs_diff']:.2e}"
+    if "agree_at_threshold" in r and r["threshold"] != 0.5:
+        line += f", at {r['threshold']:g}: {100 * r['agree_at_threshold']:.4f}%"
+    return line
+
+
+def prepare_model(model: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """fp8 (``--fp8``) then ``compile_for_inference`` (``--compile``), in that order; the fp8 summary or None."""
+    summary = None
+    if args.fp8:
+        from sa2va_pipeline.model.fp8 import quantize_linears_fp8
+
+        summary = quantize_linears_fp8(model, args.fp8, setting="--fp8")
+        print("fp8:", json.dumps(summary), flush=True)
+    if args.compile:
+        model.compile_for_inference(mode=args.compile_mode)
+    return summary
+
+
+def variant_name(args: argparse.Namespace) -> str:
+    """What the model runs as, against bf16 eager: e.g. ``compiled + fp8 (sam2_image_encoder)``."""
+    names = (["compiled"] if args.compile else []) + ([f"fp8 ({', '.join(args.fp8)})"] if args.fp8 else [])
+    return " + ".join(names) or "bf16 eager"
+
+
 def host_preprocessing_rate(model: Any, images: list) -> dict[str, float]:
     """Images/s of ``predict_proba``'s host-side work (PIL resizes to uint8), on one thread and on its pool."""
     import os
@@ -120,9 +177,14 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
     rows: list[dict[str, Any]] = []
     sizes = {"sam2_image_size": args.sam2_image_size} if args.sam2_image_size else {}
     model = Sa2VA.from_preset(preset, device="cuda", dtype=torch.bfloat16, **sizes).eval()
-    if args.compile:
-        model.compile_for_inference(mode=args.compile_mode)
     data = [im for im, _ in G.frames(max(args.n_images, max(args.batch_sizes)), seed=2)]
+    reference = None
+    if args.fp8:  # bf16 eager maps at the largest batch, before converting
+        with torch.inference_mode():
+            reference = Parts(model, prepared_inputs(model, data[: max(args.batch_sizes)])).all().cpu()
+    summary = prepare_model(model, args)
+    if summary is not None:
+        rows.append({"preset": preset, "path": "fp8-summary", **summary})
     host_rate = host_preprocessing_rate(model, data[:64])
     print(f"[{preset}] host preprocessing: {host_rate['one_thread']:.1f} img/s on one thread, "
           f"{host_rate['pool']:.1f} img/s on the pool", flush=True)
@@ -139,7 +201,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                                  min_iters=1, min_seconds=args.min_seconds)
             row = {"preset": preset, "batch": b, "model_img_per_s": b / model_s,
                    "predict_proba_img_per_s": n / e2e_s,
-                   "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": bool(args.compile), **host_rate}
+                   "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": bool(args.compile),
+                   "fp8": list(args.fp8), **host_rate}
         except Exception as error:
             if not G.is_oom(error):
                 raise
@@ -149,8 +212,16 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
+    if reference is not None:  # the same inputs through the converted (and compiled) model
+        with torch.inference_mode():
+            out = Parts(model, prepared_inputs(model, data[: reference.shape[0]])).all().cpu()
+        row = {"preset": preset, "batch": reference.shape[0], "path": "agreement",
+               "pixels": f"{variant_name(args)} vs bf16 eager",
+               **agreement(list(zip(reference, out)), args.threshold)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     # components at the largest batch that fitted: FLOPs, time, floor
-    b = max(r["batch"] for r in rows if "error" not in r)
+    b = max(r["batch"] for r in rows if "error" not in r and "batch" in r and r.get("path") is None)
     with torch.inference_mode():
         x = prepared_inputs(model, data[:b])
         parts = Parts(model, x)
@@ -294,10 +365,12 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         with tempfile.TemporaryDirectory() as tmp:
             write_frames(Path(tmp), args.n_files, size)
             eager = None
-            if args.compile and not compiled:  # bf16 eager maps of the first frames, for the compiled ones
+            if (args.compile or args.fp8) and not compiled:  # bf16 eager maps of the first frames, for later
                 first = [{"id": n, "image": im} for n, im in list(read_image_folder(tmp).images.items())[:64]]
                 eager = predict_maps(model, first, ["blood vessel"], args.batch_sizes[0], "float16")
-                model.compile_for_inference(mode=args.compile_mode)
+                summary = prepare_model(model, args)
+                if summary is not None:
+                    rows.append({"mode": "fp8-summary", "preset": preset, **summary})
                 compiled = True
             for b in args.batch_sizes:
                 maps = {}
@@ -325,7 +398,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     maps[pixels] = out
                     row = {"mode": "files", "preset": preset, "frame": size, "batch": b, "pixels": pixels,
                            "resized_on": "device" if pixels_on_device(model) else "host",
-                           "compiled": bool(args.compile), "n_files": args.n_files,
+                           "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
                            "img_per_s": spread(seconds, args.n_files),
                            "decode_img_per_s": spread(decode_s, args.n_files),
                            "peak_gb": G.peak_gb() if cuda else 0.0}
@@ -341,7 +414,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     segment_folder(model, read_image_folder(tmp), {"blood vessel": 0.5}, {"batch_size": b}, {}, {})
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-inference", "preset": preset, "frame": size, "batch": b,
-                       "compiled": bool(args.compile), "n_files": args.n_files,
+                       "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
                        "img_per_s": spread(seconds, args.n_files)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -355,34 +428,24 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         pass
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-paths", "preset": preset, "frame": size, "batch": b,
-                       "compiled": bool(args.compile), "n_files": len(paths), "img_per_s": spread(seconds, len(paths))}
+                       "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": len(paths),
+                       "img_per_s": spread(seconds, len(paths))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                if eager is not None:  # compiled vs bf16 eager, both resized on the device
-                    diffs, agree, total = [], 0, 0
-                    for key in eager.maps:
-                        a = eager.probabilities(*key).astype("float32")
-                        c = maps["auto" if "auto" in maps else next(iter(maps))].probabilities(*key).astype("float32")
-                        diffs.append(float(abs(a - c).max()))
-                        agree += int(((a >= 0.5) == (c >= 0.5)).sum())
-                        total += a.size
+                if eager is not None:  # compiled and/or fp8 vs bf16 eager, both resized on the device
+                    ours = maps["auto" if "auto" in maps else next(iter(maps))]
+                    pairs = [(eager.probabilities(*key), ours.probabilities(*key)) for key in eager.maps]
                     row = {"mode": "files-agreement", "preset": preset, "frame": size, "batch": b,
-                           "pixels": "compiled vs bf16 eager", "max_abs_diff": max(diffs), "agree_at_0.5": agree / total}
+                           "pixels": f"{variant_name(args)} vs bf16 eager", **agreement(pairs, args.threshold)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 if len(maps) > 1:  # the settings' maps: the same pixels, so the same probabilities
                     first, *others = list(maps)
                     for other in others:
-                        diffs, agree, total = [], 0, 0
-                        for key in maps[first].maps:
-                            a = maps[first].probabilities(*key)
-                            c = maps[other].probabilities(*key)
-                            diffs.append(float(abs(a.astype("float32") - c.astype("float32")).max()))
-                            agree += int(((a >= 0.5) == (c >= 0.5)).sum())
-                            total += a.size
+                        pairs = [(maps[first].probabilities(*key), maps[other].probabilities(*key))
+                                 for key in maps[first].maps]
                         row = {"mode": "files-agreement", "preset": preset, "frame": size, "batch": b,
-                               "pixels": f"{first} vs {other}", "max_abs_diff": max(diffs),
-                               "agree_at_0.5": agree / total}
+                               "pixels": f"{first} vs {other}", **agreement(pairs, args.threshold)}
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     del model
@@ -393,14 +456,15 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def files_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | compiled | frame | batch | pixels resized on | end to end img/s median (min-max) | "
-             "folder decoding alone img/s | peak GB |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| preset | compiled | fp8 | frame | batch | pixels resized on | end to end img/s median (min-max) | "
+             "folder decoding alone img/s | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in rows:
         if r["mode"] == "files":
             where = "device (torch)" if r["resized_on"] == "device" else "host (PIL)"
-            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['frame']} | {r['batch']} | "
-                         f"{where} | {fmt(r['img_per_s'])} | {fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
+            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {', '.join(r['fp8']) or 'no'} | "
+                         f"{r['frame']} | {r['batch']} | {where} | {fmt(r['img_per_s'])} | "
+                         f"{fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
         elif r["mode"] == "files-inference":
             notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: the inference node's work (folder "
                          f"reading, prediction, masks + probability PNGs + overlays encoded): {fmt(r['img_per_s'])} "
@@ -408,26 +472,39 @@ def files_table(rows: list[dict[str, Any]]) -> str:
         elif r["mode"] == "files-paths":
             notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: file paths straight into "
                          f"iter_predict_proba (decoding overlapped with the GPU): {fmt(r['img_per_s'])} img/s")
-        else:
-            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}, {r['pixels']}: max |p difference| "
-                         f"{r['max_abs_diff']:.2e}, pixels agreeing at 0.5: {100 * r['agree_at_0.5']:.4f}%")
+        elif r["mode"] == "files-agreement":
+            notes.append(agreement_note(r, f"{r['frame']} "))
+        elif r["mode"] == "fp8-summary":
+            notes.append(fp8_note(r))
     return "\n".join(lines + [""] + notes) + "\n"
 
 
+def fp8_note(r: dict[str, Any]) -> str:
+    """One printed line of an fp8 conversion summary."""
+    done = ", ".join(f"{p} {c['layers']} layers ({c['parameters'] / 1e6:.1f}M parameters)"
+                     for p, c in r["converted"].items())
+    return f"- {r['preset']} fp8: converted {done}; {len(r['skipped'])} layer(s) of these parts left in bf16"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | compiled | batch | predict_proba img/s (end to end) | model img/s (GPU part) | "
+    lines = ["| preset | compiled | fp8 | batch | predict_proba img/s (end to end) | model img/s (GPU part) | "
              "host preprocessing img/s (pool) | peak GB |",
-             "|---|---|---|---|---|---|---|"]
-    comps = []
+             "|---|---|---|---|---|---|---|---|"]
+    comps, notes = [], []
     for r in rows:
         if r.get("path") == "components":
             comps.append(r)
+        elif r.get("path") == "agreement":
+            notes.append(agreement_note(r, ""))
+        elif r.get("path") == "fp8-summary":
+            notes.append(fp8_note(r))
         elif "error" in r:
-            lines.append(f"| {r['preset']} | | {r['batch']} | {r['error']} | | | |")
+            lines.append(f"| {r['preset']} | | | {r['batch']} | {r['error']} | | | |")
         else:
-            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {r['batch']} | "
-                         f"{r['predict_proba_img_per_s']:.1f} | {r['model_img_per_s']:.1f} | "
+            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {', '.join(r['fp8']) or 'no'} | "
+                         f"{r['batch']} | {r['predict_proba_img_per_s']:.1f} | {r['model_img_per_s']:.1f} | "
                          f"{r['pool']:.0f} | {r['peak_gb']:.1f} |")
+    lines += [""] + notes if notes else []
     lines += ["", "Components at the largest batch (floor = counted FLOPs / measured matmul rate):", "",
               "| preset | batch | component | TFLOP/img | ms/img | floor ms/img | achieved TFLOP/s |",
               "|---|---|---|---|---|---|---|"]
@@ -462,6 +539,11 @@ def main() -> None:
                         help="--mode files: Sa2VA.prediction_pixels settings to time (auto = GPU on CUDA)")
     parser.add_argument("--threads", default="1,2", help="--mode host: thread counts")
     parser.add_argument("--variants", default="pil,decode,torch", help="--mode host: host work variants")
+    parser.add_argument("--fp8", default="",
+                        help="gpu/files modes: parts with fp8 matmuls, comma-separated among sam2_image_encoder, "
+                             "vision_tower, llm (Hopper/Ada; default: none), with their agreement to bf16 eager")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="agreement rows: also the share of pixels on the same side of this threshold")
     args = parser.parse_args()
     args.presets = [p for p in args.presets.split(",") if p]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
@@ -469,6 +551,11 @@ def main() -> None:
     args.pixels = [p for p in args.pixels.split(",") if p]
     args.threads = [int(v) for v in args.threads.split(",") if v]
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.fp8:
+        from sa2va_pipeline.model.fp8 import fp8_parts_setting
+
+        args.fp8 = list(fp8_parts_setting(args.fp8, "--fp8"))
+    args.fp8 = list(args.fp8 or [])
     command = "python benchmarks/predict_throughput.py " + " ".join(sys.argv[1:])
     if args.mode == "host":
         import platform

@@ -173,6 +173,7 @@ def predict_external_maps(
     model_dir: str | Path, samples: Sequence[dict[str, Any]], phrases: Sequence[str], prediction: Mapping[str, Any]
 ) -> ProbabilityMaps:
     """Maps of every trained phrase on every external image, by the one prediction engine."""
+    from sa2va_pipeline.model.fp8 import fp8_parts_setting
     from sa2va_pipeline.prediction.engine import predict_maps
     from sa2va_pipeline.prediction.model_loading import load_prediction_model
     from sa2va_pipeline.prediction.stored import cache_key, model_identity, prompt_settings
@@ -180,7 +181,8 @@ def predict_external_maps(
     storage_dtype = prediction.get("storage_dtype", "uint8")
     prompt = prompt_settings(dict(prediction))
     ids = [str(s["id"]) for s in samples]
-    key = cache_key(model_identity(model_dir), SPLIT, ids, phrases, prompt, storage_dtype)
+    fp8 = fp8_parts_setting(prediction.get("fp8", False))
+    key = cache_key(model_identity(model_dir), SPLIT, ids, phrases, prompt, storage_dtype, fp8)
     log.info("Predicting external probability maps: %d images x %d phrase(s)", len(samples), len(phrases))
     model = load_prediction_model(model_dir, dict(prediction))
     return predict_maps(model, samples, list(phrases), int(prediction.get("batch_size", 8)), storage_dtype, prompt,

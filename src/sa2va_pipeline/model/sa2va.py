@@ -436,7 +436,8 @@ class Sa2VA(nn.Module):
         For GPU prediction over many images: the first chunk pays the compilation (about a minute for the real
         sizes), later ones run fused kernels (SAM2's layer norms, window copies and GELUs are memory-bound in
         eager mode; see benchmarks/RESULTS.md). A new batch size or prompt length recompiles once. ``mode``:
-        ``torch.compile``'s (default: its default).
+        ``torch.compile``'s (default: its default). fp8 matmuls (Hopper/Ada, inference only, off by default):
+        :func:`.fp8.quantize_linears_fp8` before this call.
         """
         self.sam2.vision_encoder.compile(mode=mode)
         self.adapter.compile(self, mode)

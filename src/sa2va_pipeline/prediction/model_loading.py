@@ -12,14 +12,22 @@ logger = logging.getLogger(__name__)
 
 
 def load_prediction_model(model_dir: str | os.PathLike, prediction: dict[str, Any]) -> Any:
-    """The trained model ready to predict, as the ``prediction`` parameters say: ``device``, ``dtype`` and
+    """The trained model ready to predict, as the ``prediction`` parameters say: ``device``, ``dtype``, ``fp8``
+    (fp8 matmuls in the chosen parts, Hopper/Ada GPUs: :mod:`sa2va_pipeline.model.fp8`; off by default) and
     ``compile`` (``torch.compile`` the encoders and LLM layers: worth it on a GPU for hundreds of images)."""
     from sa2va_pipeline.devices import resolve_device, resolve_dtype
+    from sa2va_pipeline.model.fp8 import fp8_parts_setting, quantize_linears_fp8, require_fp8_support
     from sa2va_pipeline.training.artifacts import load_trained_model
 
+    fp8 = fp8_parts_setting(prediction.get("fp8", False))  # a bad setting fails before the model loads
     device = resolve_device(prediction.get("device", "auto"))
+    if fp8:
+        require_fp8_support(device)
     model = load_trained_model(model_dir, device, resolve_dtype(prediction.get("dtype", "auto"), device))
-    logger.info("Prediction model on %s%s", device, ", compiled" if prediction.get("compile", False) else "")
+    logger.info("Prediction model on %s%s%s", device, f", fp8 in {', '.join(fp8)}" if fp8 else "",
+                ", compiled" if prediction.get("compile", False) else "")
+    if fp8:  # before compiling: the compiled graphs then hold the fp8 layers
+        quantize_linears_fp8(model, fp8)
     if prediction.get("compile", False):
         model.compile_for_inference()
     return model

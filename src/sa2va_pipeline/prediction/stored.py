@@ -53,14 +53,17 @@ def cache_key(
     phrases: Sequence[str],
     prompt: dict[str, Any],
     storage_dtype: str,
+    fp8: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The metadata that must match for stored maps to be re-used instead of predicted again."""
+    """The metadata that must match for stored maps to be re-used instead of predicted again (``fp8``: the
+    parts ``prediction.fp8`` converted; none for bf16/fp32 maps)."""
     return {
         "split": split,
         "phrases": list(phrases),
         "model": dict(model),
         "prompt": dict(prompt),
         "storage_dtype": storage_dtype,
+        "fp8": list(fp8),
         "ids": list(ids),
     }
 
@@ -70,7 +73,8 @@ def is_reusable(stored: ProbabilityMaps | None, key: dict[str, Any]) -> bool:
     if stored is None:
         return False
     meta = stored.metadata
-    same = all(meta.get(name) == value for name, value in key.items() if name not in ("ids", "phrases"))
+    same = all(meta.get(name) == value for name, value in key.items() if name not in ("ids", "phrases", "fp8"))
+    same = same and list(meta.get("fp8") or []) == list(key.get("fp8") or [])  # maps stored before fp8: none
     wanted = {(i, p) for i in key["ids"] for p in key["phrases"]}
     return (
         same
@@ -96,11 +100,12 @@ def predict_split_maps(
         split_manifest: the split manifest; ``annotations``: the annotations.json entries.
         split: ``val`` or ``test``.
         phrases: the phrases to predict (the model's trained phrases).
-        prediction: the shared ``prediction`` parameters (device, dtype, compile, batch_size, storage_dtype,
-            question_template, answer).
+        prediction: the shared ``prediction`` parameters (device, dtype, compile, fp8, batch_size,
+            storage_dtype, question_template, answer).
         stored: the latest stored maps of this split, or None.
     """
     from sa2va_pipeline.data.samples import load_samples
+    from sa2va_pipeline.model.fp8 import fp8_parts_setting
 
     storage_dtype = prediction.get("storage_dtype", "uint8")
     samples = load_samples(split_manifest, annotations, split=split)
@@ -108,7 +113,8 @@ def predict_split_maps(
         raise ValueError(f"split '{split}' has no images in the split manifest; check the split pipeline")
     prompt = prompt_settings(prediction)
     ids = [s["id"] for s in samples]
-    key = cache_key(model_identity(model_dir), split, ids, phrases, prompt, storage_dtype)
+    fp8 = fp8_parts_setting(prediction.get("fp8", False))
+    key = cache_key(model_identity(model_dir), split, ids, phrases, prompt, storage_dtype, fp8)
     if is_reusable(stored, key):
         model = key["model"]["model_dir"]
         logger.info("Re-using stored %s probability maps of model %s (%d maps)", split, model, len(stored))
