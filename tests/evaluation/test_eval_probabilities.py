@@ -125,3 +125,22 @@ def test_trained_phrases_model_record_first_then_train_annotations_then_phrase(f
     assert inference_phrases(None, {}, p.model_dir, PHRASE) == [CATHETER]  # no phrases in the threshold record
     assert inference_phrases(None, {"phrases": PHRASES}, p.model_dir, PHRASE) == PHRASES
     assert inference_phrases("Blood Vessel.", {}, p.model_dir, PHRASE) == [PHRASE]  # cleaned as in training
+
+
+def test_stored_maps_are_reused_only_for_the_same_fp8_setting():
+    from sa2va_pipeline.prediction.stored import cache_key, is_reusable
+
+    identity = {"model_dir": "/m", "model_version": "", "fingerprint": "f"}
+    prompt = {"question_template": None, "answer": None}
+
+    def stored(key):
+        return ProbabilityMaps(maps={("a", PHRASE): np.zeros((2, 2), np.uint8)}, metadata=dict(key))
+
+    plain = cache_key(identity, "val", ["a"], [PHRASE], prompt, "uint8")
+    fp8 = cache_key(identity, "val", ["a"], [PHRASE], prompt, "uint8", ("llm",))
+    before_fp8 = {k: v for k, v in plain.items() if k != "fp8"}  # maps stored before the setting existed
+    assert is_reusable(stored(plain), plain) and is_reusable(stored(before_fp8), plain)
+    assert is_reusable(stored(fp8), fp8)
+    assert not is_reusable(stored(fp8), plain) and not is_reusable(stored(before_fp8), fp8)
+    other = cache_key(identity, "val", ["a"], [PHRASE], prompt, "uint8", ("vision_tower",))
+    assert not is_reusable(stored(fp8), other)

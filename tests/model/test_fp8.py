@@ -1,5 +1,5 @@
-"""fp8 prediction (sa2va_pipeline.model.fp8): the layer's numerics, the conversion of a tiny model, its refusals,
-and the ``prediction.fp8`` setting (CPU ``torch._scaled_mm``)."""
+"""fp8 prediction (sa2va_pipeline.model.fp8): the layer's numerics, the conversion of a tiny model, its
+refusals, and the ``prediction.fp8`` setting (CPU ``torch._scaled_mm``)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def test_tiny_prediction_with_fp8_stays_close_and_off_is_untouched(make_image):
     images = [make_image(30, 96, 128), make_image(31, 96, 128)]
     bf16 = model.predict_proba(images, "vessel", batch_size=2)
     summary = quantize_linears_fp8(model, parts=())  # nothing chosen: nothing changes, bit for bit
-    assert summary["converted"] == {} and torch.equal(model.predict_proba(images, "vessel", batch_size=2), bf16)
+    assert summary["converted"] == {}
+    assert torch.equal(model.predict_proba(images, "vessel", batch_size=2), bf16)
 
     model.sam2.vision_encoder.unused = nn.Linear(24, 40)  # in a chosen part, not a multiple of 16
     model.sam2.vision_encoder._compiled_call_impl = lambda *a, **k: None

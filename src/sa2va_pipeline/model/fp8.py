@@ -1,22 +1,24 @@
-"""fp8 matmuls for prediction (Hopper / Ada GPUs): the ``nn.Linear`` layers of chosen parts as :class:`Fp8Linear`.
+"""fp8 matmuls for prediction (Hopper / Ada GPUs): the ``nn.Linear`` layers of chosen parts as
+:class:`Fp8Linear`.
 
-Inference only, off by default (``prediction.fp8``). Each converted layer holds its weight in float8 e4m3 with one
-scale per output channel (row amax / 448, computed once); its forward quantises the input per row (per token) on
-the fly and runs ``torch._scaled_mm`` with both row-wise scales, bias in bf16, output in bf16 (cast back to the
-input's dtype). Layers whose in/out features are not multiples of 16 (``_scaled_mm``'s rule) stay as they are and
-are listed in the summary.
+Inference only, off by default (``prediction.fp8``). Each converted layer holds its weight in float8 e4m3 with
+one scale per output channel (row amax / 448, computed once); its forward quantises the input per row (per
+token) on the fly and runs ``torch._scaled_mm`` with both row-wise scales, bias in bf16, output in bf16 (cast
+back to the input's dtype). Layers whose in/out features are not multiples of 16 (``_scaled_mm``'s rule) stay
+as they are and are listed in the summary.
 
 Parts that may be converted (:data:`PARTS`), where nearly all of prediction's matmul FLOPs are:
 - ``sam2_image_encoder``: the SAM2 Hiera trunk (qkv, proj, MLPs; its FPN neck is convolutions, left alone);
 - ``vision_tower``: InternViT (Qwen-VL: the vision blocks; their mergers are the projector, never converted);
 - ``llm``: the LLM body's attention and MLP projections.
-Never converted, because fp8 would cost precision where the model is small or sensitive and saves little time:
-the embeddings and ``lm_head`` (the [SEG] logit path), the projector (vision -> LLM), ``text_hidden_fcs`` (the
-[SEG] prompt), SAM2's mask decoder and prompt encoder (a few small matmuls that shape the mask logits directly).
+Never converted, because fp8 would cost precision where the model is small or sensitive and saves little
+time: the embeddings and ``lm_head``, the projector (vision -> LLM; Qwen-VL's mergers), ``text_hidden_fcs``
+(the [SEG] prompt), SAM2's mask decoder and prompt encoder (a few small matmuls that shape the mask logits
+directly).
 
 How far fp8 maps agree with bf16 ones is measured, not assumed: ``benchmarks/predict_throughput.py --fp8``
-(see benchmarks/RESULTS.md). The extra per-token quantisation kernels are only cheap when fused, so use it with
-``Sa2VA.compile_for_inference`` (convert first, then compile).
+(see benchmarks/RESULTS.md). The extra per-token quantisation kernels are only cheap when fused, so use it
+with ``Sa2VA.compile_for_inference`` (convert first, then compile).
 """
 
 from __future__ import annotations
@@ -60,28 +62,29 @@ def fp8_parts_setting(value: Any, setting: str = SETTING) -> tuple[str, ...]:
 
 def require_fp8_support(device: torch.device | str, setting: str = SETTING) -> None:
     """Refuse (``UserError``) a device without fp8 ``torch._scaled_mm``: CUDA below compute capability 8.9
-    (before Ada/Hopper), or a torch whose kernel rejects row-wise scales there. CPU works (slowly: for tests)."""
+    (before Ada/Hopper), or a torch whose kernel rejects row-wise scales there. CPU works (slowly: tests)."""
     device = torch.device(device)
     if device.type == "cpu":
         return
     if device.type != "cuda":
-        raise UserError(f"{setting} asks for fp8 matmuls, which {device} does not have; set {setting}: false.")
+        raise UserError(f"{setting} asks for fp8 matmuls, which {device} lacks; set {setting}: false.")
     name = torch.cuda.get_device_name(device)
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
         raise UserError(
             f"{setting} asks for fp8 matmuls, but {device} ({name}, compute capability "
-            f"{capability[0]}.{capability[1]}) has none: they need compute capability 8.9 or more (Ada, Hopper). "
-            f"Set {setting}: false."
+            f"{capability[0]}.{capability[1]}) has none: they need compute capability 8.9 or more (Ada, "
+            f"Hopper). Set {setting}: false."
         )
     try:  # the exact call Fp8Linear makes, on a tiny problem
-        w = torch.ones(16, 16, device=device, dtype=torch.float8_e4m3fn)
-        torch._scaled_mm(w, w.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+        w = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+        ones = torch.ones(16, 1, device=device)
+        torch._scaled_mm(w, w.t(), scale_a=ones, scale_b=ones.t().contiguous(),
                          bias=torch.zeros(16, device=device, dtype=torch.bfloat16), out_dtype=torch.bfloat16)
     except RuntimeError as error:
         raise UserError(
-            f"{setting}: torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on {device} ({name}): "
-            f"{error}. Set {setting}: false."
+            f"{setting}: torch {torch.__version__} cannot run row-wise scaled fp8 matmuls on {device} "
+            f"({name}): {error}. Set {setting}: false."
         ) from error
 
 
@@ -95,11 +98,14 @@ class Fp8Linear(nn.Module):
     """``nn.Linear`` for inference with fp8 matmuls: weight [N, K] float8 e4m3 with scales [1, N] (row-wise,
     fixed), input quantised per row in the forward; any leading shape; output in the input's dtype.
 
-    Weight, scales and bias are buffers, not parameters: no optimiser can reach them, and a forward that would
-    need autograd through the layer raises. Convert after any ``.to(dtype)`` (which would cast the fp8 buffers).
+    Weight, scales and bias are buffers, not parameters: no optimiser can reach them, and a forward that
+    would need autograd through the layer raises. Convert after any ``.to(dtype)`` (it would cast the fp8
+    buffers).
     """
 
-    def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         self.register_buffer("weight_fp8", weight_fp8)  # [N, K] row-major: .t() is the column-major [K, N]
@@ -117,8 +123,8 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(
-                "Fp8Linear is for inference only (torch.no_grad / inference_mode): it got an input that requires "
-                "grad. Training must use the bf16 model, not one converted by quantize_linears_fp8."
+                "Fp8Linear is for inference only (torch.no_grad / inference_mode): it got an input that "
+                "requires grad. Training must use the bf16 model, not one converted by quantize_linears_fp8."
             )
         leading = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
@@ -132,7 +138,8 @@ class Fp8Linear(nn.Module):
         return out.to(x.dtype).reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
 def quantize_linears_fp8(
@@ -150,16 +157,16 @@ def quantize_linears_fp8(
 
     parts = fp8_parts_setting(list(parts), setting)
     if model.training:
-        raise ValueError("quantize_linears_fp8 is for inference only: call model.eval() first (never train it).")
+        raise ValueError("quantize_linears_fp8 is for inference only: call model.eval() first (never train).")
     layout = find_layout(model)
     wanted = {PARTS[p]: p for p in parts}
     chosen: list[tuple[str, nn.Linear, str]] = []
-    summary: dict[str, Any] = {"parts": list(parts), "converted": {p: {"layers": 0, "parameters": 0} for p in parts},
-                               "skipped": [], "kept": {}}
+    converted = {p: {"layers": 0, "parameters": 0} for p in parts}
+    summary: dict[str, Any] = {"parts": list(parts), "converted": converted, "skipped": [], "kept": {}}
     for name, module in model.named_modules():
         compiled = getattr(module, "_compiled_call_impl", None) is not None
         if compiled and group_of(f"{name}.", layout) in wanted:
-            raise ValueError(f"{name} is already compiled: call quantize_linears_fp8 before compile_for_inference.")
+            raise ValueError(f"{name} is compiled: call quantize_linears_fp8 before compile_for_inference.")
         if not isinstance(module, nn.Linear):
             continue
         group = group_of(f"{name}.weight", layout)
@@ -172,7 +179,7 @@ def quantize_linears_fp8(
         if type(module) is not nn.Linear:
             reason = f"{type(module).__name__} (a Linear subclass whose weight other code may read)"
         elif "merger" in name:
-            reason = "the projector (Qwen-VL merger)"
+            reason = "a projector (Qwen-VL DeepStack merger)"
         elif module.in_features % 16 or module.out_features % 16:
             reason = f"in/out features {module.in_features}x{module.out_features} not multiples of 16"
         if reason:
@@ -181,15 +188,16 @@ def quantize_linears_fp8(
             chosen.append((name, module, wanted[group]))
     for device in {m.weight.device for _, m, _ in chosen}:
         require_fp8_support(device, setting)
-    for name, module, part in chosen:
+    while chosen:  # popped: each bf16 weight is freed as soon as its fp8 copy is in place
+        name, module, part = chosen.pop(0)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(module))
-        summary["converted"][part]["layers"] += 1
-        summary["converted"][part]["parameters"] += sum(p.numel() for p in module.parameters(recurse=False))
+        converted[part]["layers"] += 1
+        converted[part]["parameters"] += sum(p.numel() for p in module.parameters(recurse=False))
     logger.info(
         "fp8: converted %s; %d layer(s) of these parts skipped%s; never converted: %s",
         ", ".join(f"{p} {c['layers']} layers ({c['parameters'] / 1e6:.1f}M parameters)"
-                  for p, c in summary["converted"].items()) or "nothing",
+                  for p, c in converted.items()) or "nothing",
         len(summary["skipped"]),
         "".join(f"; {s['layer']}: {s['reason']}" for s in summary["skipped"][:5]),
         ", ".join(f"{g} {k['layers']} layers" for g, k in summary["kept"].items()) or "none",
