@@ -45,6 +45,16 @@ def test_fp8_linear_matches_linear_within_e4m3_error(shape, bias):
     assert not list(fp8.parameters())  # buffers only: nothing an optimiser can reach
 
 
+def test_quantized_rows_are_row_major_and_within_range():
+    from sa2va_pipeline.model.fp8 import quantize_rows
+
+    x = torch.randn(64, 7).t() * 1000  # a transposed (column-major) input
+    values, scale = quantize_rows(x)
+    assert values.is_contiguous() and scale.shape == (7, 1)
+    assert torch.isfinite(values.float()).all() and values.float().abs().amax() == 448
+    assert _relative_error(values.float() * scale, x) < 0.05
+
+
 def test_fp8_linear_refuses_autograd_and_training_mode():
     fp8 = Fp8Linear.from_linear(nn.Linear(16, 16))
     x = torch.randn(3, 16, requires_grad=True)

@@ -91,7 +91,8 @@ def require_fp8_support(device: torch.device | str, setting: str = SETTING) -> N
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float8 e4m3 values and fp32 scales [rows, 1] of a 2-D tensor, one scale per row (amax / 448)."""
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    # row-major, as _scaled_mm wants its first operand (a transposed input would keep its layout)
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scale
 
 
 class Fp8Linear(nn.Module):
