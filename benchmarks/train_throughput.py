@@ -18,7 +18,7 @@ Paths, measured in the same run:
 - ``cached+ckpt``: the same with gradient checkpointing (the memory-lean variant);
 - ``cached+compile`` (``--compile``): the cached path with each LLM decoder layer ``torch.compile``'d
   (``--compile-mode``: torch's default, or ``reduce-overhead`` = CUDA graphs, each timed step then starts with
-  ``torch.compiler.cudagraph_mark_step_begin()`` as the trainer's do, or ``max-autotune-no-cudagraphs``).
+  ``torch.compiler.cudagraph_mark_step_begin()`` as the trainer's do).
 
 ``--pad-to-multiple N`` pads every batch's prompts up to the next multiple of N tokens
 (``training.pad_to_multiple``).
