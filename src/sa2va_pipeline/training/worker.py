@@ -95,7 +95,7 @@ def train_on_rank(
     if config.compile:
         if compile_uses_cudagraphs(config.compile, device) and config.pad_to_multiple is None:
             log.warning("training.compile %s without training.pad_to_multiple: a CUDA graph is recorded for every "
-                        "prompt length the batches bring (set pad_to_multiple, e.g. 64)", config.compile)
+                        "prompt length the batches bring (set pad_to_multiple, e.g. 16)", config.compile)
         compile_llm_layers(model, prepared.layout, compile_mode(config.compile))
     phrases = trained_phrases(train_samples)
     loop = TrainingLoop(
