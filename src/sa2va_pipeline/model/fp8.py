@@ -17,7 +17,8 @@ time: the embeddings and ``lm_head``, the projector (vision -> LLM; Qwen-VL's me
 directly).
 
 How far fp8 maps agree with bf16 ones is measured, not assumed: ``benchmarks/predict_throughput.py --fp8``
-(see benchmarks/RESULTS.md). The extra per-token quantisation kernels are only cheap when fused, so use it
+(see benchmarks/RESULTS.md; on an H200, sa2va-internvl3-2b compiled with all three parts, fp8 was slower than
+bf16: 63 against 77 images/s from files). The extra per-token quantisation kernels are only cheap when fused, so use it
 with ``Sa2VA.compile_for_inference`` (convert first, then compile).
 """
 
