@@ -178,5 +178,52 @@ def profile_table(fn: Callable[[], Any], path: Path, rows: int = 25) -> str:
             fn()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    table += "\n" + kernel_categories(prof)
     path.write_text(table)
     return table
+
+
+KERNEL_CATEGORIES = [  # first match wins; names of kernels as the profiler reports them
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "scaled_mm")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn_generated")),
+    ("optimizer", ("multi_tensor", "fused_adam", "adam")),
+    ("triton (compiled)", ("triton",)),
+    ("copy / cast", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("reduction", ("reduce", "norm", "softmax", "sum", "max")),
+    ("elementwise", ("elementwise",)),
+]
+
+
+def kernel_categories(prof: Any) -> str:
+    """Device time of the profiled calls grouped by kind of kernel (matmul, attention, compiled, copies...)."""
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        kind = next((k for k, keys in KERNEL_CATEGORIES if any(key in name for key in keys)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.device_time
+    total = sum(totals.values()) or 1.0
+    lines = ["| kernels | device ms (all profiled calls) | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v / 1000:.1f} | {100 * v / total:.0f}% |"
+              for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+    return "\n".join(lines) + "\n"
+
+
+def phase_times(phases: Callable[[Callable[[str], None]], Any], repeats: int = 5) -> dict[str, float]:
+    """Median GPU milliseconds between the marks ``phases(mark)`` sets (``mark(name)`` records a CUDA event
+    ending the phase ``name``), over ``repeats`` calls after one warm-up."""
+    runs: list[dict[str, float]] = []
+    for i in range(repeats + 1):
+        events: list[tuple[str, torch.cuda.Event]] = [("start", torch.cuda.Event(enable_timing=True))]
+        events[0][1].record()
+
+        def mark(name: str) -> None:
+            events.append((name, torch.cuda.Event(enable_timing=True)))
+            events[-1][1].record()
+
+        phases(mark)
+        torch.cuda.synchronize()
+        if i:
+            runs.append({name: events[j - 1][1].elapsed_time(ev) for j, (name, ev) in enumerate(events) if j})
+    return {name: float(np.median([r[name] for r in runs])) for name in runs[0]}

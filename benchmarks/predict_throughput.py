@@ -236,17 +236,16 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         }
         if args.profile:  # before the FLOP counting, whose dispatch mode sends compiled modules back to eager
             print(G.profile_table(parts.all, out_dir / f"profile_predict_{preset}_b{b}.txt"), flush=True)
-        comp = {"preset": preset, "batch": b, "path": "components"}
-        # compiled modules fall back to eager under the FLOP counter's dispatch mode: components only when eager
-        for name, fn in components.items() if not args.compile else ():
-            flops = G.count_flops(fn)
+        comp = {"preset": preset, "batch": b, "path": "components", "compiled": bool(args.compile)}
+        for name, fn in components.items():
+            with torch.compiler.set_stance("force_eager"):  # the model's FLOPs, counted on the eager ops
+                flops = G.count_flops(fn)
             seconds, _ = G.time_it(fn, warmup=2, min_iters=3, min_seconds=0.5)
             comp[name] = {"tflop_per_image": flops / b / 1e12, "ms_per_image": seconds * 1000 / b,
                           "floor_ms_per_image": flops / b / (peak_measured * 1e12) * 1000,
                           "achieved_tflops": flops / seconds / 1e12}
             print(name, json.dumps({k: round(v, 4) for k, v in comp[name].items()}), flush=True)
-        if not args.compile:
-            rows.append(comp)
+        rows.append(comp)
     del model
     gc.collect()
     torch.cuda.empty_cache()

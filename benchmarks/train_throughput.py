@@ -124,6 +124,34 @@ def make_step(model: Any, batches: list[dict[str, Any]], optimizer: torch.optim.
     return step
 
 
+def phased_step(model: Any, batch: dict[str, Any], optimizer: torch.optim.Optimizer, trainable: list,
+                cudagraphs: bool = False) -> Any:
+    """The step of :func:`make_step` with a CUDA event after each phase (for ``G.phase_times``)."""
+    def phases(mark) -> None:
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.training_forward(batch)
+        mark("forward")
+        out["total"].backward()
+        mark("backward")
+        clip_gradients(optimizer, trainable, 1.0)
+        optimizer.step()
+        mark("clip + optimizer")
+
+    return phases
+
+
+def report_profile(name: str, step, phases, out_dir: Path) -> dict[str, float]:
+    """Profiler table + kernel kinds of ``step`` and the GPU time of each phase of one step."""
+    print(G.profile_table(step, out_dir / f"profile_train_{name}.txt"), flush=True)
+    times = G.phase_times(phases)
+    print(f"[{name}] GPU ms per phase (median of 5 steps): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+    return times
+
+
 def forward_backward(model: Any, batch: dict[str, Any]):
     def run() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -249,8 +277,8 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
 
                 record(path, b, 1, step, flops_fn, ckpt)
                 if args.profile and not ckpt and b == max_b:
-                    table = G.profile_table(step, out_dir / f"profile_train_{preset}_{master}_cached_b{b}.txt")
-                    print(table, flush=True)
+                    rows[-1]["phase_ms"] = report_profile(f"{preset}_{master}_cached_b{b}", step, phased_step(
+                        model, batch, optimizer, trainable), out_dir)
                 del batch
             set_checkpointing(model, False)
         if args.compile and master in args.compile_masters:  # each LLM decoder layer (one graph for all)
@@ -270,6 +298,10 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                         forward_backward(model, batch)()
 
                 record("cached+compile", b, 1, step, eager_flops, False)
+                if args.profile:
+                    rows[-1]["phase_ms"] = report_profile(
+                        f"{preset}_{master}_compiled_{args.compile_mode or 'default'}_b{b}", step,
+                        phased_step(model, batch, optimizer, trainable, cudagraphs), out_dir)
                 if cudagraphs:  # inductor falls back to plain kernels (silently unless TORCH_LOGS=cudagraphs)
                     from torch._dynamo.utils import counters
 
