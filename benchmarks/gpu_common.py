@@ -183,9 +183,9 @@ def profile_table(fn: Callable[[], Any], path: Path, rows: int = 25) -> str:
     return table
 
 
-KERNEL_CATEGORIES = [  # first match wins; names of kernels as the profiler reports them
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "scaled_mm")),
+KERNEL_CATEGORIES = [  # first match wins (cuDNN's attention kernels also carry "sm90_"); profiler names
     ("attention", ("flash", "fmha", "sdpa", "attention", "cudnn_generated")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "scaled_mm")),
     ("optimizer", ("multi_tensor", "fused_adam", "adam")),
     ("triton (compiled)", ("triton",)),
     ("copy / cast", ("copy", "memcpy", "memset", "cat", "fill")),

@@ -58,3 +58,30 @@ def test_a_length_already_on_the_multiple_is_kept_and_bad_multiples_are_refused(
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="pad_to_multiple"):
             model.collate(samples, rng=random.Random(1), pad_to_multiple=bad)
+
+
+HOST_POSITIONS = ("image_positions", "seg_positions", "label_positions", "label_targets")
+
+
+def test_positions_found_on_the_host_give_the_losses_and_gradients_of_the_masks(model, make_image, make_mask):
+    """collate's host positions (read by training_forward instead of boolean masks, which sync the GPU) pick
+    the same rows: losses and every gradient are equal bit for bit, with padding in the batch."""
+    batch = model.collate(_samples(make_image, make_mask), rng=random.Random(1), pad_to_multiple=64)
+    assert set(HOST_POSITIONS) <= batch.keys()
+    assert len(batch["seg_positions"]) == len(batch["object_phrases"])
+    masks_only = {k: v for k, v in batch.items() if k not in HOST_POSITIONS}
+    results = []
+    for b in (batch, masks_only):
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            out = model.training_forward(b, generator=torch.Generator().manual_seed(0))
+            out["total"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: out[k].detach() for k in ("llm", "mask_bce", "mask_dice", "total")}, grads))
+    model.zero_grad(set_to_none=True)
+    (losses, grads), (want_losses, want_grads) = results
+    assert grads and grads.keys() == want_grads.keys()
+    for key, value in want_losses.items():
+        assert torch.equal(losses[key], value), key
+    for name, value in want_grads.items():
+        assert torch.equal(grads[name], value), name

@@ -40,3 +40,31 @@ def test_fused_lora_linear_equals_peft(dropout):
             sub._disable_adapters = True
     base = nn.Sequential(model[0].base_layer, nn.ReLU(), model[2].base_layer)
     assert torch.equal(model(x), base(x))
+
+
+def test_lora_linear_operator_gradients_with_a_trainable_base_and_autocast():
+    """The operator's own backward: every input's gradient as autograd takes it through F.linear and addmm
+    (base weight and bias trainable here, which the recipe never does), and under CPU bf16 autocast the
+    inputs are cast to the adapter product's dtype as F.linear would cast them."""
+    from sa2va_pipeline.training.lora_linear import lora_linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 16), torch.randn(32, 16), torch.randn(32)
+    low, lora_b = torch.randn(2, 5, 4), torch.randn(32, 4)
+    leaves = [t.requires_grad_() for t in (x, w, b, low, lora_b)]
+    want = torch.nn.functional.linear(x, w, b) + 0.5 * low @ lora_b.t()
+    got = lora_linear(x, w, b, low, lora_b, 0.5)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for out in (want, got):
+        out.backward(grad)
+    expected = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    lora_linear(x, w, b, low, lora_b, 0.5).backward(grad)
+    for t, e in zip(leaves, expected):
+        torch.testing.assert_close(t.grad, e / 2)  # the first pass summed both outputs' gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low16 = torch.nn.functional.linear(x, torch.randn(4, 16))
+        out = lora_linear(x, w, b, low16, lora_b, 0.5)
+    assert low16.dtype == out.dtype == torch.bfloat16

@@ -191,7 +191,14 @@ class InternVLFamily:
         ``vit_features`` replace ``pixel_values`` when present."""
         vit = batch.get("vit_features")
         vit = model.encode_vit(batch["pixel_values"]) if vit is None else vit.to(model.device)
-        hidden = self.llm_hidden(model, input_ids, model.project_vit(vit))
+        image_embeds = model.project_vit(vit)
+        positions = batch.get("image_positions")  # found by collate on the host: checked here without a sync
+        if positions is not None:
+            n_feats = image_embeds.shape[0] * image_embeds.shape[1]
+            if len(positions) != n_feats:
+                raise ValueError(f"{len(positions)} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
+            positions = positions.to(input_ids.device, non_blocking=True)
+        hidden = self.llm_hidden(model, input_ids, image_embeds, positions)
         return hidden, hidden
 
     def prediction_hidden(

@@ -101,6 +101,18 @@ def mask_losses_per_object(
     return bce.mean(), dice.mean(), bce.detach().mean(1), dice.detach()
 
 
+def lm_loss_at_positions(hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                         lm_head: torch.nn.Module) -> torch.Tensor:
+    """:func:`lm_loss_at_labels` from positions found on the host (``processing.host_positions``: flat
+    indices into [B, T] of the positions whose next token is supervised, and those tokens): the same loss,
+    without the GPU sync of a boolean mask."""
+    if positions.numel() == 0:
+        return hidden.sum() * 0.0
+    weight_dtype = next(p.dtype for p in lm_head.parameters() if p.is_floating_point())
+    logits = lm_head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions).to(weight_dtype))
+    return F.cross_entropy(logits.float(), targets)
+
+
 def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
     """Next-token cross-entropy computing logits only where labels are supervised.
 

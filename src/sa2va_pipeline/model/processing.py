@@ -134,6 +134,22 @@ def choose_objects(n_objects: int, max_objects: int | None, rng: random.Random) 
     return sorted(rng.sample(range(n_objects), max_objects))
 
 
+def host_positions(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the training forward reads the token rows, found on the host so that it needs no GPU sync: flat
+    indices into [B, T] of the ``<IMG_CONTEXT>`` tokens (``image_positions``) and of the [SEG] tokens
+    (``seg_positions``), both row-major, and of every position whose next token is supervised
+    (``label_positions``) with that next token (``label_targets``)."""
+    flat = input_ids.reshape(-1)
+    following = labels[:, 1:]
+    rows, cols = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    return {
+        "image_positions": (flat == model.adapter.img_context_id).nonzero()[:, 0],
+        "seg_positions": (flat == model.seg_id).nonzero()[:, 0],
+        "label_positions": rows * input_ids.shape[1] + cols,
+        "label_targets": following[rows, cols],
+    }
+
+
 def collate(
     model: nn.Module,
     samples: Sequence[Any],
@@ -188,6 +204,7 @@ def collate(
         "object_image_index": torch.tensor(object_image),
         "object_phrases": object_phrases,
         "sample_index": kept,
+        **host_positions(model, input_ids, labels),
     }
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)

@@ -362,7 +362,9 @@ class Sa2VA(nn.Module):
         sample 0 first) and ``n_tiles`` [B]; Qwen-VL: ``pixel_values`` (patches of all images [sum n, 3 * T * P *
         P]) and ``image_grid_thw`` [B, 3]; ``sam2_pixel_values`` [B, 3, S, S]; ``gt_masks`` [N, S/4, S/4],
         ``object_image_index`` [N] and ``object_phrases`` (N cleaned phrases) in [SEG] order (row-major);
-        ``sample_index`` (list of B indices into ``samples``).
+        ``sample_index`` (list of B indices into ``samples``); ``image_positions``, ``seg_positions``,
+        ``label_positions`` and ``label_targets``: where :meth:`training_forward` reads the token rows, found
+        here on the host so that the forward needs no GPU sync (``processing.host_positions``).
         """
         return processing.collate(self, samples, rng, seed, answer, questions, skip_pixels, max_objects,
                                   pad_to_multiple)
@@ -407,8 +409,14 @@ class Sa2VA(nn.Module):
                 f"SAM2 features of {fpn[0].shape[0]} images for {input_ids.shape[0]} token rows: attach the "
                 "features of the samples the batch kept (batch['sample_index'])"
             )
-        llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
-        seg = self.seg_states(seg_source, input_ids)
+        if batch.get("label_positions") is not None:  # found by collate on the host: no GPU sync here
+            llm = L.lm_loss_at_positions(hidden, batch["label_positions"].to(device, non_blocking=True),
+                                         batch["label_targets"].to(device, non_blocking=True), self.vlm.lm_head)
+        else:
+            llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
+        seg_positions = batch.get("seg_positions")
+        seg = self.seg_states(seg_source, input_ids,
+                              None if seg_positions is None else seg_positions.to(device, non_blocking=True))
         gt = batch["gt_masks"].to(device)
         if seg.shape[0] != gt.shape[0]:
             raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")

@@ -89,10 +89,11 @@ def inject_lora(vlm: nn.Module, config: LoraConfig) -> None:
 
 def fuse_lora_forward(module: nn.Module) -> int:
     """Give every plain peft LoRA Linear (one adapter, no variant, an ``nn.Linear`` base) a forward whose
-    low-rank update is one ``addmm``: ``base(x) + scaling * B(A(dropout(x)))`` with the scaling and the sum in
-    the GEMM's epilogue, instead of peft's separate multiply and add over the whole output (and its cast of
-    the input to the adapter's dtype). Same function, one rounding fewer; anything else falls back to peft's
-    own forward at call time. Returns how many layers got it."""
+    low-rank update is one in-place ``addmm_`` on the base output (:mod:`.lora_linear`):
+    ``base(x) + scaling * B(A(dropout(x)))`` with the scaling and the sum in the GEMM's epilogue, instead of
+    peft's separate multiply and add over the whole output (and its cast of the input to the adapter's dtype).
+    Same function, one rounding fewer; anything else falls back to peft's own forward at call time. Returns
+    how many layers got it."""
     import types
 
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -107,19 +108,17 @@ def fuse_lora_forward(module: nn.Module) -> int:
 
 
 def _fused_lora_linear_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    import torch
     import torch.nn.functional as F
+
+    from .lora_linear import lora_linear
 
     active = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
             or active[0] not in self.lora_A or active[0] in self.lora_variant):
         return type(self).forward(self, x, *args, **kwargs)
     name, base = active[0], self.base_layer
-    result = F.linear(x, base.weight, base.bias)
     low = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
-                      self.lora_B[name].weight.t(), alpha=self.scaling[name])
-    return out.view(result.shape)
+    return lora_linear(x, base.weight, base.bias, low, self.lora_B[name].weight, self.scaling[name])
 
 
 @contextmanager
