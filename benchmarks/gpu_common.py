@@ -64,7 +64,7 @@ def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_sdpa_gqa_formulas()) as counter:
+    with FlopCounterMode(display=False, custom_mapping={**_sdpa_gqa_formulas(), **_lora_linear_formula()}) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -91,6 +91,17 @@ def _sdpa_gqa_formulas() -> dict[Any, Any]:
     bwd_ops = [aten._scaled_dot_product_efficient_attention_backward,
                aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_cudnn_attention_backward]
     return {**{op: forward for op in fwd_ops}, **{op: backward for op in bwd_ops}}
+
+
+def _lora_linear_formula() -> dict[Any, Any]:
+    """FLOPs of ``sa2va::lora_linear`` (opaque to the counter): the base product and the low-rank one. Its
+    backward runs as plain matmuls, which the counter sees."""
+    from sa2va_pipeline.training.lora_linear import lora_linear_2d  # noqa: F401 (registers the operator)
+
+    def forward(x_shape, w_shape, bias_shape, low_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * x_shape[0] * w_shape[0] * (w_shape[1] + low_shape[1])
+
+    return {torch.ops.sa2va.lora_linear: forward}
 
 
 def measured_matmul_tflops() -> float:

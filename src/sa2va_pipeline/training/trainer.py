@@ -281,20 +281,24 @@ class TrainingLoop:
         self.mark_step_begin()
         totals: dict[str, float] = {}
         phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
+        launched = []  # read on the host once every backward is queued: no GPU sync inside the step
         for batch in batches:
             with autocast(self.device, self.amp_dtype):
                 out = self.loss_fn(self.model, batch)
-            values = {k: float(v.detach().float()) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+            (out["loss"] / self.config.grad_accumulation).backward()
+            scalars = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+            launched.append((scalars, out.get("per_object")))
+        for scalars, per_object in launched:  # before the optimiser step: a bad loss never reaches the weights
+            values = {k: float(v.float()) for k, v in scalars.items()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise NonFiniteLossError(
                     f"Non-finite loss at optimiser step {step}: {values}. Training stopped; the last good "
                     f"checkpoint ({self.result.last_checkpoint or 'none written yet'}) is kept. Lower the learning "
                     "rate, check the inputs of this step, or use fp32 (training.precision)."
                 )
-            (out["loss"] / self.config.grad_accumulation).backward()
             for k, v in values.items():
                 totals[k] = totals.get(k, 0.0) + v / self.config.grad_accumulation
-            _add_per_object(phrase_sums, out.get("per_object"))
+            _add_per_object(phrase_sums, per_object)
         return totals, _phrase_means(phrase_sums, self.ctx)
 
     def train_step(self, step: int, batches: list[Any]) -> dict[str, float]:
