@@ -305,7 +305,7 @@ class Sa2VA(nn.Module):
         feat_s0 = decoder.conv_s0(sam2_features[0].to(dtype))
         feat_s1 = decoder.conv_s1(sam2_features[1].to(dtype))
         image_embeds = sam2_features[2].to(dtype) + sam2.no_memory_embedding.to(dtype).reshape(1, -1, 1, 1)
-        idx = object_image_index.to(feat_s0.device)
+        idx = object_image_index.to(feat_s0.device, non_blocking=True)
         n = int(idx.shape[0])
         points = torch.zeros(n, 1, 1, 2, device=feat_s0.device, dtype=dtype_of(sam2.prompt_encoder))
         labels = -torch.ones(n, 1, 1, device=feat_s0.device, dtype=torch.int32)
@@ -396,14 +396,16 @@ class Sa2VA(nn.Module):
         pixel of the logits grid, skeletons of ``cldice_iterations`` steps: :mod:`.cldice`; 0 = off, official).
         """
         device = self.device
-        input_ids = batch["input_ids"].to(device)
-        labels = batch["labels"].to(device)
-        attention = batch["attention_mask"].to(device)
+        # non_blocking: a blocking host-to-device copy waits for all queued GPU work (a sync); the trainer hands
+        # its batches over in page-locked memory (worker.make_batch)
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        attention = batch["attention_mask"].to(device, non_blocking=True)
         if batch.get("vit_features") is not None:
             self.adapter.check_vision_cache()  # refused by Qwen-VL
         hidden, seg_source = self.adapter.training_hidden(self, input_ids, attention, batch)
         fpn = batch.get("sam2_features")
-        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device) for f in fpn]
+        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device, non_blocking=True) for f in fpn]
         if fpn[0].shape[0] != input_ids.shape[0]:  # e.g. cached features of samples collate left out
             raise ValueError(
                 f"SAM2 features of {fpn[0].shape[0]} images for {input_ids.shape[0]} token rows: attach the "
@@ -417,7 +419,7 @@ class Sa2VA(nn.Module):
         seg_positions = batch.get("seg_positions")
         seg = self.seg_states(seg_source, input_ids,
                               None if seg_positions is None else seg_positions.to(device, non_blocking=True))
-        gt = batch["gt_masks"].to(device)
+        gt = batch["gt_masks"].to(device, non_blocking=True)
         if seg.shape[0] != gt.shape[0]:
             raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")
         # No object-score gate here (see predict_proba): gradients reach the decoder for every object.

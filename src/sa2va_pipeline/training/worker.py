@@ -100,7 +100,7 @@ def train_on_rank(
     phrases = trained_phrases(train_samples)
     loop = TrainingLoop(
         model, params_by_group, train_samples, config,
-        make_batch=_batch_builder(model, config, cache, ctx),
+        make_batch=_batch_builder(model, config, cache, ctx, device),
         loss_fn=_loss_function(model, config, ctx),
         evaluate=_validator(val_samples, config, phrases, ctx),
         log_metrics=log_metrics if main else None, started_at=started_at, progress=progress and main,
@@ -175,11 +175,15 @@ def _shard(model: Sa2VA, prepared: PreparedModel, ctx: DistributedContext,
     return skeleton, named_parameters_by_group(model, prepared.layout)
 
 
-def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
-                   ctx: DistributedContext | None) -> Callable[[list[dict[str, Any]], random.Random], dict[str, Any]]:
-    """``make_batch(samples, rng)``: this rank's share, collated with the prompt, object and padding settings."""
+def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any, ctx: DistributedContext | None,
+                   device: Any) -> Callable[[list[dict[str, Any]], random.Random], dict[str, Any]]:
+    """``make_batch(samples, rng)``: this rank's share, collated with the prompt, object and padding settings
+    (in page-locked memory when training on a CUDA device)."""
+    import torch
+
     questions = None if config.prompt.questions == "official" else config.prompt.questions
     answers = None if config.prompt.answers == "official" else list(config.prompt.answers)
+    pin = torch.device(device).type == "cuda"
     options: dict[str, Any] = {}
     if config.pad_to_multiple is not None:  # bucketed prompt lengths: shapes repeat (compiled / CUDA graphs)
         options["pad_to_multiple"] = int(config.pad_to_multiple)
@@ -200,6 +204,9 @@ def _batch_builder(model: Sa2VA, config: TrainingConfig, cache: Any,
             skip_pixels=cache.parts if cache is not None else (),  # cached features replace those pixels
             **options,
         )
+        if pin:  # built in the prefetch thread: the forward's copies to the GPU then never wait on it
+            batch = {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v
+                     for k, v in batch.items()}
         if cache is None:
             return batch
         kept = batch.get("sample_index", range(len(samples)))  # collate leaves object-less samples out
