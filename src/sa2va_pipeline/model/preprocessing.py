@@ -14,6 +14,7 @@ them so that the host only decodes.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,10 +79,12 @@ def find_closest_aspect_ratio(
     return best_ratio
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_grid(
     width: int, height: int, min_num: int = 1, max_num: int = 12, image_size: int = 448
 ) -> tuple[int, int]:
-    """Grid (columns, rows) that ``dynamic_preprocess`` picks for an image of this size."""
+    """Grid (columns, rows) that ``dynamic_preprocess`` picks for an image of this size (remembered: frames
+    of a dataset share a few sizes)."""
     target_ratios = sorted(
         {
             (i, j)

@@ -46,9 +46,22 @@ def pad_rows(
     return out, attention
 
 
+_ENCODED_TEXTS = 4096  # distinct texts remembered per model (prompts repeat: a few templates x phrases)
+
+
 def encode(model: nn.Module, text: str) -> list[int]:
-    """Token ids of ``text`` without special tokens added by the tokenizer."""
-    return model.tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of ``text`` without special tokens added by the tokenizer.
+
+    Remembered per model and tokenizer: training batches draw their questions and answers from a few
+    templates, and tokenising them again was the largest part of a cached-feature batch's host work."""
+    memo = model.__dict__.setdefault("_encoded_texts", {})
+    key = (id(model.tokenizer), text)
+    ids = memo.get(key)
+    if ids is None:
+        if len(memo) >= _ENCODED_TEXTS:
+            memo.clear()
+        ids = memo[key] = tuple(model.tokenizer.encode(text, add_special_tokens=False))
+    return list(ids)
 
 
 def prompt_ids(model: nn.Module, question: str, answer: str, n_images: int) -> list[int]:
