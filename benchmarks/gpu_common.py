@@ -64,7 +64,8 @@ def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` (matmuls, convolutions, attention; forward and backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping={**_sdpa_gqa_formulas(), **_lora_linear_formula()}) as counter:
+    formulas = {**_sdpa_gqa_formulas(), **_lora_linear_formula()}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         fn()
     return int(counter.get_total_flops())
 

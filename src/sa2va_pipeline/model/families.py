@@ -196,7 +196,8 @@ class InternVLFamily:
         if positions is not None:
             n_feats = image_embeds.shape[0] * image_embeds.shape[1]
             if len(positions) != n_feats:
-                raise ValueError(f"{len(positions)} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
+                raise ValueError(
+                    f"{len(positions)} <IMG_CONTEXT> tokens in the batch but {n_feats} image features")
             positions = positions.to(input_ids.device, non_blocking=True)
         hidden = self.llm_hidden(model, input_ids, image_embeds, positions)
         return hidden, hidden

@@ -101,11 +101,22 @@ def mask_losses_per_object(
     return bce.mean(), dice.mean(), bce.detach().mean(1), dice.detach()
 
 
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into [B, T] of the positions whose next token is supervised, those next tokens), in
+    row-major order. On the host this is free; on a GPU the mask's nonzero is a sync, which
+    ``processing.host_positions`` avoids by calling this in collate."""
+    following = labels[:, 1:]
+    rows, cols = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, following[rows, cols]
+
+
 def lm_loss_at_positions(hidden: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                          lm_head: torch.nn.Module) -> torch.Tensor:
-    """:func:`lm_loss_at_labels` from positions found on the host (``processing.host_positions``: flat
-    indices into [B, T] of the positions whose next token is supervised, and those tokens): the same loss,
-    without the GPU sync of a boolean mask."""
+    """Next-token cross-entropy computing logits only at ``positions`` (:func:`supervised_positions`).
+
+    Equal to the full-logits loss ``CE(lm_head(hidden)[:, :-1], labels[:, 1:])`` (mean over supervised
+    tokens), without materialising [B, T, vocab] logits.
+    """
     if positions.numel() == 0:
         return hidden.sum() * 0.0
     weight_dtype = next(p.dtype for p in lm_head.parameters() if p.is_floating_point())
@@ -114,16 +125,5 @@ def lm_loss_at_positions(hidden: torch.Tensor, positions: torch.Tensor, targets:
 
 
 def lm_loss_at_labels(hidden: torch.Tensor, labels: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    """Next-token cross-entropy computing logits only where labels are supervised.
-
-    Equal to the full-logits loss ``CE(lm_head(hidden)[:, :-1], labels[:, 1:])`` (mean over supervised
-    tokens),
-    without materialising [B, T, vocab] logits.
-    """
-    shifted = labels[:, 1:]
-    keep = shifted != IGNORE_INDEX
-    if not keep.any():
-        return hidden.sum() * 0.0
-    weight_dtype = next(p.dtype for p in lm_head.parameters() if p.is_floating_point())
-    logits = lm_head(hidden[:, :-1][keep].to(weight_dtype))
-    return F.cross_entropy(logits.float(), shifted[keep])
+    """:func:`lm_loss_at_positions` with the positions found from ``labels`` where they are."""
+    return lm_loss_at_positions(hidden, *supervised_positions(labels), lm_head)

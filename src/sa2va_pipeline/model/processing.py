@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..memo import ObjectMemo
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, supervised_positions
 from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb
 from .prompts import clean_phrase, sample_answer, sample_question
 
@@ -147,19 +147,19 @@ def choose_objects(n_objects: int, max_objects: int | None, rng: random.Random) 
     return sorted(rng.sample(range(n_objects), max_objects))
 
 
-def host_positions(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def host_positions(model: nn.Module, input_ids: torch.Tensor,
+                   labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Where the training forward reads the token rows, found on the host so that it needs no GPU sync: flat
     indices into [B, T] of the ``<IMG_CONTEXT>`` tokens (``image_positions``) and of the [SEG] tokens
     (``seg_positions``), both row-major, and of every position whose next token is supervised
     (``label_positions``) with that next token (``label_targets``)."""
     flat = input_ids.reshape(-1)
-    following = labels[:, 1:]
-    rows, cols = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    positions, targets = supervised_positions(labels)
     return {
         "image_positions": (flat == model.adapter.img_context_id).nonzero()[:, 0],
         "seg_positions": (flat == model.seg_id).nonzero()[:, 0],
-        "label_positions": rows * input_ids.shape[1] + cols,
-        "label_targets": following[rows, cols],
+        "label_positions": positions,
+        "label_targets": targets,
     }
 
 

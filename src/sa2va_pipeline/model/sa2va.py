@@ -396,26 +396,29 @@ class Sa2VA(nn.Module):
         pixel of the logits grid, skeletons of ``cldice_iterations`` steps: :mod:`.cldice`; 0 = off, official).
         """
         device = self.device
-        # non_blocking: a blocking host-to-device copy waits for all queued GPU work (a sync); the trainer hands
-        # its batches over in page-locked memory (worker.make_batch)
+        # non_blocking: a blocking host-to-device copy waits for all queued GPU work (a sync); the trainer
+        # hands its batches over in page-locked memory (worker.make_batch)
         input_ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
         attention = batch["attention_mask"].to(device, non_blocking=True)
         if batch.get("vit_features") is not None:
             self.adapter.check_vision_cache()  # refused by Qwen-VL
         hidden, seg_source = self.adapter.training_hidden(self, input_ids, attention, batch)
         fpn = batch.get("sam2_features")
-        fpn = self.encode_sam2(batch["sam2_pixel_values"]) if fpn is None else [f.to(device, non_blocking=True) for f in fpn]
+        if fpn is None:
+            fpn = self.encode_sam2(batch["sam2_pixel_values"])
+        else:
+            fpn = [f.to(device, non_blocking=True) for f in fpn]
         if fpn[0].shape[0] != input_ids.shape[0]:  # e.g. cached features of samples collate left out
             raise ValueError(
                 f"SAM2 features of {fpn[0].shape[0]} images for {input_ids.shape[0]} token rows: attach the "
                 "features of the samples the batch kept (batch['sample_index'])"
             )
         if batch.get("label_positions") is not None:  # found by collate on the host: no GPU sync here
-            llm = L.lm_loss_at_positions(hidden, batch["label_positions"].to(device, non_blocking=True),
-                                         batch["label_targets"].to(device, non_blocking=True), self.vlm.lm_head)
+            positions = batch["label_positions"].to(device, non_blocking=True)
+            targets = batch["label_targets"].to(device, non_blocking=True)
+            llm = L.lm_loss_at_positions(hidden, positions, targets, self.vlm.lm_head)
         else:
-            llm = L.lm_loss_at_labels(hidden, labels, self.vlm.lm_head)
+            llm = L.lm_loss_at_labels(hidden, batch["labels"].to(device, non_blocking=True), self.vlm.lm_head)
         seg_positions = batch.get("seg_positions")
         seg = self.seg_states(seg_source, input_ids,
                               None if seg_positions is None else seg_positions.to(device, non_blocking=True))

@@ -288,7 +288,8 @@ class TrainingLoop:
             (out["loss"] / self.config.grad_accumulation).backward()
             scalars = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
             launched.append((scalars, out.get("per_object")))
-        for scalars, per_object in launched:  # before the optimiser step: a bad loss never reaches the weights
+        # before the optimiser step: a bad loss never reaches the weights
+        for scalars, per_object in launched:
             values = {k: float(v.float()) for k, v in scalars.items()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise NonFiniteLossError(
