@@ -281,7 +281,7 @@ class TrainingLoop:
         self.mark_step_begin()
         totals: dict[str, float] = {}
         phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
-        launched = []  # read on the host once every backward is queued: no GPU sync inside the step
+        launched = []  # read on the host once every backward is queued: no sync between forward and backward
         for batch in batches:
             with autocast(self.device, self.amp_dtype):
                 out = self.loss_fn(self.model, batch)
