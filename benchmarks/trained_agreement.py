@@ -11,6 +11,14 @@ and compares, per phrase, the maps of:
 
     python benchmarks/trained_agreement.py --model data/06_models/trained_model/<version>/trained_model \
         --thresholds "blood vessel=0.30,catheter=0.63"
+
+``--train-preset P`` trains a real-size preset first (random init, the official trainable set, ``--train-steps``
+steps at lr ``--train-lr`` on synthetic angiography videos, through ``recipe.run_training`` with the feature
+cache and CUDA graphs), saves it as a trained-model folder and compares on that; the thresholds are then chosen
+as the pipeline does: the pooled-Dice best of bf16 eager maps on validation videos, frozen for the test videos.
+
+    python benchmarks/trained_agreement.py --train-preset sa2va-internvl3-2b --train-steps 300 \
+        --fp8 sam2_image_encoder,vision_tower,llm
 """
 
 from __future__ import annotations
@@ -28,14 +36,51 @@ import gpu_common as G  # noqa: E402,F401 (puts src/ on the path)
 from predict_throughput import agreement  # noqa: E402
 
 
-def frames(n_videos: int, per_video: int, seed: int) -> list[np.ndarray]:
-    from sa2va_pipeline.data.synthetic import SampleSpec, render_video
+def frames(n_videos: int, per_video: int, seed: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Synthetic angiography frames (RGB uint8) with their masks per phrase (no catheter: an empty mask)."""
+    from sa2va_pipeline.data.synthetic import CATHETER_PHRASE, VESSEL_PHRASE, SampleSpec, render_video
 
     spec = SampleSpec()
     out = []
     for seq in np.random.SeedSequence(seed).spawn(n_videos):
-        out += [np.repeat(gray[:, :, None], 3, axis=2) for gray, _, _ in render_video(spec, seq, per_video)]
+        for gray, vessel, catheter in render_video(spec, seq, per_video):
+            masks = {VESSEL_PHRASE: vessel, CATHETER_PHRASE: np.zeros_like(vessel) if catheter is None else catheter}
+            out.append((np.repeat(gray[:, :, None], 3, axis=2), masks))
     return out
+
+
+def train_folder(args: argparse.Namespace, directory: Path) -> Path:
+    """Train ``--train-preset`` on synthetic videos and save it as a trained-model folder."""
+    from sa2va_pipeline.training.artifacts import save_trained_model
+    from sa2va_pipeline.training.recipe import run_training
+
+    samples = []
+    for i, (image, masks) in enumerate(frames(args.train_videos, 8, seed=7)):
+        present = [p for p, m in masks.items() if m.any()]
+        samples.append({"id": f"t{i}", "image": image, "masks": np.stack([masks[p] for p in present]),
+                        "phrases": present})
+    params = {
+        "model": {"preset": args.train_preset}, "recipe": "official", "recipes": {"official": {}},
+        "device": args.device, "precision": "bf16", "batch_size": 32, "optimizer": {"lr": args.train_lr},
+        "schedule": {"max_steps": args.train_steps, "epochs": None}, "eval": {"at_start": False, "interval": 0},
+        "checkpoint": {"dir": str(directory / "ckpt"), "interval": 0, "keep_last": 1},
+        "feature_cache": {"enabled": True, "dtype": "bf16", "dir": str(directory / "cache")},
+        "compile": "reduce-overhead" if args.device == "cuda" else False, "pad_to_multiple": 16,
+    }
+    trained = run_training(samples, [], params, progress=False)
+    history = trained.result.history
+    print(f"trained {args.train_preset}: {len(history)} steps on {len(samples)} frames, loss "
+          f"{history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}", flush=True)
+    return save_trained_model(trained, directory / "trained_model")
+
+
+def pooled_dice(probabilities: list[torch.Tensor], masks: list[np.ndarray], threshold: float) -> float:
+    """Dice of the maps binarised at ``threshold`` (>= is foreground), pooled over the frames."""
+    hits = predicted = truth = 0
+    for p, m in zip(probabilities, masks):
+        above, m = p.numpy() >= threshold, m > 0
+        hits, predicted, truth = hits + int((above & m).sum()), predicted + int(above.sum()), truth + int(m.sum())
+    return 2 * hits / max(predicted + truth, 1)
 
 
 def maps(model, images, phrase: str, batch: int) -> list[torch.Tensor]:
@@ -45,26 +90,53 @@ def maps(model, images, phrase: str, batch: int) -> list[torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--thresholds", required=True, help='"phrase=t,phrase=t"')
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="a trained-model folder")
+    source.add_argument("--train-preset", help="train this preset first (see above)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-lr", type=float, default=1e-3)
+    parser.add_argument("--train-videos", type=int, default=16)
+    parser.add_argument("--thresholds", default="", help='"phrase=t,phrase=t" (with --model)')
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--frames-per-video", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fp8", default="", help="parts for an fp8 row, e.g. sam2_image_encoder,vision_tower,llm")
+    parser.add_argument("--device", default="cuda", help="cpu: a check of this script's logic (no compiled rows)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    import tempfile
+
     from sa2va_pipeline.training.artifacts import load_trained_model
 
-    thresholds = {p.split("=")[0].strip(): float(p.split("=")[1]) for p in args.thresholds.split(",")}
-    images = frames(args.videos, args.frames_per_video, seed=20261202)
+    work = tempfile.TemporaryDirectory()
+    model_dir = args.model or train_folder(args, Path(work.name))
+    test = frames(args.videos, args.frames_per_video, seed=20261202)
+    images = [image for image, _ in test]
 
     def load(dtype):
-        return load_trained_model(args.model, "cuda", dtype)
+        return load_trained_model(model_dir, args.device, dtype)
 
     reference_model = load(torch.bfloat16)
+    if args.thresholds:
+        thresholds = {p.split("=")[0].strip(): float(p.split("=")[1]) for p in args.thresholds.split(",")}
+    else:  # chosen on validation videos from bf16 eager maps, frozen for the test videos
+        val = frames(args.videos, args.frames_per_video, seed=20261203)
+        thresholds = {}
+        for phrase in test[0][1]:
+            probabilities = maps(reference_model, [image for image, _ in val], phrase, args.batch_size)
+            truth = [m[phrase] for _, m in val]
+            thresholds[phrase] = max(np.round(np.arange(0.05, 0.951, 0.01), 2).tolist(),
+                                     key=lambda t: pooled_dice(probabilities, truth, t))
+        print("thresholds chosen on validation:", thresholds, flush=True)
     reference = {p: maps(reference_model, images, p, args.batch_size) for p in thresholds}
-    variants = {"fp32": lambda: load(torch.float32), "compiled": lambda: load(torch.bfloat16).compile_for_inference()}
+    for phrase, threshold in thresholds.items():
+        dice = pooled_dice(reference[phrase], [m[phrase] for _, m in test], threshold)
+        print(f"bf16 eager {phrase}: test Dice {dice:.3f} at {threshold:g}", flush=True)
+    del reference_model
+    variants = {"fp32": lambda: load(torch.float32)}
+    if args.device == "cuda":
+        variants["compiled"] = lambda: load(torch.bfloat16).compile_for_inference()
     if args.fp8:
         from sa2va_pipeline.model.fp8 import quantize_linears_fp8
 
@@ -91,7 +163,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         del model
         torch.cuda.empty_cache()
-    print(f"\n{G.device_line()}; {len(images)} frames of 512^2; against bf16 eager\n")
+    where = G.device_line() if args.device == "cuda" else args.device
+    print(f"\n{where}; {len(images)} frames of 512^2; against bf16 eager\n")
     print("| variant | phrase | threshold | max abs p diff | mean abs p diff | pixels on the same side of the threshold |"
           " foreground at the threshold |")
     print("|---|---|---|---|---|---|---|")

@@ -27,7 +27,7 @@ from sa2va_pipeline.training.optim import build_optimizer
 from sa2va_pipeline.training.parameter_groups import named_parameters_by_group
 from sa2va_pipeline.training.prepare import added_token_ids, build_model, prepare_for_training, trainable_to_fp32
 from sa2va_pipeline.training.ranks import DistributedContext
-from sa2va_pipeline.training.trainer import _as_float
+from sa2va_pipeline.training.trainer import _full_tensor
 from sa2va_pipeline.training.validation import validation_dice
 
 REQUIRED = ["lora", "mask_decoder", "text_hidden_fcs"]
@@ -107,7 +107,7 @@ def test_sharded_model_trains_checks_saves_validates_and_gathers_like_the_plain_
     for group in checks[1]:
         assert checks[0][group] == pytest.approx(checks[1][group], rel=1e-4)
     norms = [
-        _as_float(torch.nn.utils.clip_grad_norm_([p for ps in g.values() for _, p in ps if p.requires_grad], 1.0))
+        float(_full_tensor(torch.nn.utils.clip_grad_norm_([p for ps in g.values() for _, p in ps if p.requires_grad], 1.0)))
         for g in (groups, ref.params_by_group)
     ]
     assert norms[0] == pytest.approx(norms[1], rel=1e-4)

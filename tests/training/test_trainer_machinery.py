@@ -116,6 +116,74 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in load_file(str(found[0] / "trainable.safetensors")).values())
 
 
+# ---------------------------------------------------------------------------- a step read one step late
+LATE = {"precision": "bf16", "master_weights": "optimizer"}  # masters in the optimiser: it skips on the device
+
+
+def _read_at_once(monkeypatch):
+    from sa2va_pipeline.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "supports_found_inf", lambda optimizer: False)
+
+
+def _train_recording_reads(cfg, monkeypatch, loss=loss_fn):
+    """Train the toy model; returns it, the result (or the error) and per read step the forward calls made
+    by then."""
+    from sa2va_pipeline.training.trainer import TrainingLoop
+
+    prepared = prepare_for_training(ToySa2VA(), cfg.lora, cfg.trainable)
+    reads, step_row = [], TrainingLoop.step_row
+
+    def recording(self, readout):
+        reads.append((readout.step, self.model.calls))
+        return step_row(self, readout)
+
+    monkeypatch.setattr(TrainingLoop, "step_row", recording)
+    try:
+        result = train(prepared.model, prepared.params_by_group, make_samples(), cfg, make_batch, loss,
+                       progress=False)
+    except NonFiniteLossError as error:
+        result = error
+    monkeypatch.setattr(TrainingLoop, "step_row", step_row)
+    return prepared.model, result, reads
+
+
+def test_a_step_read_late_trains_exactly_as_one_read_at_once(tmp_path, monkeypatch):
+    cfg = _config(tmp_path / "late", **LATE, checkpoint={"interval": 4})
+    late_model, late, reads = _train_recording_reads(cfg, monkeypatch)
+    # step 0 (gradient check), 3 (checkpoint) and 5 (the last) are read at once; the others once the next
+    # step's two forwards are queued
+    assert reads == [(0, 2), (1, 6), (2, 8), (3, 8), (4, 12), (5, 12)]
+    _read_at_once(monkeypatch)
+    now_model, now, reads = _train_recording_reads(_config(tmp_path / "now", **LATE, checkpoint={"interval": 4}),
+                                                   monkeypatch)
+    assert reads == [(s, 2 * s + 2) for s in range(6)]
+    for key in ("loss", "loss_ce", "loss_mask", "grad_norm", "lr"):
+        assert [r[key] for r in late.history] == [r[key] for r in now.history], key
+    a, b = _trainable_state(late_model), _trainable_state(now_model)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_a_non_finite_step_read_late_never_reaches_the_weights(tmp_path, monkeypatch):
+    def nan_in_step_2(model, batch):  # the first micro-batch of step 2 only; step 3 is finite again
+        out = loss_fn(model, batch)
+        if model.calls == 2 * 2 + 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    cfg = _config(tmp_path / "late", **LATE)
+    late_model, late_error, reads = _train_recording_reads(cfg, monkeypatch, nan_in_step_2)
+    assert isinstance(late_error, NonFiniteLossError) and "optimiser step 2" in str(late_error)
+    assert reads[-1] == (2, 8)  # step 3 was queued, its update skipped on the device
+    assert [p.name for p in ckpt.list_checkpoints(_last_run(cfg))] == ["step_00000002"]
+    _read_at_once(monkeypatch)
+    now_model, now_error, reads = _train_recording_reads(_config(tmp_path / "now", **LATE), monkeypatch,
+                                                         nan_in_step_2)
+    assert isinstance(now_error, NonFiniteLossError) and reads[-1] == (1, 4)
+    a, b = _trainable_state(late_model), _trainable_state(now_model)
+    assert all(torch.equal(a[name], b[name]) for name in a)  # both hold the weights after step 1
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     cfg = _config(tmp_path)
     model, _ = _run(cfg)
@@ -278,9 +346,8 @@ def test_per_phrase_mask_losses_average_over_that_phrases_objects(tmp_path):
     from sa2va_pipeline.training.trainer import _add_per_object, _phrase_means
 
     sums: dict = {}
-    _add_per_object(sums, {"mask_bce": torch.tensor([1.0, 3.0]), "mask_dice": torch.tensor([0.5, 0.1]),
-                           "phrases": ["vessel", "catheter"]})
-    _add_per_object(sums, {"mask_bce": torch.tensor([2.0]), "mask_dice": torch.tensor([0.3]), "phrases": ["vessel"]})
+    _add_per_object(sums, {"mask_bce": [1.0, 3.0], "mask_dice": [0.5, 0.1], "phrases": ["vessel", "catheter"]})
+    _add_per_object(sums, {"mask_bce": [2.0], "mask_dice": [0.3], "phrases": ["vessel"]})
     means = _phrase_means(sums, None)
     # "catheter" appears in one micro-batch only: its mean is over its own object, not pulled down
     assert means == pytest.approx({"phrase.vessel.loss_mask_bce": 1.5, "phrase.vessel.loss_mask_dice": 0.4,

@@ -47,6 +47,8 @@ class MasterWeightAdamW:
         self.masters: dict[torch.Tensor, torch.Tensor] = {}
         self._flat: list[dict[str, Any]] = []
         self._grad_scale: torch.Tensor | None = None
+        # set before step() as GradScaler does for torch's AdamW: a device tensor, 1 skips the update
+        self.found_inf: torch.Tensor | None = None
         for group in groups:
             params = list(group["params"])
             device = params[0].device
@@ -121,7 +123,8 @@ class MasterWeightAdamW:
         return total
 
     def step(self) -> None:
-        """One AdamW update of the masters (chunk by chunk), then the bf16 weights are refreshed from them."""
+        """One AdamW update of the masters (chunk by chunk), then the bf16 weights are refreshed from them.
+        Where ``found_inf`` is 1 the update is skipped on the device (masters, moments and step count stay)."""
         import torch
 
         if self._grad_scale is None:
@@ -137,9 +140,11 @@ class MasterWeightAdamW:
                         [flat["master"][part]], [flat["grad"][part].float()], [flat["exp_avg"][part]],
                         [flat["exp_avg_sq"][part]], [], [flat["step"]], lr=float(group["lr"]), beta1=beta1,
                         beta2=beta2, weight_decay=self.weight_decay, eps=self.eps, amsgrad=False,
-                        maximize=False, grad_scale=self._grad_scale, found_inf=None,
+                        maximize=False, grad_scale=self._grad_scale, found_inf=self.found_inf,
                     )
                     flat["weight"][part].copy_(flat["master"][part])
+                if self.found_inf is not None:
+                    flat["step"].sub_(self.found_inf)
         self._grad_scale = None
 
     def masters_into_model(self) -> None:

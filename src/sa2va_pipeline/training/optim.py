@@ -69,6 +69,14 @@ def clip_gradients(optimizer: Any, params: list[torch.Tensor], max_norm: float) 
     return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+def supports_found_inf(optimizer: Any) -> bool:
+    """Whether ``optimizer.step()`` skips its update on the device when ``optimizer.found_inf`` (a device
+    tensor, as ``GradScaler`` sets it) is 1: torch's fused AdamW and :class:`MasterWeightAdamW`."""
+    from sa2va_pipeline.training.master_weights import MasterWeightAdamW
+
+    return isinstance(optimizer, MasterWeightAdamW) or bool(getattr(optimizer, "defaults", {}).get("fused"))
+
+
 def lr_factor(step: int, total_steps: int, warmup_ratio: float, start_factor: float) -> float:
     """Multiplier of the base lr for optimiser step ``step`` (0-based) out of ``total_steps``."""
     total_steps = max(1, total_steps)

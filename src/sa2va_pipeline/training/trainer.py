@@ -51,7 +51,7 @@ from sa2va_pipeline.training.checkpoint import (
 from sa2va_pipeline.training.config import compile_uses_cudagraphs
 from sa2va_pipeline.training.gradient_check import GradientReachCheck
 from sa2va_pipeline.training.master_weights import use_master_weights
-from sa2va_pipeline.training.optim import build_optimizer, clip_gradients, set_lr
+from sa2va_pipeline.training.optim import build_optimizer, clip_gradients, set_lr, supports_found_inf
 from sa2va_pipeline.training.ranks import any_rank, gather_objects, max_over_ranks
 from sa2va_pipeline.evaluation.report import metric_key
 
@@ -165,6 +165,65 @@ class BatchPrefetcher:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class StepReadout:
+    """What the host reads of a launched step: per micro-batch its scalar losses and per-object mask losses,
+    and the gradient norm. From a CUDA device they come in one non-blocking copy into page-locked memory,
+    queued behind the step's work; :meth:`values` waits for that copy alone (an event), not for the work
+    queued after it, as ``.item()`` would."""
+
+    def __init__(self, step: int, t0: float, lr: float, lr_factor: float,
+                 launched: list[tuple[dict[str, torch.Tensor], dict[str, Any] | None]],
+                 grad_norm: torch.Tensor | None, read_late: bool):
+        import torch
+
+        self.step, self.t0, self.lr, self.lr_factor, self.read_late = step, t0, lr, lr_factor, read_late
+        self.keys = [list(scalars) for scalars, _ in launched]
+        self.phrases = [list(objects["phrases"]) if objects else None for _, objects in launched]
+        checked = [v.detach().reshape(1).float() for scalars, _ in launched for v in scalars.values()]
+        if grad_norm is not None:
+            checked.append(_full_tensor(grad_norm).detach().reshape(1).float())
+        self.has_norm = grad_norm is not None
+        objects = [t.detach().reshape(-1).float() for _, o in launched if o
+                   for t in (o["mask_bce"], o["mask_dice"])]
+        flat = torch.cat(checked + objects)
+        # 1 when a loss or the gradient norm is not finite (the device-side skip flag of a late read)
+        self.nonfinite = (~torch.isfinite(flat[: len(checked)])).any().float() if read_late else None
+        self.event = None
+        if flat.is_cuda:
+            self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flat
+        self._values: tuple | None = None
+
+    def values(self) -> tuple[list[dict[str, float]], float | None, list[dict[str, Any] | None]]:
+        """Per micro-batch the scalar losses, the gradient norm (None if not given), per micro-batch the
+        per-object losses (``mask_bce`` / ``mask_dice`` lists and ``phrases``, or None)."""
+        if self._values is None:
+            if self.event is not None:
+                self.event.synchronize()
+            numbers = self.host.tolist()
+            losses, at = [], 0
+            for keys in self.keys:
+                losses.append(dict(zip(keys, numbers[at : at + len(keys)])))
+                at += len(keys)
+            grad_norm = numbers[at] if self.has_norm else None
+            at += int(self.has_norm)
+            per_object = []
+            for phrases in self.phrases:
+                if phrases is None:
+                    per_object.append(None)
+                    continue
+                n = len(phrases)
+                per_object.append({"mask_bce": numbers[at : at + n], "mask_dice": numbers[at + n : at + 2 * n],
+                                   "phrases": phrases})
+                at += 2 * n
+            self._values = (losses, grad_norm, per_object)
+        return self._values
+
+
 class TrainingLoop:
     """One training run of ``model`` in place; :meth:`run` reads top to bottom.
 
@@ -208,6 +267,10 @@ class TrainingLoop:
         self.result = TrainResult(total_steps=0, steps_done=0, run_dir=str(self.run_dir))
         self.start_step, self.total_steps = 0, planned_steps(config, len(train_samples))
         self.interval = 0
+        # a step is read one step late when the optimiser can skip a non-finite update on the device
+        self.skips_on_device = ctx is None and supports_found_inf(self.optimizer)
+        self.skip: torch.Tensor | None = None  # on the device: 1 once a late-read step was non-finite
+        self.last_read_at = 0.0
         # every rank learns the others' pids only when the kill hook is armed (a collective)
         self.kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
         self.rank_pids = gather_objects(os.getpid(), ctx) if self.kill_after else []
@@ -228,14 +291,27 @@ class TrainingLoop:
         batches = BatchPrefetcher(self.micro_batches, self.config.prefetch, self.total_steps)
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc="training", unit="step",
                    disable=not (self.progress and self.is_main), dynamic_ncols=True)
+
+        def complete(readout: StepReadout) -> None:
+            row = self.step_row(readout)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
+            bar.update(1)
+            self.after_step(row)
+
+        pending: StepReadout | None = None  # a step launched but not read yet (read_late)
         try:
             for step in range(self.start_step, self.total_steps):
                 if self.out_of_time(step):
                     break
-                row = self.train_step(step, batches.get(step))
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", sps=f"{row['samples_per_s']:.2f}")
-                bar.update(1)
-                self.after_step(row)
+                launched = self.train_step(step, batches.get(step))
+                if pending is not None:  # the previous step, read while this one runs on the device
+                    complete(pending)
+                pending = launched
+                if not launched.read_late or self.acts_after(step + 1):
+                    complete(pending)
+                    pending = None
+            if pending is not None:
+                complete(pending)
         finally:
             bar.close()
             batches.close()
@@ -272,63 +348,88 @@ class TrainingLoop:
             out.append(self.make_batch([self.samples[i] for i in chunk], rng))
         return out
 
-    def forward_backward(self, step: int, batches: list[Any]) -> tuple[dict[str, float], dict[str, float]]:
-        """Forward and backward over the step's micro-batches; returns the mean scalar losses and the
-        per-phrase mask losses (``phrase.<phrase>.loss_mask_bce`` / ``_dice``, averaged over that phrase's
-        objects in the step, all ranks included)."""
+    def forward_backward(self, batches: list[Any]) -> list[tuple[dict[str, torch.Tensor], dict[str, Any] | None]]:
+        """Forward and backward over the step's micro-batches, queued without waiting for the device; returns
+        per micro-batch its scalar losses (device tensors) and its ``per_object`` mask losses."""
         import torch
 
         self.mark_step_begin()
-        totals: dict[str, float] = {}
-        phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
-        launched = []  # read on the host once every backward is queued: no sync between forward and backward
+        launched = []
         for batch in batches:
             with autocast(self.device, self.amp_dtype):
                 out = self.loss_fn(self.model, batch)
             (out["loss"] / self.config.grad_accumulation).backward()
             scalars = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
             launched.append((scalars, out.get("per_object")))
-        # before the optimiser step: a bad loss never reaches the weights
-        for scalars, per_object in launched:
-            values = {k: float(v.float()) for k, v in scalars.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise NonFiniteLossError(
-                    f"Non-finite loss at optimiser step {step}: {values}. Training stopped; the last good "
-                    f"checkpoint ({self.result.last_checkpoint or 'none written yet'}) is kept. Lower the learning "
-                    "rate, check the inputs of this step, or use fp32 (training.precision)."
-                )
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accumulation
-            _add_per_object(phrase_sums, per_object)
-        return totals, _phrase_means(phrase_sums, self.ctx)
+        return launched
 
-    def train_step(self, step: int, batches: list[Any]) -> dict[str, float]:
-        """One optimiser step (with the gradient-reach check around the first); returns its history row."""
-        import torch
+    def train_step(self, step: int, batches: list[Any]) -> StepReadout:
+        """One optimiser step (with the gradient-reach check around the first), queued on the device.
 
+        A non-finite loss or gradient norm never reaches the weights. Read now (``read_late`` False: the
+        first step, a multi-device run, an optimiser that cannot skip on the device), it raises before the
+        update. Read late, the optimiser skips the update on the device (``found_inf`` of the fused AdamW,
+        sticky: every later step skips too) and :meth:`step_row` raises when the step is read, one step later;
+        so the host queues step N+1 while step N runs, and never waits for the device in between.
+        """
         t0 = time.monotonic()
         lr_factor = set_lr(self.optimizer, step, self.total_steps, self.config.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        losses, per_phrase = self.forward_backward(step, batches)
+        launched = self.forward_backward(batches)
         check = (GradientReachCheck(self.params_by_group, self.config.trainable.require_gradient,
                                     getattr(self.optimizer, "masters", None)) if step == 0 else None)
         if check:
             check.before_step()
-        grad_norm = _as_float(clip_gradients(self.optimizer, self.trainable, self.config.optimizer.grad_clip))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(
-                f"Non-finite gradient norm at optimiser step {step} (loss {losses}). Training stopped; the "
-                f"last good checkpoint ({self.result.last_checkpoint or 'none written yet'}) is kept."
-            )
+        grad_norm = clip_gradients(self.optimizer, self.trainable, self.config.optimizer.grad_clip)
+        readout = StepReadout(step, t0, self.optimizer.param_groups[0]["lr"], lr_factor, launched, grad_norm,
+                              read_late=self.skips_on_device and check is None)
+        if readout.read_late:
+            self.skip = readout.nonfinite if self.skip is None else self.skip.maximum(readout.nonfinite)
+        else:
+            self.check_finite(readout)
+        self.optimizer.found_inf = self.skip if readout.read_late else None  # read by the fused AdamW
         self.optimizer.step()
         if check:
             report = check.after_step()
             self.result.gradient_report = {"grad_norm": report.grad_norm, "changed": report.changed}
             log.info("gradient-reach check passed: grad norm per group %s", report.grad_norm)
-        seconds = time.monotonic() - t0
-        return {"step": step + 1, **losses, "lr": self.optimizer.param_groups[0]["lr"], "lr_factor": lr_factor,
+        return readout
+
+    def check_finite(self, readout: StepReadout) -> None:
+        """Raise :class:`NonFiniteLossError` when the step's losses or gradient norm are not finite."""
+        losses, grad_norm = readout.values()[:2]
+        last_good = self.result.last_checkpoint or "none written yet"
+        for values in losses:
+            if not all(math.isfinite(v) for v in values.values()):
+                raise NonFiniteLossError(
+                    f"Non-finite loss at optimiser step {readout.step}: {values}. Training stopped; the last good "
+                    f"checkpoint ({last_good}) is kept. Lower the learning rate, check the inputs of this step, or "
+                    "use fp32 (training.precision)."
+                )
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"Non-finite gradient norm at optimiser step {readout.step} (loss {losses}). Training stopped; the "
+                f"last good checkpoint ({last_good}) is kept."
+            )
+
+    def step_row(self, readout: StepReadout) -> dict[str, float]:
+        """The history row of a launched step (waits for that step's device work, not for later steps')."""
+        if readout.read_late:
+            self.check_finite(readout)
+        losses, grad_norm, per_object = readout.values()
+        totals: dict[str, float] = {}
+        phrase_sums: dict[str, list[float]] = {}  # phrase -> [bce sum, dice sum, objects]
+        for values, objects in zip(losses, per_object):
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v / self.config.grad_accumulation
+            _add_per_object(phrase_sums, objects)
+        # the time since the previous step was read: with read_late, steps overlap on the host
+        done_at = time.monotonic()
+        seconds = done_at - max(readout.t0, self.last_read_at)
+        self.last_read_at = done_at
+        return {"step": readout.step + 1, **totals, "lr": readout.lr, "lr_factor": readout.lr_factor,
                 "grad_norm": grad_norm, "samples_per_s": self.per_step / max(seconds, 1e-9),
-                "step_seconds": seconds, **per_phrase}
+                "step_seconds": seconds, **_phrase_means(phrase_sums, self.ctx)}
 
     def after_step(self, row: dict[str, float]) -> None:
         """Record and report the step; validate and checkpoint when due; the time estimate after a few steps."""
@@ -344,6 +445,13 @@ class TrainingLoop:
             self.save(done)
         if self.kill_after and done == self.kill_after and self.is_main:
             _kill_all_ranks(self.rank_pids)
+
+    def acts_after(self, done: int) -> bool:
+        """Whether :meth:`after_step` of step ``done`` validates, saves or kills (or it is the last step): such
+        a step is read at once, so that the weights it sees or saves are that step's."""
+        interval = self.config.checkpoint.interval
+        return (done >= self.total_steps or bool(self.interval and done % self.interval == 0)
+                or bool(interval and done % interval == 0) or done == self.kill_after)
 
     def finish(self) -> None:
         """The last validation (unless it just ran) and the final checkpoint."""
@@ -417,7 +525,8 @@ class TrainingLoop:
         for i in range(max(1, sched.calibration_steps) + 1):  # the first pass warms up and is not counted
             t0 = time.monotonic()
             self.optimizer.zero_grad(set_to_none=True)
-            self.forward_backward(i, self.micro_batches(i))
+            launched = self.forward_backward(self.micro_batches(i))
+            self.check_finite(StepReadout(i, t0, 0.0, 0.0, launched, None, read_late=False))
             timings.append(time.monotonic() - t0)
         self.optimizer.zero_grad(set_to_none=True)
         restore_rng(rng_tensors, rng_scalars)
@@ -484,11 +593,10 @@ def _steps_that_fit(remaining: float, step_seconds: float, eval_seconds: float, 
 
 
 def _add_per_object(sums: dict[str, list[float]], per_object: dict[str, Any] | None) -> None:
-    """Add a micro-batch's per-object mask losses to the per-phrase sums."""
+    """Add a micro-batch's per-object mask losses (lists of numbers) to the per-phrase sums."""
     if not per_object:
         return
-    bce, dice = per_object["mask_bce"].detach().float().cpu(), per_object["mask_dice"].detach().float().cpu()
-    for phrase, b, d in zip(per_object["phrases"], bce.tolist(), dice.tolist()):
+    for phrase, b, d in zip(per_object["phrases"], per_object["mask_bce"], per_object["mask_dice"]):
         entry = sums.setdefault(phrase, [0.0, 0.0, 0])
         entry[0] += b
         entry[1] += d
@@ -522,11 +630,10 @@ def _kill_all_ranks(pids: list[int]) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _as_float(total_norm: torch.Tensor) -> float:
-    """The global gradient norm as a number. Under FSDP the grads are sharded DTensors and
+def _full_tensor(total_norm: torch.Tensor) -> torch.Tensor:
+    """The global gradient norm as a plain tensor. Under FSDP the grads are sharded DTensors and
     ``clip_grad_norm_`` returns a DTensor (partial norms reduced over ranks): take its full value."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(total_norm, DTensor):
-        total_norm = total_norm.full_tensor()
-    return float(total_norm)
+    return total_norm.full_tensor() if isinstance(total_norm, DTensor) else total_norm
+
