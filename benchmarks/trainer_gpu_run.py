@@ -79,7 +79,7 @@ def main() -> None:
                 params[key].update(value)
             else:
                 params[key] = value
-        run_medians, walls = [], []
+        run_medians, walls, host_runs = [], [], []
         for repeat in range(args.repeats):
             params["checkpoint"]["dir"] = f"{tmp}/ckpt{repeat}"
             torch.cuda.reset_peak_memory_stats()
@@ -90,8 +90,13 @@ def main() -> None:
             # after warm-up (and, with --compile, the first compilations)
             rates = [r["samples_per_s"] for r in history[5:]] or [r["samples_per_s"] for r in history]
             run_medians.append(statistics.median(rates))
+            # where the trainer's host time went per step (ms): waiting for batches, queuing, waiting for the GPU
+            host_ms = {k: round(1e3 * statistics.median(r[f"host.{k}_s"] for r in history[5:] or history), 2)
+                       for k in ("batch_wait", "launch", "device_wait")}
+            host_runs.append(host_ms)
             print(f"run {repeat + 1}/{args.repeats}: {run_medians[-1]:.1f} samples/s (median of its steps), "
-                  f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, {walls[-1]:.0f} s", flush=True)
+                  f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, {walls[-1]:.0f} s; host ms per step "
+                  f"{host_ms}", flush=True)
             del trained.model
         wall = statistics.median(walls)
     summary = {
@@ -108,6 +113,7 @@ def main() -> None:
         "master_weights": trained.result.plan.get("master_weights"),
         "samples_per_s_median": statistics.median(run_medians),
         "samples_per_s_runs": [round(r, 2) for r in run_medians],
+        "host_ms_per_step_runs": host_runs,
         "peak_gb_per_rank": trained.result.peak_memory_gb,
         "peak_gb_this_process": torch.cuda.max_memory_allocated() / 1e9,
         "wall_s": wall,

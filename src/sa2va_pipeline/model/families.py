@@ -40,12 +40,14 @@ from .preprocessing import (
     OPENAI_CLIP_STD,
     QWEN_VL_MAX_PIXELS,
     QWEN_VL_MIN_PIXELS,
+    image_size,
     normalize,
     normalize_qwen_vl_patches,
     qwen_vl_patches_uint8,
     qwen_vl_patches_uint8_torch,
     qwen_vl_pixel_values,
     tile_grid,
+    to_pil_rgb,
     vit_pixel_values,
     vit_tiles_uint8,
     vit_tiles_uint8_torch,
@@ -103,14 +105,14 @@ class InternVLFamily:
         """``<img>`` + ``<IMG_CONTEXT>`` x 256 per tile + ``</img>\\n`` + question."""
         return first_turn_input(question, n_tiles, self.tokens_per_tile)
 
-    def training_image(self, pil: Image.Image, with_pixels: bool) -> tuple[torch.Tensor | None, int, int]:
+    def training_image(self, image: Any, with_pixels: bool) -> tuple[torch.Tensor | None, int, int]:
         """(tiles [n, 3, 448, 448] or None when cached features replace them, tiles in the prompt, batch field:
-        the tile count)."""
-        if not with_pixels:  # the tile count alone: no resizing
-            cols, rows = tile_grid(pil.width, pil.height, 1, self.max_dynamic_patch, self.image_size)
+        the tile count); ``image``: what ``to_pil_rgb`` accepts."""
+        if not with_pixels:  # the tile count alone: no decoding, no resizing
+            cols, rows = tile_grid(*image_size(image), 1, self.max_dynamic_patch, self.image_size)
             n = cols * rows + (1 if self.use_thumbnail and cols * rows > 1 else 0)
             return None, n, n
-        pixels = vit_pixel_values(pil, self.image_size, self.max_dynamic_patch, self.use_thumbnail)
+        pixels = vit_pixel_values(to_pil_rgb(image), self.image_size, self.max_dynamic_patch, self.use_thumbnail)
         return pixels, pixels.shape[0], pixels.shape[0]
 
     @staticmethod
@@ -314,11 +316,11 @@ class QwenVLFamily:
         )  # fmt: skip
 
     def training_image(
-        self, pil: Image.Image, with_pixels: bool
+        self, image: Any, with_pixels: bool
     ) -> tuple[torch.Tensor | None, int, torch.Tensor]:
         """(patches, ``<|image_pad|>`` tokens in the prompt, batch field: ``image_grid_thw`` [1, 3]); the patches
-        are always built (no vision cache for this family)."""
-        pixels, grid = self.pixel_values(pil)
+        are always built (no vision cache for this family); ``image``: what ``to_pil_rgb`` accepts."""
+        pixels, grid = self.pixel_values(to_pil_rgb(image))
         return pixels, image_token_count(grid, self.merge_size)[0], grid
 
     @staticmethod

@@ -36,28 +36,35 @@ def to_pil_rgb(image: Image.Image | np.ndarray | str | Path) -> Image.Image:
             return opened.convert("RGB")
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise TypeError(f"Image arrays must be uint8, got {array.dtype}")
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"Expected an HxW or HxWx3 image array, got shape {array.shape}")
-    return Image.fromarray(array[..., :3], mode="RGB")
+    return Image.fromarray(rgb_array(image), mode="RGB")
 
 
 def rgb_array(image: Image.Image | np.ndarray | str | Path) -> np.ndarray:
     """The HxWx3 uint8 pixels :func:`to_pil_rgb` gives (arrays are not copied through PIL)."""
     if isinstance(image, (str, Path, Image.Image)):
         return np.asarray(to_pil_rgb(image))
+    array = _checked_array(image)
+    return np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3]
+
+
+def image_size(image: Image.Image | np.ndarray | str | Path) -> tuple[int, int]:
+    """(width, height) of what :func:`to_pil_rgb` accepts, without converting the pixels (a file: its header)."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return opened.size
+    if isinstance(image, Image.Image):
+        return image.size
+    height, width = _checked_array(image).shape[:2]
+    return width, height
+
+
+def _checked_array(image: np.ndarray) -> np.ndarray:
     array = np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(f"Image arrays must be uint8, got {array.dtype}")
-    if array.ndim == 2:
-        return np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
         raise ValueError(f"Expected an HxW or HxWx3 image array, got shape {array.shape}")
-    return array[..., :3]
+    return array
 
 
 def find_closest_aspect_ratio(

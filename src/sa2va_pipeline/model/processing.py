@@ -12,6 +12,7 @@ and SAM2 input size; none runs a network.
 from __future__ import annotations
 
 import random
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..memo import ObjectMemo
 from .losses import IGNORE_INDEX, supervised_positions
-from .preprocessing import mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb
+from .preprocessing import image_size, mask_to_tensor, resize_masks_area, sam2_pixel_values, to_pil_rgb
 from .prompts import clean_phrase, sample_answer, sample_question
 
 DEFAULT_QUESTION = "Can you segment the {phrase} in this image?"
@@ -38,11 +39,15 @@ def pad_rows(
     length = max(len(r) for r in rows)
     if multiple is not None:
         length = -(-length // multiple) * multiple
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention[i, : len(row)] = 1
+    # one buffer of all rows, the attention mask from the lengths: a tensor per row was most of a cached
+    # batch's host work
+    flat = array("q")
+    for row in rows:
+        flat.extend(row)
+        flat.extend([value] * (length - len(row)))
+    out = torch.frombuffer(flat, dtype=torch.long).view(len(rows), length)
+    lengths = torch.tensor([len(row) for row in rows])
+    attention = (torch.arange(length) < lengths[:, None]).long()
     return out, attention
 
 
@@ -187,15 +192,18 @@ def collate(
         if not keep:
             continue  # no object: no [SEG] turn, nothing to supervise (see Sa2VA.collate)
         masks, phrases = [masks[k] for k in keep], [phrases[k] for k in keep]
-        pil = to_pil_rgb(image)
-        pv, n_image, field = adapter.training_image(pil, with_pixels="vit" not in skip_pixels)
+        with_vit, with_sam2 = "vit" not in skip_pixels, "sam2" not in skip_pixels
+        # decoded to RGB only when pixels are built from it: cached features need the image size alone
+        source = to_pil_rgb(image) if with_vit or with_sam2 else image
+        pv, n_image, field = adapter.training_image(source, with_pixels=with_vit)
         if pv is not None:
             pixels.append(pv)
         fields.append(field)
-        if "sam2" not in skip_pixels:
-            sam2_inputs.append(sam2_pixel_values(pil, model.sam2_image_size, "exact"))
+        if with_sam2:
+            sam2_inputs.append(sam2_pixel_values(source, model.sam2_image_size, "exact"))
         owner = sample["masks"] if isinstance(sample, dict) else sample[1]
-        gt_masks += [_target_mask(owner, k, m, model.mask_size, (pil.height, pil.width), i) for k, m in zip(keep, masks)]
+        width, height = image_size(source)
+        gt_masks += [_target_mask(owner, k, m, model.mask_size, (height, width), i) for k, m in zip(keep, masks)]
         object_image += [len(kept)] * len(masks)
         object_phrases += [clean_phrase(p) for p in phrases]
         kept.append(i)
@@ -213,7 +221,7 @@ def collate(
         "labels": labels,
         "attention_mask": attention,
         **adapter.batch_fields(fields),
-        "gt_masks": torch.stack(gt_masks).float(),
+        "gt_masks": torch.stack(gt_masks),  # bool: a quarter of the bytes to pin and copy; float on the device
         "object_image_index": torch.tensor(object_image),
         "object_phrases": object_phrases,
         "sample_index": kept,

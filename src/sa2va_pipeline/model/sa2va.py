@@ -360,7 +360,7 @@ class Sa2VA(nn.Module):
 
         Keys: ``input_ids``, ``labels``, ``attention_mask`` [B, T]; InternVL: ``pixel_values`` (448 tiles of
         sample 0 first) and ``n_tiles`` [B]; Qwen-VL: ``pixel_values`` (patches of all images [sum n, 3 * T * P *
-        P]) and ``image_grid_thw`` [B, 3]; ``sam2_pixel_values`` [B, 3, S, S]; ``gt_masks`` [N, S/4, S/4],
+        P]) and ``image_grid_thw`` [B, 3]; ``sam2_pixel_values`` [B, 3, S, S]; ``gt_masks`` [N, S/4, S/4] bool,
         ``object_image_index`` [N] and ``object_phrases`` (N cleaned phrases) in [SEG] order (row-major);
         ``sample_index`` (list of B indices into ``samples``); ``image_positions``, ``seg_positions``,
         ``label_positions`` and ``label_targets``: where :meth:`training_forward` reads the token rows, found
@@ -422,7 +422,7 @@ class Sa2VA(nn.Module):
         seg_positions = batch.get("seg_positions")
         seg = self.seg_states(seg_source, input_ids,
                               None if seg_positions is None else seg_positions.to(device, non_blocking=True))
-        gt = batch["gt_masks"].to(device, non_blocking=True)
+        gt = batch["gt_masks"].to(device, non_blocking=True).float()
         if seg.shape[0] != gt.shape[0]:
             raise ValueError(f"{seg.shape[0]} [SEG] tokens in the batch but {gt.shape[0]} ground-truth masks")
         # No object-score gate here (see predict_proba): gradients reach the decoder for every object.

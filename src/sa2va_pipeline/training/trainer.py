@@ -188,7 +188,8 @@ class StepReadout:
         flat = torch.cat(checked + objects)
         # 1 when a loss or the gradient norm is not finite (the device-side skip flag of a late read)
         self.nonfinite = (~torch.isfinite(flat[: len(checked)])).any().float() if read_late else None
-        self.event = None
+        # where the host's time went (seconds): waiting for the batches, queuing the step, waiting for the device
+        self.event, self.batch_wait_s, self.launch_s, self.device_wait_s = None, 0.0, 0.0, 0.0
         if flat.is_cuda:
             self.host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             self.host.copy_(flat, non_blocking=True)
@@ -203,7 +204,9 @@ class StepReadout:
         per-object losses (``mask_bce`` / ``mask_dice`` lists and ``phrases``, or None)."""
         if self._values is None:
             if self.event is not None:
+                asked = time.monotonic()
                 self.event.synchronize()
+                self.device_wait_s = time.monotonic() - asked
             numbers = self.host.tolist()
             losses, at = [], 0
             for keys in self.keys:
@@ -303,7 +306,11 @@ class TrainingLoop:
             for step in range(self.start_step, self.total_steps):
                 if self.out_of_time(step):
                     break
-                launched = self.train_step(step, batches.get(step))
+                asked = time.monotonic()
+                micro_batches = batches.get(step)
+                got = time.monotonic()
+                launched = self.train_step(step, micro_batches)
+                launched.batch_wait_s, launched.launch_s = got - asked, time.monotonic() - got
                 if pending is not None:  # the previous step, read while this one runs on the device
                     complete(pending)
                 pending = launched
@@ -429,7 +436,9 @@ class TrainingLoop:
         self.last_read_at = done_at
         return {"step": readout.step + 1, **totals, "lr": readout.lr, "lr_factor": readout.lr_factor,
                 "grad_norm": grad_norm, "samples_per_s": self.per_step / max(seconds, 1e-9),
-                "step_seconds": seconds, **_phrase_means(phrase_sums, self.ctx)}
+                "step_seconds": seconds, "host.batch_wait_s": readout.batch_wait_s,
+                "host.launch_s": readout.launch_s, "host.device_wait_s": readout.device_wait_s,
+                **_phrase_means(phrase_sums, self.ctx)}
 
     def after_step(self, row: dict[str, float]) -> None:
         """Record and report the step; validate and checkpoint when due; the time estimate after a few steps."""
