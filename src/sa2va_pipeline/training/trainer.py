@@ -478,7 +478,8 @@ class TrainingLoop:
         """Under CUDA graphs, tell cudagraph trees that a new step (or a validation) begins, so the next replay
         may reuse the memory of the previous step's graph outputs. Once per optimiser step, not per
         micro-batch: gradients accumulated over micro-batches must stay valid until the optimiser step. Nothing
-        of an earlier step is read afterwards (its losses are floats, its gradients consumed or set to None)."""
+        of an earlier step's graph outputs is read afterwards: :class:`StepReadout` copied its losses into a
+        tensor of its own (queued before this call), and its gradients were consumed or set to None."""
         if self.cudagraphs:
             import torch
 
