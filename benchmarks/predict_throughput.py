@@ -135,7 +135,8 @@ def prepare_model(model: Any, args: argparse.Namespace) -> dict[str, Any] | None
     if args.fp8:
         from sa2va_pipeline.model.fp8 import quantize_linears_fp8
 
-        summary = quantize_linears_fp8(model, args.fp8, setting="--fp8")
+        summary = quantize_linears_fp8(model, args.fp8, setting="--fp8", scaling=args.fp8_scaling,
+                                       fast_accum=args.fp8_fast_accum)
         print("fp8:", json.dumps(summary), flush=True)
     if args.compile:
         model.compile_for_inference(mode=args.compile_mode)
@@ -144,7 +145,8 @@ def prepare_model(model: Any, args: argparse.Namespace) -> dict[str, Any] | None
 
 def variant_name(args: argparse.Namespace) -> str:
     """What the model runs as, against bf16 eager: e.g. ``compiled + fp8 (sam2_image_encoder)``."""
-    names = (["compiled"] if args.compile else []) + ([f"fp8 ({', '.join(args.fp8)})"] if args.fp8 else [])
+    fp8 = f"fp8 ({', '.join(args.fp8)}; {args.fp8_scaling} scales{', fast accum' if args.fp8_fast_accum else ''})"
+    names = (["compiled"] if args.compile else []) + ([fp8] if args.fp8 else [])
     return " + ".join(names) or "bf16 eager"
 
 
@@ -366,7 +368,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             eager = None
             if (args.compile or args.fp8) and not compiled:  # bf16 eager maps of the first frames, for later
                 first = [{"id": n, "image": im} for n, im in list(read_image_folder(tmp).images.items())[:64]]
-                eager = predict_maps(model, first, ["blood vessel"], args.batch_sizes[0], "float16")
+                eager = predict_maps(model, first, args.phrases, args.batch_sizes[0], "float16")
                 summary = prepare_model(model, args)
                 if summary is not None:
                     rows.append({"mode": "fp8-summary", "preset": preset, **summary})
@@ -381,12 +383,12 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         folder = read_image_folder(tmp)
                         decoded = time.perf_counter() - t0
                         samples = [{"id": name, "image": im} for name, im in folder.images.items()]
-                        out = predict_maps(model, samples, ["blood vessel"], b, "float16")
+                        out = predict_maps(model, samples, args.phrases, b, "float16")
                         return out, decoded
 
                     folder = read_image_folder(tmp)  # warm-up (compilation, cuDNN, tap tables): two chunks
                     warm = [{"id": n, "image": im} for n, im in list(folder.images.items())[: 2 * b]]
-                    predict_maps(model, warm, ["blood vessel"], b, "float16")
+                    predict_maps(model, warm, args.phrases, b, "float16")
                     seconds, decode_s = [], []
                     for _ in range(args.repeats):
                         sync()
@@ -398,7 +400,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     row = {"mode": "files", "preset": preset, "frame": size, "batch": b, "pixels": pixels,
                            "resized_on": "device" if pixels_on_device(model) else "host",
                            "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
-                           "img_per_s": spread(seconds, args.n_files),
+                           "phrases": args.phrases, "img_per_s": spread(seconds, args.n_files),
                            "decode_img_per_s": spread(decode_s, args.n_files),
                            "peak_gb": G.peak_gb() if cuda else 0.0}
                     rows.append(row)
@@ -410,25 +412,27 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 for _ in range(args.repeats):
                     sync()
                     t0 = time.perf_counter()
-                    segment_folder(model, read_image_folder(tmp), {"blood vessel": 0.5}, {"batch_size": b}, {}, {})
+                    segment_folder(model, read_image_folder(tmp), dict.fromkeys(args.phrases, 0.5),
+                                   {"batch_size": b}, {}, {})
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-inference", "preset": preset, "frame": size, "batch": b,
                        "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
-                       "img_per_s": spread(seconds, args.n_files)}
+                       "phrases": args.phrases, "img_per_s": spread(seconds, args.n_files)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
                 paths = sorted(Path(tmp).iterdir())
+                asked = [(path, phrase) for path in paths for phrase in args.phrases]  # as the engine asks
                 seconds = []
                 for _ in range(args.repeats):
                     sync()
                     t0 = time.perf_counter()
-                    for _ in model.iter_predict_proba(paths, "blood vessel", batch_size=b):
+                    for _ in model.iter_predict_proba([a for a, _ in asked], [p for _, p in asked], batch_size=b):
                         pass
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-paths", "preset": preset, "frame": size, "batch": b,
                        "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": len(paths),
-                       "img_per_s": spread(seconds, len(paths))}
+                       "phrases": args.phrases, "img_per_s": spread(seconds, len(paths))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if eager is not None:  # compiled and/or fp8 vs bf16 eager, both resized on the device
@@ -541,6 +545,11 @@ def main() -> None:
     parser.add_argument("--fp8", default="",
                         help="gpu/files modes: parts with fp8 matmuls, comma-separated among sam2_image_encoder, "
                              "vision_tower, llm (Hopper/Ada; default: none), with their agreement to bf16 eager")
+    parser.add_argument("--fp8-scaling", choices=["row", "tensor"], default="row",
+                        help="--fp8: one scale per token and output channel (row) or per tensor")
+    parser.add_argument("--fp8-fast-accum", action="store_true", help="--fp8: fast (less precise) accumulation")
+    parser.add_argument("--phrases", default="blood vessel",
+                        help="--mode files: phrases asked on every image (comma-separated); rates are images/s")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="agreement rows: also the share of pixels on the same side of this threshold")
     args = parser.parse_args()
@@ -550,6 +559,7 @@ def main() -> None:
     args.pixels = [p for p in args.pixels.split(",") if p]
     args.threads = [int(v) for v in args.threads.split(",") if v]
     args.variants = [v for v in args.variants.split(",") if v]
+    args.phrases = [p.strip() for p in args.phrases.split(",") if p.strip()]
     if args.fp8:
         from sa2va_pipeline.model.fp8 import fp8_parts_setting
 

@@ -28,11 +28,13 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("shape", [(2, 5, 64), (7, 64)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fp8_linear_matches_linear_within_e4m3_error(shape, bias):
+@pytest.mark.parametrize(("scaling", "fast_accum"), [("row", False), ("row", True), ("tensor", True)])
+def test_fp8_linear_matches_linear_within_e4m3_error(shape, bias, scaling, fast_accum):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=bias)
     x = torch.randn(*shape)
-    fp8 = Fp8Linear.from_linear(linear)
+    fp8 = Fp8Linear.from_linear(linear, scaling, fast_accum)
+    assert (fp8.scaling, fp8.fast_accum) == (scaling, fast_accum)
     with torch.no_grad():
         ref = linear(x)
         out = fp8(x)
@@ -41,7 +43,8 @@ def test_fp8_linear_matches_linear_within_e4m3_error(shape, bias):
     # e4m3 keeps 3 mantissa bits (relative step 1/16) on both operands: a few % on a dot product
     assert _relative_error(out, ref) < 0.05
     assert _relative_error(out_bf16, ref) < 0.05
-    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 48)
+    assert fp8.weight_fp8.dtype == torch.float8_e4m3fn
+    assert fp8.weight_scale.shape == ((1, 48) if scaling == "row" else ())
     assert not list(fp8.parameters())  # buffers only: nothing an optimiser can reach
 
 
@@ -53,6 +56,11 @@ def test_quantized_rows_are_row_major_and_within_range():
     assert values.is_contiguous() and scale.shape == (7, 1)
     assert torch.isfinite(values.float()).all() and values.float().abs().amax() == 448
     assert _relative_error(values.float() * scale, x) < 0.05
+    values, scale = quantize_rows(x, "tensor")  # one scale: the largest value anywhere maps to 448
+    assert values.is_contiguous() and scale.shape == () and values.float().abs().amax() == 448
+    assert _relative_error(values.float() * scale, x) < 0.05
+    with pytest.raises(ValueError, match="scaling"):
+        quantize_rows(x, "column")
 
 
 def test_fp8_linear_refuses_autograd_and_training_mode():

@@ -231,6 +231,36 @@ def test_iter_predict_proba_streams_every_image_in_order_across_chunks(tiny, mak
         assert torch.allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("pixels", ["auto", "device"])  # resized by PIL in the pool, or by torch
+def test_several_phrases_on_one_image_encode_it_once_with_the_same_maps(tiny, make_image, tmp_path, pixels):
+    """The engine asks k phrases on an image as that image repeated k times (the same object or path): the
+    chunk decodes it and runs SAM2 and the vision tower on it once; every row gets the map it would alone."""
+    from PIL import Image
+
+    a, b = make_image(40), make_image(41, 300, 600)
+    Image.fromarray(b).save(tmp_path / "b.png")
+    images = [a, a, tmp_path / "b.png", str(tmp_path / "b.png"), a]
+    phrases = ["blood vessel", "catheter", "blood vessel", "catheter", "artery"]
+    seen: dict[str, list[int]] = {"sam2": [], "vit": []}
+    hooks = [
+        tiny.sam2.vision_encoder.register_forward_hook(lambda m, args, out: seen["sam2"].append(len(args[0]))),
+        tiny.vlm.model.vision_tower.register_forward_hook(
+            lambda m, args, kwargs, out: seen["vit"].append(len(kwargs["pixel_values"])), with_kwargs=True),
+    ]
+    tiny.prediction_pixels = pixels
+    try:
+        together = tiny.predict_proba(images, phrases, batch_size=5)
+        assert seen == {"sam2": [2], "vit": [1 + 3]}  # two distinct images: 1 tile, and 2 + a thumbnail
+        for image, phrase, got in zip(images, phrases, together):
+            alone = tiny.predict_proba(image, phrase)[0]
+            assert got.shape == alone.shape and torch.allclose(got, alone, atol=1e-5)
+    finally:
+        tiny.prediction_pixels = "auto"
+        for hook in hooks:
+            hook.remove()
+    assert not torch.equal(together[0], together[1])  # different phrases, different maps
+
+
 def test_resizing_on_the_device_gives_the_host_paths_maps_exactly(make_image, tmp_path):
     """prediction_pixels="device" (the default on a GPU) resizes with torch: the same pixels, so the same maps,
     for arrays and image files, chunks mixing sizes."""

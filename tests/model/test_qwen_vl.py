@@ -164,6 +164,20 @@ def test_predict_proba_shape_range_and_batch_matches_single(qwen, make_image):
     assert single.shape == (1, 128, 128) and torch.allclose(single[0], batched[0], atol=1e-5)
 
 
+def test_several_phrases_on_one_image_match_each_phrase_alone(qwen, make_image):
+    model, _ = qwen
+    image = make_image(4, 96, 160)
+    sam2_batches = []
+    hook = model.sam2.vision_encoder.register_forward_hook(lambda m, args, out: sam2_batches.append(len(args[0])))
+    try:
+        together = model.predict_proba([image, image], ["blood vessel", "catheter"], batch_size=2)
+    finally:
+        hook.remove()
+    assert sam2_batches == [1]  # SAM2 once; Qwen-VL's vision tower runs inside the LLM forward, per row
+    for phrase, got in zip(["blood vessel", "catheter"], together):
+        assert torch.allclose(model.predict_proba(image, phrase)[0], got, atol=1e-5)
+
+
 def test_patches_resized_on_the_device_give_the_host_paths_maps_exactly(qwen, make_image):
     model, _ = qwen
     images = [make_image(2, 128, 128), make_image(3, 96, 160)]

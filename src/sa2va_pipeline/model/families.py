@@ -208,6 +208,7 @@ class InternVLFamily:
         self,
         model: nn.Module,
         prepared: Sequence[dict[str, Any]],
+        rows: Sequence[int],
         input_ids: torch.Tensor,
         ids_host: torch.Tensor,
         attention_host: torch.Tensor,
@@ -215,15 +216,21 @@ class InternVLFamily:
         to_device: ToDevice,
     ) -> torch.Tensor:
         """The [SEG] source of a prediction chunk, queued without a host sync (positions found on the host).
-        """
+        ``prepared``: its distinct images, each through the vision tower once; ``rows``: the image of each
+        prompt row, whose projected features fill that row's image tokens."""
         tiles = normalize(upload([p["tiles"] for p in prepared]).movedim(-1, -3), IMAGENET_MEAN, IMAGENET_STD)
         image_positions = (ids_host.reshape(-1) == self.img_context_id).nonzero()[:, 0]
-        n_tiles = sum(self.prompt_counts(prepared))
+        counts = self.prompt_counts(prepared)
+        n_tiles = sum(counts[r] for r in rows)
         if len(image_positions) != n_tiles * self.tokens_per_tile:
             raise ValueError(
                 f"{len(image_positions)} <IMG_CONTEXT> tokens for {n_tiles} tiles: check the question template"
             )
         image_embeds = model.project_vit(model.encode_vit(tiles))
+        first = [sum(counts[:i]) for i in range(len(counts))]
+        row_tiles = [first[r] + t for r in rows for t in range(counts[r])]
+        if row_tiles != list(range(len(row_tiles))):  # an image asked several phrases: its features repeated
+            image_embeds = image_embeds.index_select(0, to_device(torch.tensor(row_tiles)))
         return self.llm_hidden(model, input_ids, image_embeds, to_device(image_positions))
 
     def compile(self, model: nn.Module, mode: str | None) -> None:
@@ -435,17 +442,20 @@ class QwenVLFamily:
         self,
         model: nn.Module,
         prepared: Sequence[dict[str, Any]],
+        rows: Sequence[int],
         input_ids: torch.Tensor,
         ids_host: torch.Tensor,
         attention_host: torch.Tensor,
         upload: Uploader,
         to_device: ToDevice,
     ) -> torch.Tensor:
-        """The [SEG] source of a prediction chunk (uint8 patches normalised on the device)."""
+        """The [SEG] source of a prediction chunk (uint8 patches normalised on the device). The vision tower
+        runs inside the native forward, so an image asked several phrases goes through it once per row."""
+        per_row = [prepared[r] for r in rows]
         patches = normalize_qwen_vl_patches(
-            upload([p["patches"] for p in prepared]), self.pixel_mean, self.pixel_std, self.patch_size
+            upload([p["patches"] for p in per_row]), self.pixel_mean, self.pixel_std, self.patch_size
         )
-        grids = torch.cat([p["grid"] for p in prepared])
+        grids = torch.cat([p["grid"] for p in per_row])
         _, seg_source = self.qwen_vl_hidden(model, input_ids, to_device(attention_host), patches, grids)
         return seg_source
 

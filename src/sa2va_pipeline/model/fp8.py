@@ -40,6 +40,7 @@ PARTS = {"sam2_image_encoder": "sam2_image_encoder", "vision_tower": "vision_tow
 DEFAULT_PARTS = tuple(PARTS)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 SETTING = "prediction.fp8"
+SCALINGS = ("row", "tensor")  # one scale per token and output channel, or one per tensor
 
 
 def fp8_parts_setting(value: Any, setting: str = SETTING) -> tuple[str, ...]:
@@ -89,9 +90,13 @@ def require_fp8_support(device: torch.device | str, setting: str = SETTING) -> N
         ) from error
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float8 e4m3 values and fp32 scales [rows, 1] of a 2-D tensor, one scale per row (amax / 448)."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+def quantize_rows(x: torch.Tensor, scaling: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """Float8 e4m3 values and fp32 scales of a 2-D tensor (amax / 448): one scale per row, [rows, 1]
+    (``scaling="row"``), or one for the whole tensor, a 0-d tensor (``"tensor"``)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"fp8 scaling must be one of {SCALINGS}, got {scaling!r}")
+    amax = x.abs().amax(dim=-1, keepdim=True) if scaling == "row" else x.abs().amax()
+    scale = amax.float().clamp(min=1e-12) / FP8_MAX
     # row-major, as _scaled_mm wants its first operand (a transposed input would keep its layout)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scale
 
@@ -106,21 +111,29 @@ class Fp8Linear(nn.Module):
     """
 
     def __init__(
-        self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        fast_accum: bool = False,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
+        self.scaling = "tensor" if weight_scale.ndim == 0 else "row"
+        self.fast_accum = fast_accum
         self.register_buffer("weight_fp8", weight_fp8)  # [N, K] row-major: .t() is the column-major [K, N]
         self.register_buffer("weight_scale", weight_scale)  # [1, N] fp32
         self.register_buffer("bias", bias)  # [N] bf16 or None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        """The fp8 copy of ``linear``'s weight (scale per output channel) and its bias in bf16."""
+    def from_linear(cls, linear: nn.Linear, scaling: str = "row", fast_accum: bool = False) -> Fp8Linear:
+        """The fp8 copy of ``linear``'s weight (a scale per output channel, or one for the weight) and its
+        bias in bf16."""
         with torch.no_grad():
-            weight, scale = quantize_rows(linear.weight.detach())
+            weight, scale = quantize_rows(linear.weight.detach(), scaling)
             bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
-        return cls(weight, scale.reshape(1, -1).contiguous(), bias)
+        scale = scale.reshape(1, -1).contiguous() if scaling == "row" else scale
+        return cls(weight, scale, bias, fast_accum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -132,20 +145,25 @@ class Fp8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return x.new_zeros(*leading, self.out_features)
-        x_fp8, x_scale = quantize_rows(rows)
+        x_fp8, x_scale = quantize_rows(rows, self.scaling)
         out = torch._scaled_mm(
             x_fp8, self.weight_fp8.t(), scale_a=x_scale, scale_b=self.weight_scale, bias=self.bias,
-            out_dtype=torch.bfloat16,
+            out_dtype=torch.bfloat16, use_fast_accum=self.fast_accum,
         )
         return out.to(x.dtype).reshape(*leading, self.out_features)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, "
+                f"scaling={self.scaling}, fast_accum={self.fast_accum}")
 
 
 def quantize_linears_fp8(
-    model: nn.Module, parts: Sequence[str] = DEFAULT_PARTS, setting: str = SETTING
+    model: nn.Module,
+    parts: Sequence[str] = DEFAULT_PARTS,
+    setting: str = SETTING,
+    scaling: str = "row",
+    fast_accum: bool = False,
 ) -> dict[str, Any]:
     """Replace, in place, the ``nn.Linear`` layers of ``parts`` (see :data:`PARTS`) of an eval-mode Sa2VA by
     :class:`Fp8Linear`; returns (and logs) the summary.
@@ -193,7 +211,7 @@ def quantize_linears_fp8(
     while chosen:  # popped: each bf16 weight is freed as soon as its fp8 copy is in place
         name, module, part = chosen.pop(0)
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(module))
+        setattr(model.get_submodule(parent_name), child, Fp8Linear.from_linear(module, scaling, fast_accum))
         converted[part]["layers"] += 1
         converted[part]["parameters"] += sum(p.numel() for p in module.parameters(recurse=False))
     logger.info(

@@ -76,11 +76,11 @@ def iter_predict_proba(
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="sa2va-preprocess") as pool:
 
-            def submit(start: int) -> tuple[list[Future], torch.Tensor | None]:
-                chunk = images[start : start + batch_size]
+            def submit(start: int) -> tuple[list[Future], torch.Tensor | None, list[int]]:
+                chunk, rows = distinct_images(images[start : start + batch_size])
                 if on_device:  # the workers decode; the device resizes (device_inputs)
                     pinned = model.device.type == "cuda"
-                    return [pool.submit(decode_frame, im, pinned) for im in chunk], None
+                    return [pool.submit(decode_frame, im, pinned) for im in chunk], None, rows
                 # the workers write the SAM2 frames (most of the bytes) straight into upload memory
                 size = model.sam2_image_size
                 sam2_host = torch.empty(
@@ -89,17 +89,17 @@ def iter_predict_proba(
                 futures = [
                     pool.submit(preprocess_image, model, im, sam2_host[i]) for i, im in enumerate(chunk)
                 ]
-                return futures, sam2_host
+                return futures, sam2_host, rows
 
             pending, in_flight = submit(0), None
             for start in range(0, len(images), batch_size):
-                prepared, sam2_host = [f.result() for f in pending[0]], pending[1]
+                prepared, (_, sam2_host, rows) = [f.result() for f in pending[0]], pending
                 if start + batch_size < len(images):
                     pending = submit(start + batch_size)
                 with torch.inference_mode():
                     launched = launch_chunk(
-                        model, prepared, sam2_host, phrases[start : start + batch_size], question_template,
-                        answer, object_score_gate,
+                        model, prepared, sam2_host, rows, phrases[start : start + batch_size],
+                        question_template, answer, object_score_gate,
                     )  # fmt: skip
                 if in_flight is not None:
                     yield from in_flight.collect()
@@ -108,6 +108,25 @@ def iter_predict_proba(
                 yield from in_flight.collect()
     finally:
         model.train(was_training)
+
+
+def distinct_images(chunk: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """The distinct images of a chunk and, per (image, phrase) row, the index of its image among them.
+
+    Several phrases on one image arrive as that image repeated (:mod:`sa2va_pipeline.prediction.engine`):
+    the same object, or the same file path. Each distinct image is decoded and run through the image
+    encoders (SAM2, and the InternVL vision tower) once per chunk; the LLM and the mask decoder run per row.
+    """
+    distinct: list[Any] = []
+    seen: dict[Any, int] = {}
+    rows = []
+    for image in chunk:
+        key = os.fspath(image) if isinstance(image, (str, os.PathLike)) else id(image)
+        if key not in seen:
+            seen[key] = len(distinct)
+            distinct.append(image)
+        rows.append(seen[key])
+    return distinct, rows
 
 
 def preprocess_image(model: nn.Module, image: Any, sam2_out: torch.Tensor) -> dict[str, Any]:
@@ -167,14 +186,16 @@ def launch_chunk(
     model: nn.Module,
     prepared: list[dict[str, Any]],
     sam2_host: torch.Tensor | None,
+    rows: list[int],
     phrases: list[str],
     question_template: str,
     answer: str,
     object_score_gate: bool,
 ) -> PendingMaps:
     """Queue one chunk's forward pass on the device without waiting for it; :meth:`PendingMaps.collect`
-    waits and returns the maps. ``sam2_host`` None: ``prepared`` holds decoded frames
-    (:func:`decode_frame`), resized here on the device."""
+    waits and returns the maps, one per row. ``prepared``: the chunk's distinct images
+    (:func:`distinct_images`), ``rows[i]`` the image of row ``i`` (asked ``phrases[i]``); ``sam2_host``
+    None: ``prepared`` holds decoded frames (:func:`decode_frame`), resized here on the device."""
     device = model.device
 
     def to_device(t: torch.Tensor) -> torch.Tensor:  # through pinned memory: no wait for the GPU
@@ -188,28 +209,37 @@ def launch_chunk(
         sam2_frames = to_device(sam2_host)
 
     counts = model.adapter.prompt_counts(prepared)
-    rows = [
-        prompt_ids(model, question_template.format(phrase=clean_phrase(p)), answer, n)
-        for p, n in zip(phrases, counts)
+    prompts = [
+        prompt_ids(model, question_template.format(phrase=clean_phrase(p)), answer, counts[r])
+        for p, r in zip(phrases, rows)
     ]
-    ids_host, attention_host = pad_rows(rows, model.pad_id)
+    ids_host, attention_host = pad_rows(prompts, model.pad_id)
     seg_positions = (ids_host.reshape(-1) == model.seg_id).nonzero()[:, 0]
-    if len(seg_positions) != len(prepared):  # the answer has one [SEG]; a question template may add more
+    if len(seg_positions) != len(rows):  # the answer has one [SEG]; a question template may add more
         raise ValueError(
-            f"{len(seg_positions)} [SEG] tokens for {len(prepared)} images: check the question template"
+            f"{len(seg_positions)} [SEG] tokens for {len(rows)} images: check the question template"
         )
     input_ids = to_device(ids_host)
     sam2_pixels = normalize(sam2_frames.movedim(-1, -3), *sam2_constants("bf16"))
     fpn = model.encode_sam2(sam2_pixels)
     hidden = model.adapter.prediction_hidden(
-        model, prepared, input_ids, ids_host, attention_host, lambda a: upload(a, device), to_device
+        model, prepared, rows, input_ids, ids_host, attention_host, lambda a: upload(a, device), to_device
     )
     seg = model.seg_states(hidden, input_ids, to_device(seg_positions))
-    logits, _, object_score = model.decode_masks(fpn, torch.arange(len(prepared), device=device), seg)
+    logits, _, object_score = model.decode_masks(fpn, row_index(rows, to_device, device), seg)
     if object_score_gate:
         no_object = torch.full_like(logits, NO_OBJECT_SCORE)
         logits = torch.where(object_score[:, None, None] > 0, logits, no_object)
-    return PendingMaps.start(*probability_maps(logits, [p["size"] for p in prepared], model.sam2_image_size))
+    sizes = [prepared[r]["size"] for r in rows]
+    return PendingMaps.start(*probability_maps(logits, sizes, model.sam2_image_size))
+
+
+def row_index(index: list[int], to_device: Any, device: torch.device) -> torch.Tensor:
+    """``index`` as a device tensor: ``arange`` made there when it is 0..n-1 (every image asked once),
+    else copied through pinned memory (no wait for the GPU)."""
+    if index == list(range(len(index))):
+        return torch.arange(len(index), device=device)
+    return to_device(torch.tensor(index))
 
 
 def probability_maps(
