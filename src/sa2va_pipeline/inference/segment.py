@@ -31,8 +31,8 @@ from sa2va_pipeline.evaluation.overlays import (
     phrase_legend_entries,
     phrase_overlay,
 )
-from sa2va_pipeline.prediction.engine import predict_maps
-from sa2va_pipeline.prediction.maps import binarize, phrase_file_names, quantise
+from sa2va_pipeline.prediction.engine import iter_maps
+from sa2va_pipeline.prediction.maps import binarize, dequantise, phrase_file_names, quantise
 from sa2va_pipeline.prediction.model_loading import model_phrases
 from sa2va_pipeline.prediction.stored import prompt_settings
 
@@ -140,28 +140,35 @@ def segment_folder(
     """Predict every phrase of ``thresholds`` on every image of ``folder``; encode the outputs (module doc).
 
     ``options`` are the ``inference`` parameters (``save_probabilities``, ``save_overlays``, ``grid_images``),
-    ``overlay`` the shared overlay parameters (``alpha``, ``phrase_palette``, ``show_raw``). The outputs are
-    encoded by a thread pool, image by image, and collected in the folder's order.
+    ``overlay`` the shared overlay parameters (``alpha``, ``phrase_palette``, ``show_raw``). A thread pool
+    encodes each image's outputs as soon as its maps arrive (the GPU predicts the next images meanwhile); they
+    are collected in the folder's order.
     """
     phrases = list(thresholds)
     samples = [{"id": name, "image": image} for name, image in folder.images.items()]
     prompt = prompt_settings(prediction)
-    # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
-    maps = predict_maps(model, samples, phrases, int(prediction.get("batch_size", 8)), "float16", prompt)
     folders, stems = phrase_file_names(phrases), output_names(list(folder.images))
     colors = phrase_colors(phrases, overlay.get("phrase_palette"))
     result = Segmentation(legend=phrase_legend_entries(colors))
     rows = {row["file"]: row for row in folder.report}
     n_panels = int(options.get("grid_images", 6))  # keep only what the grid shows
 
-    def outputs(index: int, name: str) -> _ImageOutputs:
-        probabilities = {phrase: maps.probabilities(name, phrase) for phrase in phrases}
+    def outputs(index: int, name: str, probabilities: dict[str, np.ndarray]) -> _ImageOutputs:
         return _image_outputs(folder.images[name], stems[name], probabilities, thresholds, folders, colors,
                               result.legend, options, overlay, index < n_panels)  # fmt: skip
 
     with ThreadPoolExecutor(max(1, min(ENCODE_THREADS, os.cpu_count() or 1))) as pool:
-        encoded = pool.map(outputs, range(len(folder.images)), list(folder.images))
-        for name, done in zip(folder.images, encoded):
+        # an image's outputs are encoded as soon as its maps arrive, while later images are predicted
+        encoded, maps = [], {}
+        # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
+        batch_size = int(prediction.get("batch_size", 8))
+        for (name, phrase), stored in iter_maps(model, samples, phrases, batch_size, "float16", prompt):
+            maps[phrase] = dequantise(stored)
+            if len(maps) == len(phrases):  # the engine gives all phrases of an image together
+                encoded.append(pool.submit(outputs, len(encoded), name, maps))
+                maps = {}
+        for name, future in zip(folder.images, encoded):
+            done = future.result()
             result.outputs.update(done.files)
             rows[name].update(done.fractions)
             rows[name]["output_name"] = f"{stems[name]}.png"

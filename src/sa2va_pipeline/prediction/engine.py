@@ -8,7 +8,7 @@ each other), which keeps a chunk's images few and lets the model's pipeline over
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,32 +38,39 @@ def prompt_kwargs(prompt: dict[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (prompt or {}).items() if v is not None}
 
 
-def _collect(
-    predicted: Iterable[Any],
+def iter_maps(
+    model: Any,
     samples: Sequence[dict[str, Any]],
-    pairs: list[tuple[int, str]],
-    storage_dtype: str,
-) -> dict[MapKey, np.ndarray]:
-    """Quantise the streamed maps into ``{(id, phrase): map}``, checking count and sizes."""
-    stream = iter(predicted)
-    maps: dict[MapKey, np.ndarray] = {}
-    for index, phrase in pairs:
+    phrases: Sequence[str],
+    batch_size: int = 8,
+    storage_dtype: str = "uint8",
+    prompt: dict[str, Any] | None = None,
+) -> Iterator[tuple[MapKey, np.ndarray]]:
+    """``((id, phrase), map in its storage encoding)`` as the model streams them, in :func:`prediction_pairs`
+    order (all phrases of an image together), each checked against its image's size; see :func:`predict_maps`
+    for the arguments. A consumer can use an image's maps while later images are still being predicted."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pairs = prediction_pairs(samples, list(phrases))
+    images = [samples[index]["image"] for index, _ in pairs]
+    asked = [phrase for _, phrase in pairs]
+    stream = iter(model.iter_predict_proba(images, asked, batch_size=batch_size, **prompt_kwargs(prompt)))
+    for done, (index, phrase) in enumerate(pairs):
         sample = samples[index]
         prob = next(stream, None)
         if prob is None:
-            raise ValueError(f"the model returned {len(maps)} maps for {len(pairs)} (image, phrase) pairs")
+            raise ValueError(f"the model returned {done} maps for {len(pairs)} (image, phrase) pairs")
         prob = _to_numpy(prob)
         if prob.shape != np.asarray(sample["image"]).shape[:2]:
             raise ValueError(
                 f"sample {sample['id']}: probability map {prob.shape} does not match image "
                 f"{np.asarray(sample['image']).shape[:2]}; the model must return maps at the original size"
             )
-        maps[(str(sample["id"]), phrase)] = quantise(prob, storage_dtype)
-        if len(maps) % 256 == 0:
-            logger.info("Predicted %d/%d probability maps", len(maps), len(pairs))
+        yield (str(sample["id"]), phrase), quantise(prob, storage_dtype)
+        if (done + 1) % 256 == 0:
+            logger.info("Predicted %d/%d probability maps", done + 1, len(pairs))
     if next(stream, None) is not None:
         raise ValueError(f"the model returned more maps than the {len(pairs)} (image, phrase) pairs")
-    return maps
 
 
 def predict_maps(
@@ -87,13 +94,7 @@ def predict_maps(
         prompt: ``question_template`` / ``answer``; ``None`` values keep the model's defaults.
         metadata: provenance to store with the maps (``phrases``, ``ids`` and ``storage_dtype`` are added).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    pairs = prediction_pairs(samples, list(phrases))
-    images = [samples[index]["image"] for index, _ in pairs]
-    asked = [phrase for _, phrase in pairs]
-    predicted = model.iter_predict_proba(images, asked, batch_size=batch_size, **prompt_kwargs(prompt))
-    maps = _collect(predicted, samples, pairs, storage_dtype)
+    maps = dict(iter_maps(model, samples, phrases, batch_size, storage_dtype, prompt))
     logger.info("Predicted %d maps (%d images x %d phrases)", len(maps), len(samples), len(phrases))
     meta = {**(metadata or {}), "phrases": list(phrases), "ids": [str(s["id"]) for s in samples]}
     meta.setdefault("storage_dtype", storage_dtype)
