@@ -1,4 +1,5 @@
-"""The lean SAM2 Hiera attention gives transformers' outputs exactly, with the same parameters."""
+"""The lean SAM2 image encoder (attention, FPN neck) gives transformers' outputs exactly, with the same
+parameters."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from transformers.models.sam2 import modeling_sam2 as hf_sam2
 
-from sa2va_pipeline.model.sam2_attention import LeanSam2MultiScaleAttention
+from sa2va_pipeline.model.sam2_attention import LeanSam2MultiScaleAttention, NoPositionEncoding
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -30,4 +31,24 @@ def test_lean_attention_equals_transformers(attn_implementation):
         theirs = encoder(pixels).fpn_hidden_states
     assert list(model.state_dict()) == keys
     for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_the_unused_fpn_position_encoding_is_not_computed_and_changes_nothing():
+    from sa2va_pipeline.model import Sa2VA
+
+    model = Sa2VA.from_preset("tiny", sam2_image_size=256, seed=2)
+    encoder = model.sam2.vision_encoder
+    assert type(encoder.neck.position_encoding) is NoPositionEncoding
+    keys = list(model.state_dict())
+    pixels = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = encoder(pixels)
+        encoder.neck.position_encoding = hf_sam2.Sam2SinePositionEmbedding(
+            num_position_features=encoder.config.fpn_hidden_size // 2, normalize=True)
+        theirs = encoder(pixels)
+    assert list(model.state_dict()) == keys  # no parameter or buffer either way
+    assert all(p.numel() == 0 for p in ours.fpn_position_encoding)
+    assert all(p.numel() > 0 for p in theirs.fpn_position_encoding)
+    for a, b in zip(ours.fpn_hidden_states, theirs.fpn_hidden_states, strict=True):
         assert torch.equal(a, b)

@@ -48,7 +48,7 @@ from .module_utils import device_of, dtype_of, grad_scope, no_init_weights
 from .preprocessing import resize_masks_area
 from .processing import DEFAULT_ANSWER, DEFAULT_QUESTION
 from .prompts import SEG_TOKEN, get_template
-from .sam2_attention import use_lean_attention
+from .sam2_attention import drop_unused_position_encoding, use_lean_attention
 
 __all__ = ["DEFAULT_ANSWER", "DEFAULT_QUESTION", "Sa2VA"]
 
@@ -121,6 +121,7 @@ class Sa2VA(nn.Module):
         sam2_config._attn_implementation = attn_implementation
         self.sam2 = Sam2Model(sam2_config)
         use_lean_attention(self.sam2)  # same outputs, without transformers' unused attention matmul
+        drop_unused_position_encoding(self.sam2.vision_encoder)  # nor the FPN position encoding nobody reads
         with torch.no_grad():  # one gaussian matrix in SAM2: the image-wide positional grid uses the prompt's
             self.sam2.shared_image_embedding.positional_embedding.copy_(
                 self.sam2.prompt_encoder.shared_embedding.positional_embedding
