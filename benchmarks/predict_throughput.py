@@ -420,6 +420,15 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                        "phrases": args.phrases, "img_per_s": spread(seconds, args.n_files)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                seconds = []  # the same work with every map predicted before any output is encoded
+                for _ in range(args.repeats):
+                    sync()
+                    t0 = time.perf_counter()
+                    segment_after_prediction(model, read_image_folder(tmp), args.phrases, b)
+                    seconds.append(time.perf_counter() - t0)
+                row = {**row, "mode": "files-inference-sequential", "img_per_s": spread(seconds, args.n_files)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
                 # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
                 paths = sorted(Path(tmp).iterdir())
                 asked = [(path, phrase) for path in paths for phrase in args.phrases]  # as the engine asks
@@ -458,6 +467,33 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def segment_after_prediction(model: Any, folder: Any, phrases: list[str], batch: int) -> None:
+    """``segment_folder``'s work done as it was until 2026-12-03: predict every map, then encode the outputs
+    (the same thread pool and per-image work), for the overlapped version's A/B."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sa2va_pipeline.evaluation.overlays import phrase_colors, phrase_legend_entries
+    from sa2va_pipeline.inference.folder import output_names
+    from sa2va_pipeline.inference.segment import ENCODE_THREADS, _image_outputs
+    from sa2va_pipeline.prediction.engine import predict_maps
+    from sa2va_pipeline.prediction.maps import phrase_file_names
+
+    samples = [{"id": name, "image": image} for name, image in folder.images.items()]
+    maps = predict_maps(model, samples, phrases, batch, "float16")
+    folders, stems = phrase_file_names(phrases), output_names(list(folder.images))
+    colors = phrase_colors(phrases, None)
+    legend, thresholds = phrase_legend_entries(colors), dict.fromkeys(phrases, 0.5)
+
+    def outputs(index: int, name: str) -> Any:
+        probabilities = {phrase: maps.probabilities(name, phrase) for phrase in phrases}
+        return _image_outputs(folder.images[name], stems[name], probabilities, thresholds, folders, colors,
+                              legend, {}, {}, index < 6)
+
+    with ThreadPoolExecutor(max(1, min(ENCODE_THREADS, os.cpu_count() or 1))) as pool:
+        list(pool.map(outputs, range(len(folder.images)), list(folder.images)))
+
+
 def files_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| preset | compiled | fp8 | frame | batch | pixels resized on | end to end img/s median (min-max) | "
              "folder decoding alone img/s | peak GB |", "|---|---|---|---|---|---|---|---|---|"]
@@ -472,6 +508,9 @@ def files_table(rows: list[dict[str, Any]]) -> str:
             notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: the inference node's work (folder "
                          f"reading, prediction, masks + probability PNGs + overlays encoded): {fmt(r['img_per_s'])} "
                          "img/s")
+        elif r["mode"] == "files-inference-sequential":
+            notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: the same with every map predicted "
+                         f"before any output is encoded: {fmt(r['img_per_s'])} img/s")
         elif r["mode"] == "files-paths":
             notes.append(f"- {r['preset']} {r['frame']} batch {r['batch']}: file paths straight into "
                          f"iter_predict_proba (decoding overlapped with the GPU): {fmt(r['img_per_s'])} img/s")
