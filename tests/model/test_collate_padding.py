@@ -46,9 +46,9 @@ def test_padding_to_a_multiple_changes_the_length_but_not_the_losses(model, make
         got = model.training_forward(padded, generator=torch.Generator().manual_seed(0))
     for key in ("llm", "mask_bce", "mask_dice", "total"):
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
-    # per object, 1e-4: the mask losses are taken at the most uncertain sampled points (top-k of the logits),
-    # and a [SEG] state that differs by float noise (1.5e-8 for Qwen3-VL with transformers 5.24 on the CPU)
-    # can swap one chosen point, which moved one object's Dice loss by 3.7e-5; a padding bug moves it by far more
+    # per object, 1e-4: the mask losses are taken at the most uncertain sampled points (top-k of the
+    # logits), and a [SEG] state that differs by float noise (1.5e-8 for Qwen3-VL with transformers 5.24 on
+    # the CPU) can swap one chosen point: one object's Dice loss moved by 3.7e-5. A padding bug moves more.
     for key in ("mask_bce", "mask_dice"):
         torch.testing.assert_close(got["per_object"][key], want["per_object"][key], rtol=1e-4, atol=1e-4)
 

@@ -243,7 +243,8 @@ def test_several_phrases_on_one_image_encode_it_once_with_the_same_maps(tiny, ma
     phrases = ["blood vessel", "catheter", "blood vessel", "catheter", "artery"]
     seen: dict[str, list[int]] = {"sam2": [], "vit": []}
     hooks = [
-        tiny.sam2.vision_encoder.register_forward_hook(lambda m, args, out: seen["sam2"].append(len(args[0]))),
+        tiny.sam2.vision_encoder.register_forward_hook(
+            lambda m, args, out: seen["sam2"].append(len(args[0]))),
         tiny.vlm.model.vision_tower.register_forward_hook(
             lambda m, args, kwargs, out: seen["vit"].append(len(kwargs["pixel_values"])), with_kwargs=True),
     ]

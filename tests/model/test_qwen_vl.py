@@ -168,7 +168,8 @@ def test_several_phrases_on_one_image_match_each_phrase_alone(qwen, make_image):
     model, _ = qwen
     image = make_image(4, 96, 160)
     sam2_batches = []
-    hook = model.sam2.vision_encoder.register_forward_hook(lambda m, args, out: sam2_batches.append(len(args[0])))
+    hook = model.sam2.vision_encoder.register_forward_hook(
+        lambda m, args, out: sam2_batches.append(len(args[0])))
     try:
         together = model.predict_proba([image, image], ["blood vessel", "catheter"], batch_size=2)
     finally:

@@ -4,8 +4,9 @@
 Inference only, off by default (``prediction.fp8``). Each converted layer holds its weight in float8 e4m3 with
 one scale per output channel (row amax / 448, computed once); its forward quantises the input per row (per
 token) on the fly and runs ``torch._scaled_mm`` with both row-wise scales, bias in bf16, output in bf16 (cast
-back to the input's dtype). Layers whose in/out features are not multiples of 16 (``_scaled_mm``'s rule) stay
-as they are and are listed in the summary.
+back to the input's dtype). ``quantize_linears_fp8(..., scaling="tensor")`` uses one scale per weight and per
+input instead, and ``fast_accum=True`` Hopper's faster, less precise fp8 accumulation. Layers whose in/out
+features are not multiples of 16 (``_scaled_mm``'s rule) stay as they are and are listed in the summary.
 
 Parts that may be converted (:data:`PARTS`), where nearly all of prediction's matmul FLOPs are:
 - ``sam2_image_encoder``: the SAM2 Hiera trunk (qkv, proj, MLPs; its FPN neck is convolutions, left alone);
@@ -18,8 +19,10 @@ directly).
 
 How far fp8 maps agree with bf16 ones is measured, not assumed: ``benchmarks/predict_throughput.py --fp8``
 (see benchmarks/RESULTS.md; on an H200, sa2va-internvl3-2b compiled with all three parts, fp8 was slower than
-bf16: 63 against 77 images/s from files). The extra per-token quantisation kernels are only cheap when fused, so use it
-with ``Sa2VA.compile_for_inference`` (convert first, then compile).
+bf16: 63 against 77 images/s from files; tensor-wise with fast accumulation 88 against 89). Layer by layer
+(``benchmarks/fp8_gemm.py``) the fp8 matmuls save a third of the Linear time, but quantising the activations
+costs more. The quantisation is only cheap when fused, so use it with ``Sa2VA.compile_for_inference``
+(convert first, then compile).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The SAM2 image encoder without transformers' dead code: two pieces of work whose results nobody reads.
 
-1. transformers' ``Sam2MultiScaleAttention.forward`` (5.x) computes ``softmax(q @ k^T)`` over the heads of every
-token and never reads the result: at batch 32 on an H200 that unused batched matmul, its fp32 softmax and the
-cast back took ~7% of the SAM2 image encoder's GPU time (``aten::bmm`` in
-``benchmarks/profiles/predict_sa2va-internvl3-2b_b32.txt``). :class:`LeanSam2MultiScaleAttention` is the same
-module (same parameters, same state dict keys) whose forward leaves that out; the attention itself is
-unchanged (windowed or global, query pooling at stage changes, the configured attention implementation).
+1. transformers' ``Sam2MultiScaleAttention.forward`` (5.x) computes ``softmax(q @ k^T)`` over the heads of
+   every token and never reads the result: at batch 32 on an H200 that unused batched matmul, its fp32 softmax
+   and the cast back took ~7% of the SAM2 image encoder's GPU time (``aten::bmm`` in
+   ``benchmarks/profiles/predict_sa2va-internvl3-2b_b32.txt``). :class:`LeanSam2MultiScaleAttention` is the
+   same module (same parameters, same state dict keys) whose forward leaves that out; the attention itself is
+   unchanged (windowed or global, query pooling at stage changes, the configured attention implementation).
 2. The FPN neck builds a sine position encoding for every level and every image of the batch
    (``fpn_position_encoding``, [B, 256, S/4, S/4] at the finest level). Sa2VA's mask decoder takes the prompt
    encoder's image-wide positional grid instead (``Sa2VA.decode_masks``), so the encoding is never read; at
