@@ -43,8 +43,8 @@ def time_ms(fn, iters: int = 20) -> float:
 
 
 def manual_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v with batched matmuls, softmax in fp32 (what the ``math`` backend does):
-    compiled, a candidate for windows too short for a flash kernel's tiles."""
+    """softmax(q k^T / sqrt(d)) v with batched matmuls, the scores rounded to bf16 and the softmax in fp32:
+    compiled, a candidate for windows too short for a flash kernel's tiles (flash kernels keep fp32 scores)."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
     return scores.softmax(-1).to(v.dtype) @ v
 

@@ -160,8 +160,8 @@ def segment_folder(
     with ThreadPoolExecutor(max(1, min(ENCODE_THREADS, os.cpu_count() or 1))) as pool:
         # an image's outputs are encoded as soon as its maps arrive, while later images are predicted
         encoded, maps = [], {}
-        # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
         batch_size = int(prediction.get("batch_size", 8))
+        # float16 keeps full precision here: these maps are written once, as PNGs, not stored for re-use
         for (name, phrase), stored in iter_maps(model, samples, phrases, batch_size, "float16", prompt):
             maps[phrase] = dequantise(stored)
             if len(maps) == len(phrases):  # the engine gives all phrases of an image together

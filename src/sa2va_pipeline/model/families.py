@@ -23,6 +23,7 @@ model (:class:`.sa2va.Sa2VA`) for the modules they run; the model reads and writ
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -227,7 +228,7 @@ class InternVLFamily:
                 f"{len(image_positions)} <IMG_CONTEXT> tokens for {n_tiles} tiles: check the question template"
             )
         image_embeds = model.project_vit(model.encode_vit(tiles))
-        first = [sum(counts[:i]) for i in range(len(counts))]
+        first = [0, *itertools.accumulate(counts)]  # each distinct image's first tile
         row_tiles = [first[r] + t for r in rows for t in range(counts[r])]
         if row_tiles != list(range(len(row_tiles))):  # an image asked several phrases: its features repeated
             image_embeds = image_embeds.index_select(0, to_device(torch.tensor(row_tiles)))

@@ -125,7 +125,7 @@ class Fp8Linear(nn.Module):
         self.scaling = "tensor" if weight_scale.ndim == 0 else "row"
         self.fast_accum = fast_accum
         self.register_buffer("weight_fp8", weight_fp8)  # [N, K] row-major: .t() is the column-major [K, N]
-        self.register_buffer("weight_scale", weight_scale)  # [1, N] fp32
+        self.register_buffer("weight_scale", weight_scale)  # [1, N] fp32 (row-wise) or 0-d (tensor-wise)
         self.register_buffer("bias", bias)  # [N] bf16 or None
 
     @classmethod

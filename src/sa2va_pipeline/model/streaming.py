@@ -93,7 +93,8 @@ def iter_predict_proba(
 
             pending, in_flight = submit(0), None
             for start in range(0, len(images), batch_size):
-                prepared, (_, sam2_host, rows) = [f.result() for f in pending[0]], pending
+                futures, sam2_host, rows = pending
+                prepared = [f.result() for f in futures]
                 if start + batch_size < len(images):
                     pending = submit(start + batch_size)
                 with torch.inference_mode():
