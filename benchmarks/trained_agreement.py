@@ -7,7 +7,11 @@ and the frozen thresholds, renders synthetic angiography frames (videos of anoth
 and compares, per phrase, the maps of:
 - ``compiled``: ``Sa2VA.compile_for_inference()`` in bf16 against bf16 eager;
 - ``fp32``: fp32 eager against bf16 eager (the precision gap itself);
-- ``fp8`` (``--fp8 PARTS``, Hopper/Ada): fp8 matmuls in those parts, compiled, against bf16 eager.
+- ``fp8`` (``--fp8 PARTS``, Hopper/Ada): fp8 matmuls in those parts, compiled, against bf16 eager;
+- ``bf16, PART in fp32`` (``--fp32-parts``): bf16 eager with one part computed in fp32, to find which part's bf16
+  rounding moves the maps most.
+Every variant is also compared with fp32 eager (how far each is from the exact maps), and the log gives each
+step's seconds.
 
     python benchmarks/trained_agreement.py --model data/06_models/trained_model/<version>/trained_model \
         --thresholds "blood vessel=0.30,catheter=0.63"
@@ -24,8 +28,10 @@ as the pipeline does: the pooled-Dice best of bf16 eager maps on validation vide
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +94,24 @@ def maps(model, images, phrase: str, batch: int) -> list[torch.Tensor]:
         return [m.float().cpu() for m in model.predict_proba(images, phrase, batch_size=batch)]
 
 
+FP32_PARTS = {  # a part -> the submodules it casts
+    "sam2_image_encoder": ("sam2.vision_encoder",),
+    "vision": ("vlm.model.vision_tower", "vlm.model.multi_modal_projector"),
+    "llm": ("vlm.model.language_model",),
+    "decoder": ("text_hidden_fcs", "sam2.prompt_encoder", "sam2.mask_decoder"),
+}
+
+
+def in_fp32(model, part: str):
+    """``model`` with the submodules of ``part`` (:data:`FP32_PARTS`) cast to fp32; the model casts every
+    part's inputs to that part's dtype, so the rest stays bf16."""
+    if part not in FP32_PARTS:
+        raise SystemExit(f"--fp32-parts: unknown part {part!r}; the parts are {list(FP32_PARTS)}")
+    for name in FP32_PARTS[part]:
+        model.get_submodule(name).float()
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -101,6 +125,8 @@ def main() -> None:
     parser.add_argument("--frames-per-video", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--fp8", default="", help="parts for an fp8 row, e.g. sam2_image_encoder,vision_tower,llm")
+    parser.add_argument("--fp32-parts", default="",
+                        help=f"rows of bf16 eager with one of these parts in fp32, e.g. {','.join(FP32_PARTS)}")
     parser.add_argument("--device", default="cuda", help="cpu: a check of this script's logic (no compiled rows)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -109,13 +135,17 @@ def main() -> None:
 
     from sa2va_pipeline.training.artifacts import load_trained_model
 
+    began = time.perf_counter()
     work = tempfile.TemporaryDirectory()
     model_dir = args.model or train_folder(args, Path(work.name))
+    print(f"model ready: {time.perf_counter() - began:.0f} s", flush=True)
     test = frames(args.videos, args.frames_per_video, seed=20261202)
     images = [image for image, _ in test]
 
+    master = load_trained_model(model_dir, "cpu", torch.float32)  # rebuilt once (a preset: from its seed)
+
     def load(dtype):
-        return load_trained_model(model_dir, args.device, dtype)
+        return copy.deepcopy(master).to(args.device, dtype)
 
     reference_model = load(torch.bfloat16)
     if args.thresholds:
@@ -133,10 +163,9 @@ def main() -> None:
     for phrase, threshold in thresholds.items():
         dice = pooled_dice(reference[phrase], [m[phrase] for _, m in test], threshold)
         print(f"bf16 eager {phrase}: test Dice {dice:.3f} at {threshold:g}", flush=True)
+    print(f"bf16 eager maps: {time.perf_counter() - began:.0f} s", flush=True)
     del reference_model
     variants = {"fp32": lambda: load(torch.float32)}
-    if args.device == "cuda":
-        variants["compiled"] = lambda: load(torch.bfloat16).compile_for_inference()
     if args.fp8:
         from sa2va_pipeline.model.fp8 import quantize_linears_fp8
 
@@ -146,8 +175,13 @@ def main() -> None:
             return model.compile_for_inference()
 
         variants[f"fp8 ({args.fp8}), compiled"] = fp8_model
-    rows = []
+    if args.device == "cuda":
+        variants["compiled"] = lambda: load(torch.bfloat16).compile_for_inference()
+    for part in filter(None, args.fp32_parts.split(",")):
+        variants[f"bf16, {part} in fp32"] = lambda part=part: in_fp32(load(torch.bfloat16), part)
+    rows, exact = [], {}
     for name, build in variants.items():
+        start = time.perf_counter()
         try:
             model = build()
         except Exception as error:  # e.g. fp8 refused for widths that are not multiples of 16
@@ -156,23 +190,31 @@ def main() -> None:
             continue
         for phrase, threshold in thresholds.items():
             got = maps(model, images, phrase, args.batch_size)
-            row = {"variant": name, "phrase": phrase, "images": len(images),
-                   **agreement(list(zip(reference[phrase], got)), threshold)}
-            row["foreground_share"] = float(np.mean([(r >= threshold).float().mean() for r in reference[phrase]]))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            if name == "fp32":
+                exact[phrase] = got
+            share = float(np.mean([(r >= threshold).float().mean() for r in reference[phrase]]))
+            for against, maps_against in (("bf16 eager", reference[phrase]), ("fp32", exact[phrase])):
+                if against == "fp32" and name == "fp32":
+                    continue
+                row = {"variant": name, "against": against, "phrase": phrase, "images": len(images),
+                       **agreement(list(zip(maps_against, got)), threshold), "foreground_share": share}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        if args.json:  # after every variant: a call that runs out of time keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=2))
         del model
         torch.cuda.empty_cache()
     where = G.device_line() if args.device == "cuda" else args.device
-    print(f"\n{where}; {len(images)} frames of 512^2; against bf16 eager\n")
-    print("| variant | phrase | threshold | max abs p diff | mean abs p diff | pixels on the same side of the threshold |"
+    print(f"\n{where}; {len(images)} frames of 512^2\n")
+    print("| variant | against | phrase | threshold | max abs p diff | mean abs p diff | pixels on the same side of the threshold |"
           " foreground at the threshold |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | | | {r['error']} | | | |")
+            print(f"| {r['variant']} | | | | {r['error']} | | | |")
         else:
-            print(f"| {r['variant']} | {r['phrase']} | {r['threshold']:g} | {r['max_abs_diff']:.1e} | "
+            print(f"| {r['variant']} | {r['against']} | {r['phrase']} | {r['threshold']:g} | {r['max_abs_diff']:.1e} | "
                   f"{r['mean_abs_diff']:.1e} | {100 * r['agree_at_threshold']:.3f}% | {100 * r['foreground_share']:.1f}% |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
