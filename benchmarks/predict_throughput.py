@@ -139,14 +139,22 @@ def prepare_model(model: Any, args: argparse.Namespace) -> dict[str, Any] | None
                                        fast_accum=args.fp8_fast_accum)
         print("fp8:", json.dumps(summary), flush=True)
     if args.compile:
-        model.compile_for_inference(mode=args.compile_mode)
+        model.compile_for_inference(mode=args.compile_mode, fused_gelu=not args.no_fused_gelu)
     return summary
+
+
+def compiled_label(args: argparse.Namespace) -> str:
+    """How the model was compiled, for the tables ("" when not): e.g. ``yes (reduce-overhead)``."""
+    if not args.compile:
+        return ""
+    notes = ([args.compile_mode] if args.compile_mode else []) + (["GELU unfused"] if args.no_fused_gelu else [])
+    return "yes" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def variant_name(args: argparse.Namespace) -> str:
     """What the model runs as, against bf16 eager: e.g. ``compiled + fp8 (sam2_image_encoder)``."""
     fp8 = f"fp8 ({', '.join(args.fp8)}; {args.fp8_scaling} scales{', fast accum' if args.fp8_fast_accum else ''})"
-    names = (["compiled"] if args.compile else []) + ([fp8] if args.fp8 else [])
+    names = ([f"compiled{compiled_label(args)[3:]}"] if args.compile else []) + ([fp8] if args.fp8 else [])
     return " + ".join(names) or "bf16 eager"
 
 
@@ -203,7 +211,7 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
                                  min_iters=1, min_seconds=args.min_seconds)
             row = {"preset": preset, "batch": b, "model_img_per_s": b / model_s,
                    "predict_proba_img_per_s": n / e2e_s,
-                   "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": bool(args.compile),
+                   "peak_gb": G.peak_gb(), "model_peak_gb": model_peak, "compiled": compiled_label(args),
                    "fp8": list(args.fp8), **host_rate}
         except Exception as error:
             if not G.is_oom(error):
@@ -238,7 +246,7 @@ def bench_preset(preset: str, args: argparse.Namespace, peak_measured: float, ou
         }
         if args.profile:  # before the FLOP counting, whose dispatch mode sends compiled modules back to eager
             print(G.profile_table(parts.all, out_dir / f"profile_predict_{preset}_b{b}.txt"), flush=True)
-        comp = {"preset": preset, "batch": b, "path": "components", "compiled": bool(args.compile)}
+        comp = {"preset": preset, "batch": b, "path": "components", "compiled": compiled_label(args)}
         for name, fn in components.items():
             with torch.compiler.set_stance("force_eager"):  # the model's FLOPs, counted on the eager ops
                 flops = G.count_flops(fn)
@@ -399,7 +407,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     maps[pixels] = out
                     row = {"mode": "files", "preset": preset, "frame": size, "batch": b, "pixels": pixels,
                            "resized_on": "device" if pixels_on_device(model) else "host",
-                           "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
+                           "compiled": compiled_label(args), "fp8": list(args.fp8), "n_files": args.n_files,
                            "phrases": args.phrases, "img_per_s": spread(seconds, args.n_files),
                            "decode_img_per_s": spread(decode_s, args.n_files),
                            "peak_gb": G.peak_gb() if cuda else 0.0}
@@ -416,19 +424,20 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                                    {"batch_size": b}, {}, {})
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-inference", "preset": preset, "frame": size, "batch": b,
-                       "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": args.n_files,
+                       "compiled": compiled_label(args), "fp8": list(args.fp8), "n_files": args.n_files,
                        "phrases": args.phrases, "img_per_s": spread(seconds, args.n_files)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 seconds = []  # the same work with every map predicted before any output is encoded
-                for _ in range(args.repeats):
+                for _ in range(args.repeats if args.sequential_ab else 0):
                     sync()
                     t0 = time.perf_counter()
                     segment_after_prediction(model, read_image_folder(tmp), args.phrases, b)
                     seconds.append(time.perf_counter() - t0)
-                row = {**row, "mode": "files-inference-sequential", "img_per_s": spread(seconds, args.n_files)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                if seconds:
+                    row = {**row, "mode": "files-inference-sequential", "img_per_s": spread(seconds, args.n_files)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
                 # file paths straight into the model: decoding in the prediction pool, overlapped with the GPU
                 paths = sorted(Path(tmp).iterdir())
                 asked = [(path, phrase) for path in paths for phrase in args.phrases]  # as the engine asks
@@ -440,7 +449,7 @@ def bench_files(preset: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                         pass
                     seconds.append(time.perf_counter() - t0)
                 row = {"mode": "files-paths", "preset": preset, "frame": size, "batch": b,
-                       "compiled": bool(args.compile), "fp8": list(args.fp8), "n_files": len(paths),
+                       "compiled": compiled_label(args), "fp8": list(args.fp8), "n_files": len(paths),
                        "phrases": args.phrases, "img_per_s": spread(seconds, len(paths))}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -501,7 +510,7 @@ def files_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["mode"] == "files":
             where = "device (torch)" if r["resized_on"] == "device" else "host (PIL)"
-            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {', '.join(r['fp8']) or 'no'} | "
+            lines.append(f"| {r['preset']} | {r['compiled'] or 'no'} | {', '.join(r['fp8']) or 'no'} | "
                          f"{r['frame']} | {r['batch']} | {where} | {fmt(r['img_per_s'])} | "
                          f"{fmt(r['decode_img_per_s'])} | {r['peak_gb']:.1f} |")
         elif r["mode"] == "files-inference":
@@ -543,7 +552,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         elif "error" in r:
             lines.append(f"| {r['preset']} | | | {r['batch']} | {r['error']} | | | |")
         else:
-            lines.append(f"| {r['preset']} | {'yes' if r['compiled'] else 'no'} | {', '.join(r['fp8']) or 'no'} | "
+            lines.append(f"| {r['preset']} | {r['compiled'] or 'no'} | {', '.join(r['fp8']) or 'no'} | "
                          f"{r['batch']} | {r['predict_proba_img_per_s']:.1f} | {r['model_img_per_s']:.1f} | "
                          f"{r['pool']:.0f} | {r['peak_gb']:.1f} |")
     lines += [""] + notes if notes else []
@@ -566,6 +575,10 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--compile", action="store_true", help="Sa2VA.compile_for_inference() first")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    parser.add_argument("--no-fused-gelu", action="store_true",
+                        help="--compile: keep the image encoders' GELU as a kernel of its own")
+    parser.add_argument("--sequential-ab", action="store_true",
+                        help="--mode files: also time the inference node predicting every map before encoding")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sam2-image-size", type=int, default=None,
                         help="SAM2 input side (default: the preset's 1024); 2048 = the high-resolution mask mode")

@@ -221,6 +221,8 @@ def launch_chunk(
             f"{len(seg_positions)} [SEG] tokens for {len(rows)} images: check the question template"
         )
     input_ids = to_device(ids_host)
+    if model.inference_cudagraphs:  # the last chunk's graph outputs are no longer read: replays may reuse them
+        torch.compiler.cudagraph_mark_step_begin()
     sam2_pixels = normalize(sam2_frames.movedim(-1, -3), *sam2_constants("bf16"))
     fpn = model.encode_sam2(sam2_pixels)
     hidden = model.adapter.prediction_hidden(
