@@ -18,7 +18,7 @@ step's seconds.
 
 ``--train-preset P`` trains a real-size preset first (random init, the official trainable set, ``--train-steps``
 steps at lr ``--train-lr`` on synthetic angiography videos, through ``recipe.run_training`` with the feature
-cache and CUDA graphs), saves it as a trained-model folder and compares on that; the thresholds are then chosen
+cache and, unless ``--train-compile none``, CUDA graphs), saves it as a trained-model folder and compares on that; the thresholds are then chosen
 as the pipeline does: the pooled-Dice best of bf16 eager maps on validation videos, frozen for the test videos.
 
     python benchmarks/trained_agreement.py --train-preset sa2va-internvl3-2b --train-steps 300 \
@@ -71,7 +71,8 @@ def train_folder(args: argparse.Namespace, directory: Path) -> Path:
         "schedule": {"max_steps": args.train_steps, "epochs": None}, "eval": {"at_start": False, "interval": 0},
         "checkpoint": {"dir": str(directory / "ckpt"), "interval": 0, "keep_last": 1},
         "feature_cache": {"enabled": True, "dtype": "bf16", "dir": str(directory / "cache")},
-        "compile": "reduce-overhead" if args.device == "cuda" else False, "pad_to_multiple": 16,
+        "compile": args.train_compile if args.device == "cuda" and args.train_compile != "none" else False,
+        "pad_to_multiple": 16,
     }
     trained = run_training(samples, [], params, progress=False)
     history = trained.result.history
@@ -120,6 +121,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-lr", type=float, default=1e-3)
     parser.add_argument("--train-videos", type=int, default=16)
+    parser.add_argument("--train-compile", default="reduce-overhead",
+                        help="training.compile for --train-preset on a GPU (none: eager, no compilation to wait for)")
     parser.add_argument("--thresholds", default="", help='"phrase=t,phrase=t" (with --model)')
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--frames-per-video", type=int, default=8)
