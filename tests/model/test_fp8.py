@@ -113,6 +113,14 @@ def test_prediction_model_setting(monkeypatch, tiny):
     with pytest.raises(UserError, match=r"prediction\.fp8"):  # refused before any model is loaded
         model_loading.load_prediction_model("unused", {"device": "cpu", "fp8": ["lm_head"]})
     assert not loaded
+    with pytest.raises(UserError, match=r"prediction\.compile must be true, false or one of"):
+        model_loading.load_prediction_model("unused", {"device": "cpu", "compile": "fast"})
+    assert not loaded
+    modes = []
+    monkeypatch.setattr(type(tiny), "compile_for_inference", lambda self, mode=None: modes.append(mode) or self)
+    for setting in (True, "reduce-overhead", False):
+        model_loading.load_prediction_model("unused", {"device": "cpu", "compile": setting})
+    assert modes == [None, "reduce-overhead"]
     state = {k: v.clone() for k, v in tiny.state_dict().items()}
     model = model_loading.load_prediction_model("unused", {"device": "cpu", "fp8": False})
     assert model is tiny and not any(isinstance(m, Fp8Linear) for m in model.modules())
