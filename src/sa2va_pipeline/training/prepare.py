@@ -61,9 +61,12 @@ def prepare_for_training(
     set_trainable_parts(model, layout, trainable)
     if gradient_checkpointing:
         llm = model.get_submodule(layout.llm.rstrip("."))
-        if not hasattr(llm, "gradient_checkpointing_enable"):
+        if hasattr(llm, "activation_checkpointing_enable"):  # newer transformers: the old name warns
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(llm, "gradient_checkpointing_enable"):
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
             raise ValueError("training.gradient_checkpointing is on but the LLM does not support it.")
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     counts = count_parameters(model, layout)
     log.info("Parameters per group:\n%s", format_counts(counts))
     return PreparedModel(
