@@ -18,8 +18,9 @@ step's seconds.
 
 ``--train-preset P`` trains a real-size preset first (random init, the official trainable set, ``--train-steps``
 steps at lr ``--train-lr`` on synthetic angiography videos, through ``recipe.run_training`` with the feature
-cache and, unless ``--train-compile none``, CUDA graphs), saves it as a trained-model folder and compares on that; the thresholds are then chosen
-as the pipeline does: the pooled-Dice best of bf16 eager maps on validation videos, frozen for the test videos.
+cache and, unless ``--train-compile none``, CUDA graphs), saves it as a trained-model folder and compares on
+that; the thresholds are then chosen as the pipeline does: the pooled-Dice best of bf16 eager maps on
+validation videos, frozen for the test videos.
 
     python benchmarks/trained_agreement.py --train-preset sa2va-internvl3-2b --train-steps 300 \
         --fp8 sam2_image_encoder,vision_tower,llm
@@ -210,8 +211,8 @@ def main() -> None:
         torch.cuda.empty_cache()
     where = G.device_line() if args.device == "cuda" else args.device
     print(f"\n{where}; {len(images)} frames of 512^2\n")
-    print("| variant | against | phrase | threshold | max abs p diff | mean abs p diff | pixels on the same side of the threshold |"
-          " foreground at the threshold |")
+    print("| variant | against | phrase | threshold | max abs p diff | mean abs p diff |"
+          " pixels on the same side of the threshold | foreground at the threshold |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

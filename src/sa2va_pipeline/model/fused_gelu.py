@@ -1,10 +1,10 @@
 """The image encoders' MLPs with the GELU inside the up-projection's matmul (``Sa2VA.compile_for_inference``).
 
-Every block of SAM2's Hiera trunk, of InternViT and of Qwen3-VL's vision tower runs ``fc2(gelu(fc1(x)))`` on
-a hidden four times the block's width. Compiled, ``fc1`` is a cuBLAS matmul and the GELU a separate kernel that
-reads and writes that whole hidden again. ``torch._addmm_activation(..., use_gelu=True)`` applies bias and GELU
-in the matmul's epilogue (cuBLASLt): on one H200 at batch 32 the up-projections of sa2va-internvl3-2b went
-from 2.47 to 1.50 ms per image (``benchmarks/gelu_epilogue.py``, ``benchmarks/RESULTS.md``).
+Every block of SAM2's Hiera trunk, of InternViT and of Qwen3-VL's vision tower runs ``fc2(gelu(fc1(x)))``
+on a hidden four times the block's width. Compiled, ``fc1`` is a cuBLAS matmul and the GELU a separate kernel
+that reads and writes that whole hidden again. ``torch._addmm_activation(..., use_gelu=True)`` applies bias
+and GELU in the matmul's epilogue (cuBLASLt): on one H200 at batch 32 the up-projections of
+sa2va-internvl3-2b went from 2.47 to 1.50 ms per image (``benchmarks/gelu_epilogue.py``, RESULTS.md).
 
 On CUDA that epilogue computes GELU's tanh form, within 5e-4 of the exact (erf) GELU that Hiera and InternViT
 use: below bf16's own rounding of those activations (its step is 8e-3 between 1 and 2). Qwen3-VL's tower uses
@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# transformers' MLP classes whose forward is ``down(activation(up(x)))``, with (up, activation, down) attributes;
-# matched by name, since other modules with these attributes do more (Qwen3-VL's patch merger normalises first)
+# transformers' MLP classes whose forward is ``down(activation(up(x)))``, with their (up, activation, down)
+# attributes; matched by name, since other modules with such attributes do more (Qwen3-VL's patch merger
+# normalises first)
 LAYOUTS = {
     "Sam2FeedForward": ("proj_in", "activation", "proj_out"),  # when it has two layers and no sigmoid
     "InternVLVisionMLP": ("fc1", "activation_fn", "fc2"),
