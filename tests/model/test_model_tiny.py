@@ -231,6 +231,17 @@ def test_iter_predict_proba_streams_every_image_in_order_across_chunks(tiny, mak
         assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_a_model_with_cuda_graphs_starts_a_cudagraph_step_per_chunk(tiny, make_image, monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    images = [make_image(15 + i) for i in range(5)]
+    tiny.predict_proba(images, "vessel", batch_size=2)
+    assert not marks  # not compiled with CUDA graphs: nothing to mark
+    monkeypatch.setattr(tiny, "inference_cudagraphs", True)
+    tiny.predict_proba(images, "vessel", batch_size=2)
+    assert len(marks) == 3  # chunks of 2, 2 and 1: each may reuse the last one's graph memory
+
+
 @pytest.mark.parametrize("pixels", ["auto", "device"])  # resized by PIL in the pool, or by torch
 def test_several_phrases_on_one_image_encode_it_once_with_the_same_maps(tiny, make_image, tmp_path, pixels):
     """The engine asks k phrases on an image as that image repeated k times (the same object or path): the
