@@ -59,6 +59,20 @@ def test_an_fp8_or_biasless_up_projection_keeps_its_mlp():
     assert isinstance(plain, FusedGeluMLP) and isinstance(plain, Sam2FeedForward)
 
 
+def test_a_fused_mlp_still_gives_gradients():
+    from transformers.models.sam2.modeling_sam2 import Sam2FeedForward
+
+    torch.manual_seed(0)
+    mlp = Sam2FeedForward(8, 32, 8, num_layers=2, activation="gelu")
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    mlp(x).square().sum().backward()
+    expected = (x.grad.clone(), mlp.proj_in.weight.grad.clone())
+    x.grad, mlp.proj_in.weight.grad = None, None
+    assert fuse_gelu_mlps(mlp) == 1  # the fused op has no backward: where grads are wanted, the plain path
+    mlp(x).square().sum().backward()
+    torch.testing.assert_close((x.grad, mlp.proj_in.weight.grad), expected)
+
+
 def test_compile_for_inference_fuses_unless_told_not_to(monkeypatch):
     from sa2va_pipeline.model import Sa2VA
 

@@ -52,13 +52,16 @@ def mlp_layout(module: nn.Module) -> tuple[str, str, str] | None:
 
 class FusedGeluMLP(nn.Module):
     """Mixin swapped in as the first base of an MLP's class: the same module (parameters, state dict keys),
-    its forward with bias and GELU in the up-projection's matmul."""
+    its forward with bias and GELU in the up-projection's matmul. The fused op has no backward, so where a
+    gradient is wanted the MLP runs its own forward."""
 
     fused_layout: tuple[str, str, str]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         up, _, down = self.fused_layout
         fc1 = getattr(self, up)
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or fc1.weight.requires_grad):
+            return super().forward(hidden_states)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         hidden = torch._addmm_activation(fc1.bias, flat, fc1.weight.t(), use_gelu=True)
         return getattr(self, down)(hidden.reshape(*hidden_states.shape[:-1], hidden.shape[-1]))
