@@ -7,7 +7,7 @@ prediction's GPU time). cuBLASLt can apply bias and GELU as the matmul's epilogu
 (``torch._addmm_activation(..., use_gelu=True)``); its GELU is the tanh form, within 5e-4 of the exact one.
 
 For the up-projection shapes of one batch (from the preset's configs: Hiera-L at 1024, InternViT-300M on 448
-tiles), each timed as the median of ``--repeats`` windows of CUDA events:
+tiles), each timed as the median of ``--repeats`` synchronised wall-clock windows:
 - ``compiled``: ``torch.compile(lambda x: F.gelu(F.linear(x, W, b)))``, what the model runs today;
 - ``epilogue``: ``torch._addmm_activation(b, x, W^T, use_gelu=True)``;
 - ``epilogue, compiled``: the same inside ``torch.compile`` (whether Inductor keeps the fused op).

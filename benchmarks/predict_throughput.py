@@ -143,18 +143,21 @@ def prepare_model(model: Any, args: argparse.Namespace) -> dict[str, Any] | None
     return summary
 
 
+def compile_notes(args: argparse.Namespace) -> str:
+    """What differs from a plain ``--compile``, e.g. `` (reduce-overhead, GELU unfused)``; "" when nothing."""
+    notes = ([args.compile_mode] if args.compile_mode else []) + (["GELU unfused"] if args.no_fused_gelu else [])
+    return f" ({', '.join(notes)})" if notes else ""
+
+
 def compiled_label(args: argparse.Namespace) -> str:
     """How the model was compiled, for the tables ("" when not): e.g. ``yes (reduce-overhead)``."""
-    if not args.compile:
-        return ""
-    notes = ([args.compile_mode] if args.compile_mode else []) + (["GELU unfused"] if args.no_fused_gelu else [])
-    return "yes" + (f" ({', '.join(notes)})" if notes else "")
+    return "yes" + compile_notes(args) if args.compile else ""
 
 
 def variant_name(args: argparse.Namespace) -> str:
     """What the model runs as, against bf16 eager: e.g. ``compiled + fp8 (sam2_image_encoder)``."""
     fp8 = f"fp8 ({', '.join(args.fp8)}; {args.fp8_scaling} scales{', fast accum' if args.fp8_fast_accum else ''})"
-    names = ([f"compiled{compiled_label(args)[3:]}"] if args.compile else []) + ([fp8] if args.fp8 else [])
+    names = ([f"compiled{compile_notes(args)}"] if args.compile else []) + ([fp8] if args.fp8 else [])
     return " + ".join(names) or "bf16 eager"
 
 

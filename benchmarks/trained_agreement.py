@@ -96,7 +96,7 @@ def maps(model, images, phrase: str, batch: int) -> list[torch.Tensor]:
         return [m.float().cpu() for m in model.predict_proba(images, phrase, batch_size=batch)]
 
 
-FP32_PARTS = {  # a part -> the submodules it casts
+FP32_PARTS = {  # a part -> the submodules it casts (InternVL family names)
     "sam2_image_encoder": ("sam2.vision_encoder",),
     "vision": ("vlm.model.vision_tower", "vlm.model.multi_modal_projector"),
     "llm": ("vlm.model.language_model",),
